@@ -1,0 +1,393 @@
+"""The shared machinery of every hyperspherical callback (DESIGN.md, contract 3).
+
+* :class:`LayerSelection` finds the layers whose neurons a callback looks at: layers that own
+  neurons (:func:`~lightning_hyper.functional.neurons.has_neurons`: Linear, ConvNd, torch-geometric
+  ``Linear``, margin heads), filtered by type names and module-name globs, split into hidden layers
+  and the output layer. A pattern that matches nothing is an error.
+* :class:`PenaltyCallback` adds ``sum_l penalty_l`` to the training objective. ``mode="loss"`` wraps
+  ``pl_module.training_step`` and adds the penalty to the returned loss (so AMP scaling, gradient
+  accumulation, DDP and clipping apply to it); ``mode="gradient"`` adds ``d penalty / d params`` to
+  ``.grad`` in ``on_before_optimizer_step`` (once per optimizer step, after AMP unscaling, before
+  clipping), which also serves manual optimization. Subclasses only define :meth:`layer_terms`.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor, nn
+
+from lightning_hyper.functional.neurons import as_neurons, has_neurons
+
+__all__ = ["LayerRef", "LayerSelection", "PenaltyCallback", "default_labels", "check_strategy"]
+
+MODES = ("auto", "loss", "gradient")
+NONFINITE_POLICIES = ("error", "skip")
+_UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed")
+
+
+@dataclass(frozen=True)
+class LayerRef:
+    """A selected layer: its module name, the module, and its role ``"hidden"`` or ``"output"``."""
+
+    name: str
+    module: nn.Module
+    role: str
+
+    def neurons(self) -> Tensor:
+        """The layer's effective neurons, (N, d) (read at call time: parametrizations apply)."""
+        return as_neurons(self.module)
+
+
+def default_labels(batch: Any) -> Tensor | None:
+    """Labels of a batch: ``batch[1]`` of a tuple/list, ``batch.y`` (torch-geometric), ``batch["y"]``."""
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[1], Tensor):
+        return batch[1]
+    if isinstance(batch, dict):
+        for key in ("y", "label", "labels", "target"):
+            if isinstance(batch.get(key), Tensor):
+                return batch[key]
+        return None
+    y = getattr(batch, "y", None)
+    return y if isinstance(y, Tensor) else None
+
+
+def check_strategy(trainer: L.Trainer, owner: str) -> None:
+    """Raise for sharded strategies whose parameters are not whole on each rank."""
+    name = type(trainer.strategy).__name__
+    if any(tag.lower() in name.lower() for tag in _UNSUPPORTED_STRATEGIES):
+        raise RuntimeError(
+            f"{owner} does not support strategy {name}: neurons are sharded across ranks there. "
+            "Supported strategies: single device ('auto'), 'ddp', 'ddp_spawn', 'ddp_find_unused_parameters_true'"
+        )
+
+
+def _as_list(value: str | Sequence[str] | None, arg: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if not all(isinstance(v, str) for v in value):
+        raise TypeError(f"{arg}: expected a string or a list of strings, got {value!r}")
+    return list(value)
+
+
+class LayerSelection:
+    """Which layers a callback acts on.
+
+    Args:
+        include: module-name glob(s) (``fnmatch``, e.g. ``"backbone.*"``) of hidden layers to keep;
+            default: every layer with neurons.
+        exclude: module-name glob(s) to leave out (hidden or output).
+        layer_types: class names of hidden layers to keep (e.g. ``["Conv2d", "Linear"]``).
+        output_layer: module name of the output (classifier) layer; default: the module's
+            ``output_layer_name`` attribute if it has one, else the last ``Linear``-like layer
+            (2-D weight) in ``named_modules()`` order. ``"none"`` means no output layer.
+    """
+
+    def __init__(self, include: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None,
+                 layer_types: str | Sequence[str] | None = None, output_layer: str | None = None) -> None:
+        self.include = _as_list(include, "include")
+        self.exclude = _as_list(exclude, "exclude")
+        self.layer_types = _as_list(layer_types, "layer_types")
+        if output_layer is not None and not isinstance(output_layer, str):
+            raise TypeError(f"output_layer: expected a module name (str) or None, got {output_layer!r}")
+        self.output_layer = output_layer
+
+    def resolve(self, model: nn.Module) -> list[LayerRef]:
+        """Select layers of ``model``; raises if a pattern or name matches nothing."""
+        candidates = [(n, m) for n, m in model.named_modules() if n and has_neurons(m)]
+        if not candidates:
+            raise ValueError(f"{type(model).__name__} has no layer with neurons (Linear, ConvNd, "
+                             "torch_geometric Linear or a hyperspherical head)")
+        names = [n for n, _ in candidates]
+        for pattern in self.include + self.exclude:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                arg = "include" if pattern in self.include else "exclude"
+                raise ValueError(f"{arg}: pattern {pattern!r} matches no layer; layers with neurons are: "
+                                 f"{_preview(names)}")
+        known_types = sorted({type(m).__name__ for _, m in candidates})
+        for t in self.layer_types:
+            if t not in known_types:
+                raise ValueError(f"layer_types: {t!r} matches no layer; types present: {known_types}")
+        output_name = self._output_name(model, candidates)
+        selected = []
+        for name, module in candidates:
+            if self.include and not any(fnmatch.fnmatchcase(name, p) for p in self.include):
+                if name != output_name:
+                    continue
+            if any(fnmatch.fnmatchcase(name, p) for p in self.exclude):
+                continue
+            if self.layer_types and type(module).__name__ not in self.layer_types and name != output_name:
+                continue
+            selected.append(LayerRef(name, module, "output" if name == output_name else "hidden"))
+        return selected
+
+    def _output_name(self, model: nn.Module, candidates: list[tuple[str, nn.Module]]) -> str | None:
+        names = [n for n, _ in candidates]
+        wanted = self.output_layer if self.output_layer is not None else getattr(model, "output_layer_name", None)
+        if wanted == "none":
+            return None
+        if wanted is not None:
+            if wanted not in names:
+                raise ValueError(f"output_layer: {wanted!r} is not a layer with neurons of "
+                                 f"{type(model).__name__}; candidates: {_preview(names)}")
+            return wanted
+        flat = [n for n, m in candidates if getattr(m, "weight", None) is not None and
+                (isinstance(m, nn.Linear) or as_neurons_ndim(m) == 2)]
+        return flat[-1] if flat else None
+
+
+def as_neurons_ndim(module: nn.Module) -> int:
+    w = getattr(module, "weight", None)
+    return w.dim() if isinstance(w, Tensor) and not isinstance(w, nn.parameter.UninitializedParameter) else 2
+
+
+def _preview(names: Iterable[str], k: int = 12) -> str:
+    names = list(names)
+    more = f" ... (+{len(names) - k} more)" if len(names) > k else ""
+    return ", ".join(names[:k]) + more
+
+
+class PenaltyCallback(Callback):
+    """Base class: adds ``sum_l penalty_l(layer)`` to the training objective and logs it.
+
+    Subclasses implement :meth:`layer_terms`. Logged (``pl_module.log``, visible in
+    ``trainer.callback_metrics`` even with ``logger=False``): ``<prefix>/penalty`` and, per layer,
+    ``<prefix>/<key>/<layer name>`` for every key :meth:`layer_terms` returns besides ``"penalty"``.
+
+    Args:
+        mode: ``"loss"`` (wrap ``training_step``), ``"gradient"`` (add to ``.grad`` before the
+            optimizer step), or ``"auto"`` ("loss" for automatic, "gradient" for manual optimization).
+        labels: ``batch -> labels`` getter for penalties that use the batch's classes
+            (default :func:`default_labels`).
+        on_nonfinite: ``"error"`` (stop with the layer and step named) or ``"skip"`` (drop the
+            penalty for that step, with a warning).
+        prefix: metric-name prefix.
+        include, exclude, layer_types, output_layer: see :class:`LayerSelection`.
+    """
+
+    prefix: str = "penalty"
+
+    def __init__(self, *, include: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None,
+                 layer_types: str | Sequence[str] | None = None, output_layer: str | None = None,
+                 mode: str = "auto", labels: Callable[[Any], Tensor | None] | None = None,
+                 on_nonfinite: str = "error", prefix: str | None = None) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r} is not supported; accepted values: {list(MODES)}")
+        if on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"on_nonfinite={on_nonfinite!r} is not supported; accepted values: "
+                             f"{list(NONFINITE_POLICIES)}")
+        if labels is not None and not callable(labels):
+            raise TypeError(f"labels: expected a callable batch -> labels, got {labels!r}")
+        self.selection = LayerSelection(include, exclude, layer_types, output_layer)
+        self.mode = mode
+        self.label_getter = labels or default_labels
+        self.on_nonfinite = on_nonfinite
+        if prefix is not None:
+            self.prefix = prefix
+        self.layers: list[LayerRef] = []
+        self._active_mode: str | None = None
+        self._batch: Any = None
+        self._trainer: L.Trainer | None = None
+
+    @property
+    def state_key(self) -> str:
+        # several instances (e.g. two MHERegularizers on different layers) must checkpoint separately
+        return self._generate_state_key(prefix=self.prefix)
+
+    # ------------------------------------------------------------------ subclass API
+    def layer_terms(self, layer: LayerRef, labels: Tensor | None, step: int) -> dict[str, Tensor] | None:
+        """Return ``{"penalty": weighted term (with grad), <log key>: value, ...}`` for one layer,
+        or ``None`` to skip the layer this step."""
+        raise NotImplementedError
+
+    def validate_layers(self, layers: list[LayerRef]) -> None:
+        """Hook for subclasses to reject a selection (e.g. no output layer when one is needed)."""
+
+    # ------------------------------------------------------------------ the penalty
+    def penalty(self, pl_module: L.LightningModule, batch: Any = None, log: bool = True) -> Tensor:
+        """The total penalty for the current weights (and batch labels), with autograd graph.
+
+        Public so that manual-optimization users can also add it to their own loss.
+        """
+        if not self.layers:
+            self.layers = self.selection.resolve(pl_module)
+            self.validate_layers(self.layers)
+        trainer = self._trainer
+        step = trainer.global_step if trainer is not None else 0
+        labels = self.label_getter(batch) if batch is not None else None
+        total: Tensor | None = None
+        logs: dict[str, Tensor] = {}
+        device_type = _device_type(pl_module)
+        with torch.autocast(device_type=device_type, enabled=False):
+            for layer in self.layers:
+                try:
+                    terms = self.layer_terms(layer, labels, step)
+                except ValueError as err:
+                    raise ValueError(f"{type(self).__name__}: layer {layer.name!r} at global step {step}: {err}") from err
+                if terms is None:
+                    continue
+                term = terms.get("penalty")
+                if term is not None:
+                    if not bool(torch.isfinite(term.detach())):
+                        self._nonfinite(layer, step, term)
+                        return _zero_like_params(pl_module)
+                    total = term if total is None else total + term
+                for key, value in terms.items():
+                    if key != "penalty":
+                        logs[f"{self.prefix}/{key}/{layer.name}"] = value.detach()
+        if total is None:
+            total = _zero_like_params(pl_module)
+        if log and trainer is not None:
+            sync = trainer.world_size > 1
+            pl_module.log(f"{self.prefix}/penalty", total.detach().float(), on_step=True, on_epoch=False,
+                          sync_dist=sync, batch_size=1)
+            for key, value in logs.items():
+                pl_module.log(key, value.float(), on_step=True, on_epoch=False, sync_dist=sync, batch_size=1)
+        return total
+
+    def _nonfinite(self, layer: LayerRef, step: int, term: Tensor) -> None:
+        msg = (f"{type(self).__name__}: the penalty of layer {layer.name!r} is {term.item()} at global step "
+               f"{step} (weights finite: {bool(torch.isfinite(layer.neurons().detach()).all())})")
+        if self.on_nonfinite == "error":
+            raise FloatingPointError(msg + "; pass on_nonfinite='skip' to drop the penalty for such steps")
+        import warnings
+
+        warnings.warn(msg + "; penalty skipped for this step", RuntimeWarning, stacklevel=2)
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        check_strategy(trainer, type(self).__name__)
+        self._trainer = trainer
+        mode = self.mode
+        if mode == "auto":
+            mode = "loss" if pl_module.automatic_optimization else "gradient"
+        if mode == "loss" and not pl_module.automatic_optimization:
+            raise ValueError(f"{type(self).__name__}(mode='loss') needs automatic optimization; the module uses "
+                             "manual optimization: use mode='gradient' (or 'auto')")
+        self._active_mode = mode
+        self.layers = []
+        if mode == "loss":
+            _TrainingStepWrapper.attach(pl_module, self, keep=trainer.callbacks)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # layers may be created in configure_model, which runs after setup: resolve here
+        self.layers = self.selection.resolve(pl_module)
+        self.validate_layers(self.layers)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._batch = batch
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        if self._active_mode != "gradient":
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+        with torch.enable_grad():
+            total = self.penalty(pl_module, self._batch)
+            if not total.requires_grad:
+                return
+            grads = torch.autograd.grad(total, params, allow_unused=True)
+        for p, g in zip(params, grads):
+            if g is None:
+                continue
+            if p.grad is None:
+                p.grad = g.to(p.dtype)
+            else:
+                p.grad.add_(g.to(p.grad.dtype))
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            _TrainingStepWrapper.detach(pl_module, self)
+            self._batch = None
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # Lightning does not call teardown hooks after an exception: restore training_step here
+        _TrainingStepWrapper.detach(pl_module, self)
+        self._batch = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
+
+
+def _device_type(module: nn.Module) -> str:
+    p = next(module.parameters(), None)
+    return p.device.type if p is not None else "cpu"
+
+
+def _zero_like_params(module: nn.Module) -> Tensor:
+    p = next(module.parameters(), None)
+    return torch.zeros((), device=p.device if p is not None else "cpu")
+
+
+class _TrainingStepWrapper:
+    """One wrapper per module around ``training_step`` that adds every attached callback's penalty."""
+
+    ATTR = "_lightning_hyper_penalties"
+
+    @classmethod
+    def attach(cls, pl_module: L.LightningModule, callback: PenaltyCallback,
+               keep: Sequence[Callback] | None = None) -> None:
+        callbacks: list[PenaltyCallback] | None = pl_module.__dict__.get(cls.ATTR)
+        if callbacks is not None and keep is not None:  # drop callbacks of an earlier, interrupted fit
+            callbacks[:] = [cb for cb in callbacks if any(cb is k for k in keep)]
+        if callbacks is None:
+            original = pl_module.training_step
+            callbacks = []
+
+            def training_step(*args: Any, **kwargs: Any) -> Any:
+                out = original(*args, **kwargs)
+                if out is None:
+                    return out
+                batch = args[0] if args else kwargs.get("batch")
+                extra = None
+                for cb in list(callbacks):
+                    term = cb.penalty(pl_module, batch)
+                    extra = term if extra is None else extra + term
+                if extra is None:
+                    return out
+                if isinstance(out, Tensor):
+                    return out + extra.to(out.dtype)
+                if isinstance(out, dict) and isinstance(out.get("loss"), Tensor):
+                    return {**out, "loss": out["loss"] + extra.to(out["loss"].dtype)}
+                raise TypeError("training_step must return a loss tensor or a dict with 'loss' for a penalty "
+                                f"callback in mode='loss', got {type(out).__name__}")
+
+            training_step.__wrapped__ = original  # type: ignore[attr-defined]
+            pl_module.__dict__["training_step"] = training_step
+            pl_module.__dict__[cls.ATTR] = callbacks
+        if callback not in callbacks:
+            callbacks.append(callback)
+
+    @classmethod
+    def detach(cls, pl_module: L.LightningModule, callback: PenaltyCallback) -> None:
+        callbacks = pl_module.__dict__.get(cls.ATTR)
+        if callbacks is None:
+            return
+        if callback in callbacks:
+            callbacks.remove(callback)
+        if not callbacks:
+            pl_module.__dict__.pop("training_step", None)
+            pl_module.__dict__.pop(cls.ATTR, None)
+
+
+def finite_or_raise(value: float, arg: str, minimum: float | None = None) -> float:
+    """Validate a numeric constructor argument."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{arg}={value!r} is not supported; accepted values: a finite number"
+                         + (f" >= {minimum}" if minimum is not None else ""))
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{arg}={value!r} is not supported; accepted values: a finite number >= {minimum}")
+    return float(value)

@@ -1,0 +1,152 @@
+"""MHE regularizer callback (thesis §5.3, Eq. 5.4; spec ``mhe.md`` §3, §6).
+
+.. math::
+    L = L_{data} + \\lambda_h \\sum_{l<L} \\bar E_s^{(l)} + \\lambda_o \\bar E_s(\\hat w^{out})
+
+with :math:`\\bar E` the per-layer *mean pairwise* energy (each layer divided by its number of
+ordered pairs). Half-space MHE applies to hidden layers only; the output layer is always
+full-space (thesis D.1).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from lightning_hyper.callbacks.base import LayerRef, PenaltyCallback, finite_or_raise
+from lightning_hyper.functional.energy import hyperspherical_energy, output_energy_from_labels, _validate
+
+__all__ = ["MHERegularizer", "OUTPUT_MODES", "HIDDEN_REDUCTIONS"]
+
+OUTPUT_MODES = ("full", "labels", "unique_labels")
+HIDDEN_REDUCTIONS = ("sum", "mean")
+
+
+class MHERegularizer(PenaltyCallback):
+    """Minimum hyperspherical energy on a model's hidden and output layers, as a callback.
+
+    Args:
+        s: energy power (0 = logarithmic, 1 = Thomson, 2 = default of the thesis).
+        metric: ``"euclidean"`` (MHE) or ``"angular"`` (A-MHE).
+        half_space: half-space MHE on hidden layers (the output layer stays full-space).
+        hidden_weight: λ_h per hidden layer; ``None`` = 10 (full space) or 1 (half space), thesis D.1.
+            ``0`` disables the hidden term.
+        output_weight: λ_o for the output layer (``0`` disables it).
+        output_mode: ``"full"`` (all classes), ``"labels"`` (mini-batch form of §5.3.6 / SphereFace+
+            Eq. 5.8: rows of the classes in the batch, with multiplicity, against all classes) or
+            ``"unique_labels"`` (each present class once).
+        hidden_reduction: ``"sum"`` over hidden layers (Eq. 5.4) or ``"mean"``.
+        angle_unit: ``"radian"`` (thesis) or ``"pi"`` (θ/π, authors' code), angular metric only.
+        eps: kernel epsilon (see :func:`hyperspherical_energy`).
+        neuron_batch_size: if set, each hidden layer's energy uses a random subset of this many neurons
+            per step (§5.3.6; unbiased for the mean pairwise energy). Drawn from ``(seed, step)``.
+        warmup_steps: λ ramps linearly from 0 over this many optimizer steps (stability, spec §5.8).
+        zero_norm: ``"error"`` or ``"exclude"`` for neurons of (near) zero norm.
+        chunk_size: Gram row-block size for very large layers.
+        seed: seed of the neuron subsets.
+        include, exclude, layer_types, output_layer, mode, labels, on_nonfinite, prefix:
+            see :class:`~lightning_hyper.callbacks.base.PenaltyCallback`.
+
+    Logs ``mhe/penalty`` and ``mhe/energy/<layer>`` (the layer's mean pairwise energy of the
+    configured variant, on all neurons).
+    """
+
+    prefix = "mhe"
+
+    def __init__(self, s: float = 2.0, metric: str = "euclidean", half_space: bool = False,
+                 hidden_weight: float | None = None, output_weight: float = 1.0, output_mode: str = "full",
+                 hidden_reduction: str = "sum", angle_unit: str = "radian", eps: float = 1e-6,
+                 neuron_batch_size: int | None = None, warmup_steps: int = 0, zero_norm: str = "error",
+                 chunk_size: int | None = None, seed: int = 0,
+                 include: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None,
+                 layer_types: str | Sequence[str] | None = None, output_layer: str | None = None,
+                 mode: str = "auto", labels: Callable[[Any], Tensor | None] | None = None,
+                 on_nonfinite: str = "error", prefix: str | None = None) -> None:
+        super().__init__(include=include, exclude=exclude, layer_types=layer_types, output_layer=output_layer,
+                         mode=mode, labels=labels, on_nonfinite=on_nonfinite, prefix=prefix)
+        _validate(s, metric, "mean", angle_unit, eps)
+        if output_mode not in OUTPUT_MODES:
+            raise ValueError(f"output_mode={output_mode!r} is not supported; accepted values: {list(OUTPUT_MODES)}")
+        if hidden_reduction not in HIDDEN_REDUCTIONS:
+            raise ValueError(f"hidden_reduction={hidden_reduction!r} is not supported; accepted values: "
+                             f"{list(HIDDEN_REDUCTIONS)}")
+        if zero_norm not in ("error", "exclude"):
+            raise ValueError(f"zero_norm={zero_norm!r} is not supported; accepted values: ['error', 'exclude']")
+        if neuron_batch_size is not None and (not isinstance(neuron_batch_size, int) or neuron_batch_size < 2):
+            raise ValueError(f"neuron_batch_size={neuron_batch_size!r} is not supported; accepted values: None or "
+                             "an int >= 2")
+        if not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps={warmup_steps!r} is not supported; accepted values: an int >= 0")
+        self.s = float(s)
+        self.metric = metric
+        self.half_space = bool(half_space)
+        default_hidden = 1.0 if half_space else 10.0
+        self.hidden_weight = default_hidden if hidden_weight is None else finite_or_raise(hidden_weight, "hidden_weight", 0.0)
+        self.output_weight = finite_or_raise(output_weight, "output_weight", 0.0)
+        self.output_mode = output_mode
+        self.hidden_reduction = hidden_reduction
+        self.angle_unit = angle_unit
+        self.eps = float(eps)
+        self.neuron_batch_size = neuron_batch_size
+        self.warmup_steps = warmup_steps
+        self.zero_norm = zero_norm
+        self.chunk_size = chunk_size
+        self.seed = int(seed)
+        self._warned_no_labels = False
+
+    # ------------------------------------------------------------------ helpers
+    def energy(self, neurons: Tensor, role: str) -> Tensor:
+        """Mean pairwise energy of this callback's variant for a layer of the given role."""
+        return hyperspherical_energy(
+            neurons, s=self.s, metric=self.metric, half_space=self.half_space and role == "hidden",
+            reduction="mean", angle_unit=self.angle_unit, eps=self.eps, chunk_size=self.chunk_size,
+            zero_norm=self.zero_norm,
+        )
+
+    def _ramp(self, step: int) -> float:
+        return 1.0 if self.warmup_steps == 0 else min(1.0, (step + 1) / self.warmup_steps)
+
+    def _subset(self, neurons: Tensor, layer_index: int, step: int) -> Tensor:
+        n = neurons.shape[0]
+        if self.neuron_batch_size is None or n <= self.neuron_batch_size:
+            return neurons
+        gen = torch.Generator().manual_seed(hash((self.seed, step, layer_index)) & 0x7FFF_FFFF_FFFF_FFFF)
+        idx = torch.randperm(n, generator=gen)[: self.neuron_batch_size].to(neurons.device)
+        return neurons[idx]
+
+    # ------------------------------------------------------------------ PenaltyCallback API
+    def layer_terms(self, layer: LayerRef, labels: Tensor | None, step: int) -> dict[str, Tensor] | None:
+        neurons = layer.neurons()
+        if neurons.shape[0] < 2:
+            return None
+        ramp = self._ramp(step)
+        if layer.role == "hidden":
+            if self.hidden_weight == 0:
+                return None
+            n_hidden = sum(1 for ref in self.layers if ref.role == "hidden")
+            weight = self.hidden_weight / (n_hidden if self.hidden_reduction == "mean" else 1)
+            sub = self._subset(neurons, self.layers.index(layer), step)
+            energy = self.energy(sub, "hidden")
+            if sub is not neurons:
+                with torch.no_grad():
+                    full = self.energy(neurons, "hidden")
+            else:
+                full = energy
+            return {"penalty": (weight * ramp) * energy, "energy": full}
+        if self.output_weight == 0:
+            return None
+        full = self.energy(neurons, "output")
+        term = full
+        if self.output_mode != "full":
+            if labels is None:
+                if not self._warned_no_labels:
+                    warnings.warn(f"MHERegularizer(output_mode={self.output_mode!r}) found no labels in the batch; "
+                                  "using the full output energy. Pass labels=<batch -> labels getter>.", stacklevel=2)
+                    self._warned_no_labels = True
+            else:
+                term = output_energy_from_labels(
+                    neurons, labels.flatten().long(), s=self.s, metric=self.metric, angle_unit=self.angle_unit,
+                    eps=self.eps, unique=self.output_mode == "unique_labels")
+        return {"penalty": (self.output_weight * ramp) * term, "energy": full}

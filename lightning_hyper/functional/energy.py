@@ -1,0 +1,383 @@
+r"""Hyperspherical energy of a set of neurons (thesis Ch. 5, Eq. 5.1, 5.5; spec ``mhe.md`` §2, §5).
+
+For neurons :math:`w_1..w_N` with :math:`\hat w_i = w_i/\|w_i\|` and Gram matrix
+:math:`G = \hat W \hat W^\top` (:math:`G_{ij} = \cos\theta_{ij}`):
+
+.. math::
+    E_{s} = \sum_{i \ne j} f_s(\mathrm{dist}(G_{ij})),\qquad
+    f_s(z) = z^{-s}\ (s>0),\quad f_0(z) = \log(1/z)
+
+with ``dist`` the chord :math:`\sqrt{2-2G_{ij}}` (``metric="euclidean"``) or the geodesic
+:math:`\arccos G_{ij}` (``metric="angular"``, radians, or :math:`\theta/\pi` with
+``angle_unit="pi"`` as the authors' code). Half-space MHE (§2.6) adds every neuron's
+negation; its energy over the 2N points is computed from the same N×N Gram matrix:
+
+.. math::
+    E_{half} = 2\sum_{i\ne j}[f(\mathrm{dist}(G_{ij})) + f(\mathrm{dist}(-G_{ij}))] + 2N f(d_{max}).
+
+``reduction="mean"`` divides by the number of ordered pairs, N(N-1) (2N(2N-1) half-space).
+
+Implementation: one Gram GEMM per row block, the kernel applied elementwise (diagonal entries
+are replaced by a safe value *before* any log/pow/acos and zeroed after, so no 0·inf appears),
+and a custom backward that uses the kernel-derivative matrix K (:math:`\nabla_{\hat W} = 2K\hat W`)
+followed by the normalization Jacobian. Small layers keep K from the forward pass (one GEMM in
+backward); large layers are processed in row blocks of the upper triangle so peak memory is
+O(N·chunk) and nothing of size N×N×d or N×N is ever stored. Always runs with autocast off, in
+float32 (float64 if the input is float64).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "METRICS",
+    "ANGLE_UNITS",
+    "REDUCTIONS",
+    "ZERO_NORM_POLICIES",
+    "hyperspherical_energy",
+    "output_energy_from_labels",
+    "pairwise_angles",
+    "pair_kernel",
+    "normalize_neurons",
+]
+
+METRICS = ("euclidean", "angular")
+ANGLE_UNITS = ("radian", "pi")
+REDUCTIONS = ("mean", "sum")
+ZERO_NORM_POLICIES = ("error", "exclude")
+
+#: default number of Gram entries held at once (float32: 128 MiB per temporary)
+DEFAULT_BLOCK_ELEMENTS = 1 << 25
+
+
+@dataclass(frozen=True)
+class _Kernel:
+    """Parameters of the pair kernel f(dist(c)) as a function of the cosine c."""
+
+    s: float
+    metric: str
+    eps: float
+    angle_unit: str
+    half_space: bool
+
+    def value_and_slope(self, c: Tensor, need_slope: bool) -> tuple[Tensor, Tensor | None]:
+        """Per-entry term and its derivative d term / d c (c must hold no masked entries)."""
+        if self.half_space:
+            f1, k1 = _kernel(c, self, need_slope)
+            f2, k2 = _kernel(-c, self, need_slope)
+            f = f1.add_(f2).mul_(2.0)
+            k = k1.sub_(k2).mul_(2.0) if need_slope else None
+            return f, k
+        return _kernel(c, self, need_slope)
+
+    def antipodal_value(self) -> float:
+        """f(d_max): the constant term of the pair (w, -w) in half-space energy."""
+        if self.metric == "euclidean":
+            r2 = 4.0 + self.eps
+            return -0.5 * math.log(r2) if self.s == 0 else r2 ** (-self.s / 2)
+        theta = 1.0 if self.angle_unit == "pi" else math.pi
+        return -math.log(theta) if self.s == 0 else theta ** (-self.s)
+
+
+def _kernel(c: Tensor, k: _Kernel, need_slope: bool) -> tuple[Tensor, Tensor | None]:
+    """f(dist(c)) and df/dc for one sign of c. Returns fresh tensors."""
+    s = k.s
+    if k.metric == "euclidean":
+        r2 = (2.0 - 2.0 * c).clamp_min_(0.0).add_(k.eps)  # squared chord + eps
+        if s == 0:
+            f = r2.log().mul_(-0.5)
+            slope = r2.reciprocal_() if need_slope else None  # d(-½ log r2)/dc = 1/r2
+        elif s == 2:
+            f = r2.reciprocal()
+            slope = f.square().mul_(2.0) if need_slope else None
+        elif s == 1:
+            f = r2.rsqrt()
+            slope = f.div(r2) if need_slope else None
+        else:
+            f = r2.log().mul_(-s / 2).exp_()  # overflow-safe r2^(-s/2)
+            slope = f.div(r2).mul_(s) if need_slope else None  # s * r2^(-s/2-1)
+        return f, slope
+    cc = c.clamp(-1.0 + k.eps, 1.0 - k.eps)
+    theta = torch.acos(cc)
+    scale = math.pi if k.angle_unit == "pi" else 1.0
+    if scale != 1.0:
+        theta.div_(scale)
+    if s == 0:
+        f = theta.log().neg_()
+        df_dtheta = theta.reciprocal().neg_() if need_slope else None
+    else:
+        f = theta.log().mul_(-s).exp_()
+        df_dtheta = f.div(theta).mul_(-s) if need_slope else None
+    if not need_slope:
+        return f, None
+    # dtheta/dc = -1 / (scale * sqrt(1 - c^2))
+    dtheta_dc = cc.square_().neg_().add_(1.0).rsqrt_().mul_(-1.0 / scale)
+    return f, df_dtheta.mul_(dtheta_dc)
+
+
+def pair_kernel(cos: Tensor, s: float = 2.0, metric: str = "euclidean", half_space: bool = False,
+                angle_unit: str = "radian", eps: float = 1e-6) -> Tensor:
+    """Elementwise energy term of a pair with cosine ``cos`` (differentiable with autograd).
+
+    The term is ``f_s(dist(cos))``, or ``2[f(dist(cos)) + f(dist(-cos))]`` for half-space
+    (the four ordered pairs among ``±w_i, ±w_j`` counted once per ordered (i, j)).
+    """
+    _validate(s, metric, "mean", angle_unit, eps)
+    spec = _Kernel(float(s), metric, float(eps), angle_unit, bool(half_space))
+    return _PairKernelFn.apply(cos, spec)
+
+
+class _PairKernelFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, cos: Tensor, spec: _Kernel) -> Tensor:  # type: ignore[override]
+        f, slope = spec.value_and_slope(cos, need_slope=cos.requires_grad)
+        ctx.save_for_backward(slope if slope is not None else cos.new_zeros(()))
+        return f
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (slope,) = ctx.saved_tensors
+        return grad * slope, None
+
+
+def _validate(s: float, metric: str, reduction: str, angle_unit: str, eps: float) -> None:
+    if metric not in METRICS:
+        raise ValueError(f"metric={metric!r} is not supported; accepted values: {list(METRICS)}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r} is not supported; accepted values: {list(REDUCTIONS)}")
+    if angle_unit not in ANGLE_UNITS:
+        raise ValueError(f"angle_unit={angle_unit!r} is not supported; accepted values: {list(ANGLE_UNITS)}")
+    if not isinstance(s, (int, float)) or isinstance(s, bool) or not math.isfinite(s) or s < 0:
+        raise ValueError(f"s={s!r} is not supported; accepted values: a finite number s >= 0 "
+                         "(0 = logarithmic energy, s > 0 = Riesz s-energy)")
+    if not (isinstance(eps, (int, float)) and 0 < eps < 1):
+        raise ValueError(f"eps={eps!r} is not supported; accepted values: 0 < eps < 1")
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def normalize_neurons(neurons: Tensor, min_norm: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """Return ``(unit rows, norms)`` computed overflow-safely (rows pre-scaled by their max |entry|).
+
+    Rows with norm below ``min_norm`` are left un-normalized; callers mask or reject them.
+    """
+    amax = neurons.detach().abs().amax(dim=1, keepdim=True)
+    scaled = neurons / amax.clamp_min(torch.finfo(neurons.dtype).tiny)
+    snorm = torch.linalg.vector_norm(scaled, dim=1, keepdim=True)
+    norms = (snorm * amax).squeeze(1)
+    unit = scaled / snorm.clamp_min(torch.finfo(neurons.dtype).tiny)
+    return unit, norms
+
+
+def _prepare(neurons: Tensor, min_norm: float, zero_norm: str, name: str) -> Tensor:
+    """Validate ``neurons``; return a float32/64 (N, d) tensor with zero-norm rows handled."""
+    if not isinstance(neurons, Tensor):
+        raise TypeError(f"{name}: expected a Tensor of shape (N, d), got {type(neurons).__name__}")
+    if neurons.dim() != 2:
+        raise ValueError(f"{name}: expected shape (N, d) with rows = neurons, got {tuple(neurons.shape)}; "
+                         "use lightning_hyper.functional.as_neurons(weight) for conv weights")
+    if zero_norm not in ZERO_NORM_POLICIES:
+        raise ValueError(f"zero_norm={zero_norm!r} is not supported; accepted values: {list(ZERO_NORM_POLICIES)}")
+    x = neurons.to(_compute_dtype(neurons))
+    if x.numel() and not bool(torch.isfinite(x.detach()).all()):
+        bad = (~torch.isfinite(x.detach())).any(dim=1).nonzero().flatten()[:5].tolist()
+        raise ValueError(f"{name}: contains NaN or Inf entries (rows {bad}...); the energy of such "
+                         "neurons is undefined")
+    if x.shape[0] and x.shape[1] == 0:
+        raise ValueError(f"{name}: neurons have dimension d=0 (shape {tuple(x.shape)})")
+    if x.shape[0]:
+        _, norms = normalize_neurons(x.detach())
+        small = norms < min_norm
+        if bool(small.any()):
+            if zero_norm == "error":
+                rows = small.nonzero().flatten()[:5].tolist()
+                raise ValueError(
+                    f"{name}: {int(small.sum())} neuron(s) have norm < min_norm={min_norm:g} (rows {rows}...); "
+                    "their direction is undefined. Pass zero_norm='exclude' to leave them out of the energy "
+                    "(they then get zero gradient)"
+                )
+            x = x[~small]
+    return x
+
+
+def _block_rows(n: int, chunk_size: int | None) -> int:
+    if chunk_size is not None:
+        if int(chunk_size) < 1:
+            raise ValueError(f"chunk_size={chunk_size!r} is not supported; accepted values: None or an int >= 1")
+        return int(chunk_size)
+    return max(1, DEFAULT_BLOCK_ELEMENTS // max(n, 1))
+
+
+class _GramEnergyFn(torch.autograd.Function):
+    """Sum over ordered pairs i != j of the pair term, from normalized rows (see module doc)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, spec: _Kernel, rows: int) -> Tensor:  # type: ignore[override]
+        n = x.shape[0]
+        unit, norms = normalize_neurons(x)
+        need = x.requires_grad
+        total = torch.zeros((), dtype=torch.float64, device=x.device)
+        keep = None
+        if rows >= n:  # one block: full symmetric Gram, keep K for a one-GEMM backward
+            c = unit @ unit.T
+            c.diagonal().zero_()  # safe value before the kernel
+            f, k = spec.value_and_slope(c, need)
+            f.diagonal().zero_()
+            total += f.sum(dtype=torch.float64)
+            if need:
+                k.diagonal().zero_()
+                keep = k
+        else:  # upper-triangle row blocks, recomputed in backward
+            for a in range(0, n, rows):
+                f, _ = _upper_block(unit, a, min(a + rows, n), spec, need_slope=False)
+                total += 2.0 * f.sum(dtype=torch.float64)
+        ctx.spec, ctx.rows = spec, rows
+        if need:
+            ctx.save_for_backward(unit, norms, keep if keep is not None else unit.new_zeros(0))
+        return total.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        unit, norms, keep = ctx.saved_tensors
+        n = unit.shape[0]
+        if keep.numel():
+            g_unit = keep @ unit  # K symmetric: dE/dŵ = (K + Kᵀ) ŵ = 2 K ŵ
+            g_unit.mul_(2.0)
+        else:
+            g_unit = torch.zeros_like(unit)
+            for a in range(0, n, ctx.rows):
+                b = min(a + ctx.rows, n)
+                _, k = _upper_block(unit, a, b, ctx.spec, need_slope=True)
+                # each upper entry stands for the ordered pairs (i, j) and (j, i): factor 2
+                k.mul_(2.0)
+                g_unit[a:b] += k @ unit[a:]
+                g_unit[a:] += k.T @ unit[a:b]
+        g_unit.mul_(grad_out)
+        # normalization Jacobian: (I - ŵŵᵀ) g / ‖w‖
+        radial = (g_unit * unit).sum(dim=1, keepdim=True)
+        g_x = (g_unit - radial * unit) / norms.unsqueeze(1)
+        return g_x, None, None
+
+
+def _upper_block(unit: Tensor, a: int, b: int, spec: _Kernel, need_slope: bool) -> tuple[Tensor, Tensor | None]:
+    """Pair terms of rows a:b against columns a:, strict upper triangle only (others zeroed)."""
+    c = unit[a:b] @ unit[a:].T
+    square = c[:, : b - a]
+    lower = torch.ones(b - a, b - a, dtype=torch.bool, device=c.device).tril_()
+    square.masked_fill_(lower, 0.0)
+    f, k = spec.value_and_slope(c, need_slope)
+    f[:, : b - a].masked_fill_(lower, 0.0)
+    if k is not None:
+        k[:, : b - a].masked_fill_(lower, 0.0)
+    return f, k
+
+
+def hyperspherical_energy(
+    neurons: Tensor,
+    s: float = 2.0,
+    metric: str = "euclidean",
+    half_space: bool = False,
+    reduction: str = "mean",
+    angle_unit: str = "radian",
+    eps: float = 1e-6,
+    chunk_size: int | None = None,
+    min_norm: float = 1e-6,
+    zero_norm: str = "error",
+) -> Tensor:
+    r"""Hyperspherical energy of the rows of ``neurons`` (thesis Eq. 5.1 / 5.5, §5.3.4).
+
+    Args:
+        neurons: ``(N, d)``, one neuron per row (see :func:`as_neurons`); need not be normalized.
+        s: power; ``0`` = logarithmic energy :math:`\sum\log(1/\mathrm{dist})`, ``s>0`` = Riesz
+            :math:`\sum \mathrm{dist}^{-s}` (s=1: Thomson problem).
+        metric: ``"euclidean"`` (chord :math:`\|\hat w_i-\hat w_j\|`) or ``"angular"`` (geodesic arccos).
+        half_space: add every neuron's negation (HS-MHE, §5.3.4); from the N×N Gram matrix.
+        reduction: ``"sum"`` over ordered pairs i≠j, or ``"mean"`` (divided by their number).
+        angle_unit: ``"radian"`` (thesis) or ``"pi"`` (θ/π, the authors' code).
+        eps: added to the squared chord (euclidean); cosine clamp margin (angular).
+        chunk_size: rows per Gram block (default: so a block holds 2^25 entries); peak memory
+            is O(N · chunk_size).
+        min_norm: rows with a smaller norm have no direction.
+        zero_norm: ``"error"`` (default) raises on such rows; ``"exclude"`` leaves them out.
+
+    Returns:
+        scalar energy, float32 (float64 for float64 input), computed with autocast disabled.
+        N < 2 gives 0 (with a zero gradient).
+    """
+    _validate(s, metric, reduction, angle_unit, eps)
+    with torch.autocast(device_type=neurons.device.type if isinstance(neurons, Tensor) else "cpu", enabled=False):
+        x = _prepare(neurons, min_norm, zero_norm, "neurons")
+        n = x.shape[0]
+        rows = _block_rows(n, chunk_size)
+        if n < 2:  # no pairs: energy 0, zero gradient (never NaN)
+            return x.sum() * 0.0
+        spec = _Kernel(float(s), metric, float(eps), angle_unit, bool(half_space))
+        total = _GramEnergyFn.apply(x, spec, rows)
+        if half_space:
+            total = total + 2 * n * spec.antipodal_value()
+            pairs = 2 * n * (2 * n - 1)
+        else:
+            pairs = n * (n - 1)
+        if reduction == "mean":
+            total = total / pairs
+    return total
+
+
+def output_energy_from_labels(
+    weight: Tensor,
+    labels: Tensor,
+    s: float = 2.0,
+    metric: str = "euclidean",
+    angle_unit: str = "radian",
+    eps: float = 1e-6,
+    unique: bool = False,
+    min_norm: float = 1e-6,
+) -> Tensor:
+    r"""Data-dependent output-layer energy (spec ``mhe.md`` §3.1, SphereFace+ Eq. 5.8).
+
+    .. math:: E = \frac{1}{m(N-1)} \sum_{i=1}^{m} \sum_{j\ne y_i} f_s(\mathrm{dist}(\hat w_{y_i}, \hat w_j))
+
+    Rows ``y_i`` of ``weight`` (``(num_classes, d)``) are taken with multiplicity (each present
+    class once if ``unique``); the inner sum runs over *all* classes. Costs one (m × N) GEMM.
+    """
+    _validate(s, metric, "mean", angle_unit, eps)
+    w = _prepare(weight, min_norm, "error", "weight")
+    n = w.shape[0]
+    if isinstance(labels, Tensor):
+        labels = labels.to(w.device)
+    if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.dtype.is_floating_point:
+        raise ValueError("labels: expected a 1-D integer tensor of class indices")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n):
+        raise ValueError(f"labels: class indices must lie in [0, {n - 1}] (weight has {n} rows), got range "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
+    if unique:
+        labels = torch.unique(labels)
+    m = labels.numel()
+    if m == 0 or n < 2:
+        return w.sum() * 0.0
+    spec = _Kernel(float(s), metric, float(eps), angle_unit, False)
+    with torch.autocast(device_type=w.device.type, enabled=False):
+        unit, _ = normalize_neurons(w)
+        c = unit[labels] @ unit.T  # (m, N)
+        self_pair = torch.nn.functional.one_hot(labels, n).bool()
+        c = c.masked_fill(self_pair, 0.0)  # safe value before the kernel
+        f = _PairKernelFn.apply(c, spec).masked_fill(self_pair, 0.0)
+        return f.sum() / (m * (n - 1))
+
+
+def pairwise_angles(neurons: Tensor, degrees: bool = False) -> Tensor:
+    """Angles between all unordered pairs i < j of rows, shape ``(N(N-1)/2,)`` (radians by default)."""
+    x = _prepare(neurons, 1e-6, "error", "neurons")
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        unit, _ = normalize_neurons(x)
+        n = unit.shape[0]
+        iu = torch.triu_indices(n, n, 1, device=unit.device)
+        cos = (unit @ unit.T)[iu[0], iu[1]].clamp(-1.0, 1.0)
+        ang = torch.acos(cos)
+    return torch.rad2deg(ang) if degrees else ang

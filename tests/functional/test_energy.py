@@ -1,0 +1,334 @@
+"""hyperspherical_energy against an independent float64 double-loop reference and known optima."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lightning_hyper.functional import hyperspherical_energy, output_energy_from_labels, pairwise_angles
+from lightning_hyper.functional.energy import pair_kernel
+
+EPS = 1e-6
+
+
+def loop_energy(w: np.ndarray, s: float, metric: str, half_space: bool, reduction: str,
+                angle_unit: str = "radian", eps: float = EPS) -> float:
+    """Literal definition: normalize, (optionally) append negations, sum f over ordered pairs i != j."""
+    w = np.asarray(w, dtype=np.float64)
+    u = [row / np.linalg.norm(row) for row in w]
+    n = len(u)
+    pts = u + [-x for x in u] if half_space else u
+    total, pairs = 0.0, 0
+    for i, a in enumerate(pts):
+        for j, b in enumerate(pts):
+            if i == j:
+                continue
+            pairs += 1
+            antipodal_copy = half_space and abs(i - j) == n  # the (w, -w) pair: exactly d_max
+            if metric == "euclidean":
+                r2 = (4.0 if antipodal_copy else float(np.sum((a - b) ** 2))) + eps
+                total += -0.5 * math.log(r2) if s == 0 else r2 ** (-s / 2)
+            else:
+                if antipodal_copy:
+                    theta = math.pi
+                else:
+                    c = min(max(float(np.dot(a, b)), -1 + eps), 1 - eps)
+                    theta = math.acos(c)
+                if angle_unit == "pi":
+                    theta /= math.pi
+                total += -math.log(theta) if s == 0 else theta ** (-s)
+    return total / pairs if reduction == "mean" else total
+
+
+VARIANTS = [(s, m, hs, r) for s in (0.0, 0.5, 1.0, 2.0) for m in ("euclidean", "angular")
+            for hs in (False, True) for r in ("sum", "mean")]
+
+
+@pytest.mark.parametrize("s,metric,half_space,reduction", VARIANTS)
+def test_matches_double_loop(s, metric, half_space, reduction):
+    w = torch.randn(7, 5, dtype=torch.float64) * torch.rand(7, 1, dtype=torch.float64).add(0.1)
+    got = hyperspherical_energy(w, s=s, metric=metric, half_space=half_space, reduction=reduction)
+    ref = loop_energy(w.numpy(), s, metric, half_space, reduction)
+    assert got.dtype == torch.float64
+    assert got.item() == pytest.approx(ref, rel=1e-10, abs=1e-12)
+    # chunked path (upper-triangle blocks) gives the same value
+    chunked = hyperspherical_energy(w, s=s, metric=metric, half_space=half_space, reduction=reduction, chunk_size=3)
+    assert chunked.item() == pytest.approx(ref, rel=1e-10, abs=1e-12)
+
+
+@pytest.mark.parametrize("s", [0.0, 1.0, 2.0])
+def test_angle_unit_pi_matches_reference(s):
+    w = torch.randn(5, 4, dtype=torch.float64)
+    got = hyperspherical_energy(w, s=s, metric="angular", angle_unit="pi", reduction="sum")
+    assert got.item() == pytest.approx(loop_energy(w.numpy(), s, "angular", False, "sum", "pi"), rel=1e-10)
+
+
+@pytest.mark.parametrize("s,metric,half_space", [(s, m, hs) for s in (0.0, 0.5, 1.0, 2.0)
+                                                  for m in ("euclidean", "angular") for hs in (False, True)])
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_gradcheck(s, metric, half_space, chunk_size):
+    w = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    f = lambda x: hyperspherical_energy(x, s=s, metric=metric, half_space=half_space, chunk_size=chunk_size)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (w,))
+
+
+def test_gradient_matches_autograd_of_loop_formula():
+    """The custom backward equals autograd through an explicit pairwise formula."""
+    w = torch.randn(9, 6, dtype=torch.float64, requires_grad=True)
+    hyperspherical_energy(w, s=2, reduction="sum", chunk_size=4).backward()
+    ours = w.grad.clone()
+    w.grad = None
+    u = w / w.norm(dim=1, keepdim=True)
+    diff = u[:, None, :] - u[None, :, :]
+    r2 = (diff ** 2).sum(-1) + EPS
+    mask = ~torch.eye(9, dtype=torch.bool)
+    (r2[mask] ** -1).sum().backward()
+    torch.testing.assert_close(ours, w.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_single_neuron_is_zero_and_finite():
+    w = torch.randn(1, 8, requires_grad=True)
+    for hs in (False, True):
+        e = hyperspherical_energy(w, half_space=hs)
+        e.backward()
+        assert e.item() == 0.0 and torch.isfinite(w.grad).all()
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "angular"])
+@pytest.mark.parametrize("half_space", [False, True])
+def test_repeated_and_antipodal_neurons_are_finite(metric, half_space):
+    base = torch.randn(3, 5)
+    w = torch.cat([base, base, -base[:1]]).requires_grad_(True)
+    e = hyperspherical_energy(w, s=2, metric=metric, half_space=half_space)
+    e.backward()
+    assert torch.isfinite(e) and torch.isfinite(w.grad).all()
+    # the duplicate pair is bounded by eps: r^2 >= eps
+    assert e.item() <= 1.0 / EPS
+
+
+def test_invariances():
+    w = torch.randn(10, 6, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))
+    scale = torch.rand(10, 1, dtype=torch.float64) * 100 + 1e-3
+    perm = torch.randperm(10)
+    for metric in ("euclidean", "angular"):
+        for hs in (False, True):
+            e = hyperspherical_energy(w, metric=metric, half_space=hs)
+            for other in (w * scale, w @ q, w[perm]):
+                assert hyperspherical_energy(other, metric=metric, half_space=hs).item() == pytest.approx(e.item(), rel=1e-10)
+    # flipping one neuron's sign: half-space unchanged, full-space changes
+    flipped = w.clone()
+    flipped[0] *= -1
+    assert hyperspherical_energy(flipped, half_space=True).item() == pytest.approx(
+        hyperspherical_energy(w, half_space=True).item(), rel=1e-10)
+    assert hyperspherical_energy(flipped).item() != pytest.approx(hyperspherical_energy(w).item(), rel=1e-6)
+
+
+def test_gradient_is_orthogonal_to_each_neuron():
+    w = torch.randn(8, 5, dtype=torch.float64, requires_grad=True)
+    hyperspherical_energy(w, s=1).backward()
+    radial = (w.grad * w.detach()).sum(dim=1)
+    assert radial.abs().max().item() < 1e-10
+
+
+def test_half_space_equals_concatenation():
+    w = torch.randn(6, 4, dtype=torch.float64)
+    for metric in ("euclidean",):  # angular: the concatenated pair (w, -w) would be clamped
+        for s in (0.0, 1.0, 2.0):
+            hs = hyperspherical_energy(w, s=s, metric=metric, half_space=True, reduction="sum")
+            cat = hyperspherical_energy(torch.cat([w, -w]), s=s, metric=metric, reduction="sum")
+            assert hs.item() == pytest.approx(cat.item(), rel=1e-10)
+
+
+def test_float32_and_bf16_autocast_return_float32():
+    w = torch.randn(16, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        e = hyperspherical_energy(w)
+    assert e.dtype == torch.float32
+    ref = hyperspherical_energy(w.detach().double())
+    assert e.item() == pytest.approx(ref.item(), rel=1e-5)
+    e_bf = hyperspherical_energy(w.detach().bfloat16())
+    assert e_bf.dtype == torch.float32
+
+
+# ---------------------------------------------------------------- known optima
+# Published Thomson-problem minima (unordered-pair Coulomb energy on S^2), spec mhe.md §4.1.
+THOMSON = {2: 0.5, 3: 1.732050808, 4: 3.674234614, 5: 6.474691495, 6: 9.985281374, 7: 14.452977414,
+           8: 19.675287861, 9: 25.759986531, 10: 32.716949460, 11: 40.596450510, 12: 49.165253058}
+
+
+def minimize_energy(n: int, d: int, restarts: int = 4, seed: int = 0, **kw) -> float:
+    best = math.inf
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(restarts):
+        w = torch.randn(n, d, dtype=torch.float64, generator=gen).requires_grad_(True)
+        opt = torch.optim.LBFGS([w], lr=1, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15,
+                                line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            e = hyperspherical_energy(w, **kw)
+            e.backward()
+            return e
+
+        opt.step(closure)
+        best = min(best, hyperspherical_energy(w.detach(), **kw).item())
+    return best
+
+
+@pytest.mark.parametrize("n", list(range(2, 13)))
+def test_thomson_minima(n):
+    e = minimize_energy(n, 3, restarts=4, s=1.0, reduction="sum", eps=1e-12)
+    assert e / 2 == pytest.approx(THOMSON[n], rel=1e-3)
+    assert e / 2 >= THOMSON[n] * (1 - 1e-6)  # never below the known optimum
+
+
+@pytest.mark.parametrize("n,d", [(4, 3), (5, 5), (6, 8), (3, 2)])
+@pytest.mark.parametrize("s", [0.0, 1.0, 2.0])
+def test_regular_simplex(n, d, s):
+    e = minimize_energy(n, d, restarts=2, s=s, eps=1e-12)
+    r2 = 2 * n / (n - 1)
+    closed = -0.5 * math.log(r2) if s == 0 else r2 ** (-s / 2)
+    assert e == pytest.approx(closed, rel=1e-6, abs=1e-9)
+
+
+def test_simplex_gram():
+    n, d = 5, 6
+    w = torch.randn(n, d, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w], max_iter=500, tolerance_grad=1e-12, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        e = hyperspherical_energy(w, s=2, eps=1e-12)
+        e.backward()
+        return e
+
+    opt.step(closure)
+    u = w.detach() / w.detach().norm(dim=1, keepdim=True)
+    g = u @ u.T
+    off = g[~torch.eye(n, dtype=torch.bool)]
+    assert torch.allclose(off, torch.full_like(off, -1 / (n - 1)), atol=1e-4)
+
+
+def test_half_space_orthonormal_optimum():
+    # N <= D: HS-MHE minimum is any orthonormal set; normalized value (N - 3/4)/(2N - 1) for s=2
+    for n, d in [(3, 3), (4, 6)]:
+        e = minimize_energy(n, d, restarts=2, s=2.0, half_space=True, eps=0.0 + 1e-12)
+        assert e == pytest.approx((n - 0.75) / (2 * n - 1), rel=1e-5)
+
+
+# ---------------------------------------------------------------- labels (mini-batch output)
+def test_output_energy_permutation_equals_full():
+    w = torch.randn(6, 4, dtype=torch.float64)
+    labels = torch.randperm(6)
+    full = hyperspherical_energy(w, s=2)
+    assert output_energy_from_labels(w, labels, s=2).item() == pytest.approx(full.item(), rel=1e-10)
+
+
+def test_output_energy_matches_loop_and_gradients():
+    w = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 0, 3])
+    got = output_energy_from_labels(w, labels, s=1)
+    u = w.detach().numpy() / np.linalg.norm(w.detach().numpy(), axis=1, keepdims=True)
+    ref = sum((np.sum((u[y] - u[j]) ** 2) + EPS) ** -0.5 for y in labels.tolist() for j in range(5) if j != y)
+    assert got.item() == pytest.approx(ref / (3 * 4), rel=1e-10)
+    got.backward()
+    assert w.grad[2].abs().sum() > 0  # absent class still gets gradient as a column term
+    assert torch.autograd.gradcheck(lambda x: output_energy_from_labels(x, labels, s=2), (w,))
+    uniq = output_energy_from_labels(w, labels, s=1, unique=True)
+    ref_u = sum((np.sum((u[y] - u[j]) ** 2) + EPS) ** -0.5 for y in (0, 3) for j in range(5) if j != y)
+    assert uniq.item() == pytest.approx(ref_u / (2 * 4), rel=1e-10)
+
+
+def test_output_energy_bad_labels():
+    w = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="labels"):
+        output_energy_from_labels(w, torch.tensor([4]))
+    with pytest.raises(ValueError, match="labels"):
+        output_energy_from_labels(w, torch.tensor([0.5]))
+
+
+def test_pair_kernel_matches_energy():
+    w = torch.randn(5, 4, dtype=torch.float64)
+    u = w / w.norm(dim=1, keepdim=True)
+    c = (u @ u.T)[~torch.eye(5, dtype=torch.bool)]
+    for hs in (False, True):
+        assert pair_kernel(c, s=1, half_space=hs).sum().item() + (10 * (4 + EPS) ** -0.5 if hs else 0) == \
+            pytest.approx(hyperspherical_energy(w, s=1, half_space=hs, reduction="sum").item(), rel=1e-10)
+
+
+def test_pairwise_angles():
+    w = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-3.0, 0.0]])
+    ang = pairwise_angles(w, degrees=True)
+    assert torch.allclose(ang, torch.tensor([90.0, 180.0, 90.0]), atol=1e-4)
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.parametrize("kwargs,word", [
+    ({"metric": "cosine"}, "metric"), ({"s": -1.0}, "s="), ({"reduction": "max"}, "reduction"),
+    ({"angle_unit": "degree"}, "angle_unit"), ({"eps": 0.0}, "eps"), ({"chunk_size": 0}, "chunk_size"),
+    ({"zero_norm": "ignore"}, "zero_norm"),
+])
+def test_bad_arguments(kwargs, word):
+    with pytest.raises(ValueError, match=word) as err:
+        hyperspherical_energy(torch.randn(4, 3), **kwargs)
+    assert "accepted" in str(err.value)
+
+
+def test_bad_tensors():
+    with pytest.raises(ValueError, match="neurons"):
+        hyperspherical_energy(torch.randn(5))
+    bad = torch.randn(4, 3)
+    bad[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        hyperspherical_energy(bad)
+    zero = torch.randn(4, 3)
+    zero[2] = 0
+    with pytest.raises(ValueError, match="zero_norm"):
+        hyperspherical_energy(zero)
+    w = zero.clone().requires_grad_(True)
+    e = hyperspherical_energy(w, zero_norm="exclude")
+    e.backward()
+    assert e.item() == pytest.approx(hyperspherical_energy(zero[[0, 1, 3]]).item())
+    assert torch.all(w.grad[2] == 0) and torch.isfinite(w.grad).all()
+
+
+def test_huge_and_tiny_norms_are_scale_safe():
+    w = torch.randn(6, 4)
+    e = hyperspherical_energy(w)
+    assert hyperspherical_energy(w * 1e30).item() == pytest.approx(e.item(), rel=1e-5)
+    assert hyperspherical_energy(w * 1e-4).item() == pytest.approx(e.item(), rel=1e-5)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any ATen op produces while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("half_space", [False, True])
+def test_chunked_memory_is_bounded(half_space):
+    """No tensor larger than N x chunk is ever produced (forward and backward); never N x N x d."""
+    n, d, chunk = 600, 16, 64
+    w = torch.randn(n, d, requires_grad=True)
+    full = hyperspherical_energy(w.detach(), half_space=half_space)
+    with LargestTensor() as probe:
+        e = hyperspherical_energy(w, chunk_size=chunk, half_space=half_space)
+        e.backward()
+    assert e.item() == pytest.approx(full.item(), rel=1e-5)
+    assert probe.largest <= n * chunk
+    with LargestTensor() as probe:  # default: a single block for small N, still never N x N x d
+        hyperspherical_energy(w, half_space=half_space).backward()
+    assert n * n <= probe.largest < n * n * 2
