@@ -167,36 +167,37 @@ def normalize_neurons(neurons: Tensor, min_norm: float = 1e-6) -> tuple[Tensor, 
 
     Rows with norm below ``min_norm`` are left un-normalized; callers mask or reject them.
     """
-    amax = neurons.detach().abs().amax(dim=1, keepdim=True)
+    amax = neurons.detach().abs().amax(dim=-1, keepdim=True)
     scaled = neurons / amax.clamp_min(torch.finfo(neurons.dtype).tiny)
-    snorm = torch.linalg.vector_norm(scaled, dim=1, keepdim=True)
-    norms = (snorm * amax).squeeze(1)
+    snorm = torch.linalg.vector_norm(scaled, dim=-1, keepdim=True)
+    norms = (snorm * amax).squeeze(-1)
     unit = scaled / snorm.clamp_min(torch.finfo(neurons.dtype).tiny)
     return unit, norms
 
 
-def _prepare(neurons: Tensor, min_norm: float, zero_norm: str, name: str) -> Tensor:
+def _prepare(neurons: Tensor, min_norm: float, zero_norm: str, name: str, batched: bool = False) -> Tensor:
     """Validate ``neurons``; return a float32/64 (N, d) tensor with zero-norm rows handled."""
     if not isinstance(neurons, Tensor):
         raise TypeError(f"{name}: expected a Tensor of shape (N, d), got {type(neurons).__name__}")
-    if neurons.dim() != 2:
-        raise ValueError(f"{name}: expected shape (N, d) with rows = neurons, got {tuple(neurons.shape)}; "
+    if neurons.dim() not in (2, 3) or (neurons.dim() == 3 and not batched):
+        raise ValueError(f"{name}: expected shape (N, d) with rows = neurons"
+                         f"{' or a batch (B, N, d)' if batched else ''}, got {tuple(neurons.shape)}; "
                          "use lightning_hyper.functional.as_neurons(weight) for conv weights")
     if zero_norm not in ZERO_NORM_POLICIES:
         raise ValueError(f"zero_norm={zero_norm!r} is not supported; accepted values: {list(ZERO_NORM_POLICIES)}")
     x = neurons.to(_compute_dtype(neurons))
     if x.numel() and not bool(torch.isfinite(x.detach()).all()):
-        bad = (~torch.isfinite(x.detach())).any(dim=1).nonzero().flatten()[:5].tolist()
+        bad = (~torch.isfinite(x.detach())).any(dim=-1).nonzero()[:5].tolist()
         raise ValueError(f"{name}: contains NaN or Inf entries (rows {bad}...); the energy of such "
                          "neurons is undefined")
-    if x.shape[0] and x.shape[1] == 0:
+    if x.shape[-2] and x.shape[-1] == 0:
         raise ValueError(f"{name}: neurons have dimension d=0 (shape {tuple(x.shape)})")
-    if x.shape[0]:
+    if x.shape[-2]:
         _, norms = normalize_neurons(x.detach())
         small = norms < min_norm
         if bool(small.any()):
-            if zero_norm == "error":
-                rows = small.nonzero().flatten()[:5].tolist()
+            if zero_norm == "error" or x.dim() == 3:
+                rows = small.nonzero()[:5].tolist()
                 raise ValueError(
                     f"{name}: {int(small.sum())} neuron(s) have norm < min_norm={min_norm:g} (rows {rows}...); "
                     "their direction is undefined. Pass zero_norm='exclude' to leave them out of the energy "
@@ -206,12 +207,12 @@ def _prepare(neurons: Tensor, min_norm: float, zero_norm: str, name: str) -> Ten
     return x
 
 
-def _block_rows(n: int, chunk_size: int | None) -> int:
+def _block_rows(n: int, chunk_size: int | None, batch: int = 1) -> int:
     if chunk_size is not None:
         if int(chunk_size) < 1:
             raise ValueError(f"chunk_size={chunk_size!r} is not supported; accepted values: None or an int >= 1")
         return int(chunk_size)
-    return max(1, DEFAULT_BLOCK_ELEMENTS // max(n, 1))
+    return max(1, DEFAULT_BLOCK_ELEMENTS // max(n * batch, 1))
 
 
 class _GramEnergyFn(torch.autograd.Function):
@@ -219,24 +220,25 @@ class _GramEnergyFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, spec: _Kernel, rows: int) -> Tensor:  # type: ignore[override]
-        n = x.shape[0]
+        # x: (B, N, d); returns (B,) energies
+        n = x.shape[1]
         unit, norms = normalize_neurons(x)
         need = x.requires_grad
-        total = torch.zeros((), dtype=torch.float64, device=x.device)
+        total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
         keep = None
         if rows >= n:  # one block: full symmetric Gram, keep K for a one-GEMM backward
-            c = unit @ unit.T
-            c.diagonal().zero_()  # safe value before the kernel
+            c = unit @ unit.transpose(1, 2)
+            c.diagonal(dim1=1, dim2=2).zero_()  # safe value before the kernel
             f, k = spec.value_and_slope(c, need)
-            f.diagonal().zero_()
-            total += f.sum(dtype=torch.float64)
+            f.diagonal(dim1=1, dim2=2).zero_()
+            total += f.sum(dim=(1, 2), dtype=torch.float64)
             if need:
-                k.diagonal().zero_()
+                k.diagonal(dim1=1, dim2=2).zero_()
                 keep = k
         else:  # upper-triangle row blocks, recomputed in backward
             for a in range(0, n, rows):
                 f, _ = _upper_block(unit, a, min(a + rows, n), spec, need_slope=False)
-                total += 2.0 * f.sum(dtype=torch.float64)
+                total += 2.0 * f.sum(dim=(1, 2), dtype=torch.float64)
         ctx.spec, ctx.rows = spec, rows
         if need:
             ctx.save_for_backward(unit, norms, keep if keep is not None else unit.new_zeros(0))
@@ -245,7 +247,7 @@ class _GramEnergyFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         unit, norms, keep = ctx.saved_tensors
-        n = unit.shape[0]
+        n = unit.shape[1]
         if keep.numel():
             g_unit = keep @ unit  # K symmetric: dE/dŵ = (K + Kᵀ) ŵ = 2 K ŵ
             g_unit.mul_(2.0)
@@ -256,25 +258,25 @@ class _GramEnergyFn(torch.autograd.Function):
                 _, k = _upper_block(unit, a, b, ctx.spec, need_slope=True)
                 # each upper entry stands for the ordered pairs (i, j) and (j, i): factor 2
                 k.mul_(2.0)
-                g_unit[a:b] += k @ unit[a:]
-                g_unit[a:] += k.T @ unit[a:b]
-        g_unit.mul_(grad_out)
+                g_unit[:, a:b] += k @ unit[:, a:]
+                g_unit[:, a:] += k.transpose(1, 2) @ unit[:, a:b]
+        g_unit.mul_(grad_out.view(-1, 1, 1))
         # normalization Jacobian: (I - ŵŵᵀ) g / ‖w‖
-        radial = (g_unit * unit).sum(dim=1, keepdim=True)
-        g_x = (g_unit - radial * unit) / norms.unsqueeze(1)
+        radial = (g_unit * unit).sum(dim=-1, keepdim=True)
+        g_x = (g_unit - radial * unit) / norms.unsqueeze(-1)
         return g_x, None, None
 
 
 def _upper_block(unit: Tensor, a: int, b: int, spec: _Kernel, need_slope: bool) -> tuple[Tensor, Tensor | None]:
     """Pair terms of rows a:b against columns a:, strict upper triangle only (others zeroed)."""
-    c = unit[a:b] @ unit[a:].T
-    square = c[:, : b - a]
+    c = unit[:, a:b] @ unit[:, a:].transpose(1, 2)
+    square = c[:, :, : b - a]
     lower = torch.ones(b - a, b - a, dtype=torch.bool, device=c.device).tril_()
     square.masked_fill_(lower, 0.0)
     f, k = spec.value_and_slope(c, need_slope)
-    f[:, : b - a].masked_fill_(lower, 0.0)
+    f[:, :, : b - a].masked_fill_(lower, 0.0)
     if k is not None:
-        k[:, : b - a].masked_fill_(lower, 0.0)
+        k[:, :, : b - a].masked_fill_(lower, 0.0)
     return f, k
 
 
@@ -294,6 +296,8 @@ def hyperspherical_energy(
 
     Args:
         neurons: ``(N, d)``, one neuron per row (see :func:`as_neurons`); need not be normalized.
+            A batch ``(B, N, d)`` of neuron sets (e.g. CoMHE's C projections) gives ``(B,)`` energies
+            from one batched computation.
         s: power; ``0`` = logarithmic energy :math:`\sum\log(1/\mathrm{dist})`, ``s>0`` = Riesz
             :math:`\sum \mathrm{dist}^{-s}` (s=1: Thomson problem).
         metric: ``"euclidean"`` (chord :math:`\|\hat w_i-\hat w_j\|`) or ``"angular"`` (geodesic arccos).
@@ -307,18 +311,24 @@ def hyperspherical_energy(
         zero_norm: ``"error"`` (default) raises on such rows; ``"exclude"`` leaves them out.
 
     Returns:
-        scalar energy, float32 (float64 for float64 input), computed with autocast disabled.
+        scalar energy (``(B,)`` for batched input), float32 (float64 for float64 input), computed with autocast disabled.
         N < 2 gives 0 (with a zero gradient).
     """
     _validate(s, metric, reduction, angle_unit, eps)
     with torch.autocast(device_type=neurons.device.type if isinstance(neurons, Tensor) else "cpu", enabled=False):
-        x = _prepare(neurons, min_norm, zero_norm, "neurons")
-        n = x.shape[0]
-        rows = _block_rows(n, chunk_size)
+        x = _prepare(neurons, min_norm, zero_norm, "neurons", batched=True)
+        batched = x.dim() == 3
+        if not batched:
+            x = x.unsqueeze(0)
+        n = x.shape[1]
         if n < 2:  # no pairs: energy 0, zero gradient (never NaN)
-            return x.sum() * 0.0
+            total = x.sum(dim=(1, 2)) * 0.0
+            return total if batched else total[0]
+        rows = _block_rows(n, chunk_size, x.shape[0])
         spec = _Kernel(float(s), metric, float(eps), angle_unit, bool(half_space))
         total = _GramEnergyFn.apply(x, spec, rows)
+        if not batched:
+            total = total[0]
         if half_space:
             total = total + 2 * n * spec.antipodal_value()
             pairs = 2 * n * (2 * n - 1)

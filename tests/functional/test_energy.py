@@ -332,3 +332,23 @@ def test_chunked_memory_is_bounded(half_space):
     with LargestTensor() as probe:  # default: a single block for small N, still never N x N x d
         hyperspherical_energy(w, half_space=half_space).backward()
     assert n * n <= probe.largest < n * n * 2
+
+
+@pytest.mark.parametrize("half_space", [False, True])
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_batched_energies_equal_per_set_loops(half_space, chunk_size):
+    w = torch.randn(4, 7, 3, dtype=torch.float64, requires_grad=True)
+    got = hyperspherical_energy(w, s=1, half_space=half_space, chunk_size=chunk_size)
+    assert got.shape == (4,)
+    for b in range(4):
+        ref = loop_energy(w[b].detach().numpy(), 1.0, "euclidean", half_space, "mean")
+        assert got[b].item() == pytest.approx(ref, rel=1e-10)
+    assert torch.autograd.gradcheck(
+        lambda x: hyperspherical_energy(x, s=2, half_space=half_space, chunk_size=chunk_size), (w,))
+
+
+def test_batched_zero_norm_rows_raise():
+    w = torch.randn(2, 4, 3)
+    w[1, 2] = 0
+    with pytest.raises(ValueError, match="norm"):
+        hyperspherical_energy(w, zero_norm="exclude")
