@@ -64,15 +64,27 @@ class _Kernel:
     angle_unit: str
     half_space: bool
 
-    def value_and_slope(self, c: Tensor, need_slope: bool) -> tuple[Tensor, Tensor | None]:
-        """Per-entry term and its derivative d term / d c (c must hold no masked entries)."""
+    def value_and_slope(self, c: Tensor, need_slope: bool, inplace: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Per-entry term and its derivative d term / d c (c must hold no masked entries).
+
+        ``inplace=True`` lets the euclidean path overwrite ``c`` (a fresh Gram block) to save passes.
+        """
+        if self.metric == "euclidean":
+            r2 = c if inplace else c.clone()
+            r2.mul_(-2.0).add_(2.0 + self.eps).clamp_min_(self.eps)  # squared chord + eps
+            if self.half_space:
+                r2m = torch.rsub(r2, 4.0 + 2.0 * self.eps).clamp_min_(self.eps)  # chord of (w_i, -w_j)
+                f1, k1 = _riesz(r2, self.s, need_slope)
+                f2, k2 = _riesz(r2m, self.s, need_slope)
+                f = f1.add_(f2).mul_(2.0)
+                return f, (k1.sub_(k2).mul_(2.0) if need_slope else None)
+            return _riesz(r2, self.s, need_slope)
         if self.half_space:
-            f1, k1 = _kernel(c, self, need_slope)
-            f2, k2 = _kernel(-c, self, need_slope)
+            f1, k1 = _angular(c, self, need_slope)
+            f2, k2 = _angular(-c, self, need_slope)
             f = f1.add_(f2).mul_(2.0)
-            k = k1.sub_(k2).mul_(2.0) if need_slope else None
-            return f, k
-        return _kernel(c, self, need_slope)
+            return f, (k1.sub_(k2).mul_(2.0) if need_slope else None)
+        return _angular(c, self, need_slope)
 
     def antipodal_value(self) -> float:
         """f(d_max): the constant term of the pair (w, -w) in half-space energy."""
@@ -83,24 +95,24 @@ class _Kernel:
         return -math.log(theta) if self.s == 0 else theta ** (-self.s)
 
 
-def _kernel(c: Tensor, k: _Kernel, need_slope: bool) -> tuple[Tensor, Tensor | None]:
-    """f(dist(c)) and df/dc for one sign of c. Returns fresh tensors."""
+def _riesz(r2: Tensor, s: float, need_slope: bool) -> tuple[Tensor, Tensor | None]:
+    """f(r2) (= r^-s, or -½ log r2 for s=0) and df/dc = -2 df/dr2 for r2 = 2 - 2c + eps."""
+    if s == 0:
+        f = r2.log().mul_(-0.5)
+        return f, (r2.reciprocal() if need_slope else None)  # d(-½ log r2)/dc = 1/r2
+    if s == 2:
+        f = r2.reciprocal()
+        return f, (f.square().mul_(2.0) if need_slope else None)
+    if s == 1:
+        f = r2.rsqrt()
+        return f, (f.div(r2) if need_slope else None)
+    f = r2.log().mul_(-s / 2).exp_()  # overflow-safe r2^(-s/2)
+    return f, (f.div(r2).mul_(s) if need_slope else None)  # s * r2^(-s/2-1)
+
+
+def _angular(c: Tensor, k: _Kernel, need_slope: bool) -> tuple[Tensor, Tensor | None]:
+    """f(theta(c)) and df/dc for the geodesic distance (radians or units of pi)."""
     s = k.s
-    if k.metric == "euclidean":
-        r2 = (2.0 - 2.0 * c).clamp_min_(0.0).add_(k.eps)  # squared chord + eps
-        if s == 0:
-            f = r2.log().mul_(-0.5)
-            slope = r2.reciprocal_() if need_slope else None  # d(-½ log r2)/dc = 1/r2
-        elif s == 2:
-            f = r2.reciprocal()
-            slope = f.square().mul_(2.0) if need_slope else None
-        elif s == 1:
-            f = r2.rsqrt()
-            slope = f.div(r2) if need_slope else None
-        else:
-            f = r2.log().mul_(-s / 2).exp_()  # overflow-safe r2^(-s/2)
-            slope = f.div(r2).mul_(s) if need_slope else None  # s * r2^(-s/2-1)
-        return f, slope
     cc = c.clamp(-1.0 + k.eps, 1.0 - k.eps)
     theta = torch.acos(cc)
     scale = math.pi if k.angle_unit == "pi" else 1.0
@@ -175,8 +187,13 @@ def normalize_neurons(neurons: Tensor, min_norm: float = 1e-6) -> tuple[Tensor, 
     return unit, norms
 
 
-def _prepare(neurons: Tensor, min_norm: float, zero_norm: str, name: str, batched: bool = False) -> Tensor:
-    """Validate ``neurons``; return a float32/64 (N, d) tensor with zero-norm rows handled."""
+def _prepare(neurons: Tensor, min_norm: float, zero_norm: str, name: str,
+             batched: bool = False) -> tuple[Tensor, Tensor]:
+    """Validate ``neurons``; return ``(x, norms)``: float32/64 rows and their (detached) norms.
+
+    The common case costs one norm pass and one host sync; the slow path diagnoses NaN/Inf,
+    rescales rows whose norm overflows, and rejects or drops rows of norm < ``min_norm``.
+    """
     if not isinstance(neurons, Tensor):
         raise TypeError(f"{name}: expected a Tensor of shape (N, d), got {type(neurons).__name__}")
     if neurons.dim() not in (2, 3) or (neurons.dim() == 3 and not batched):
@@ -186,25 +203,29 @@ def _prepare(neurons: Tensor, min_norm: float, zero_norm: str, name: str, batche
     if zero_norm not in ZERO_NORM_POLICIES:
         raise ValueError(f"zero_norm={zero_norm!r} is not supported; accepted values: {list(ZERO_NORM_POLICIES)}")
     x = neurons.to(_compute_dtype(neurons))
-    if x.numel() and not bool(torch.isfinite(x.detach()).all()):
+    if x.shape[-2] and x.shape[-1] == 0:
+        raise ValueError(f"{name}: neurons have dimension d=0 (shape {tuple(x.shape)})")
+    norms = torch.linalg.vector_norm(x.detach(), dim=-1)
+    if not x.numel() or bool(((norms >= min_norm) & (norms < math.inf)).all()):
+        return x, norms
+    if not bool(torch.isfinite(x.detach()).all()):
         bad = (~torch.isfinite(x.detach())).any(dim=-1).nonzero()[:5].tolist()
         raise ValueError(f"{name}: contains NaN or Inf entries (rows {bad}...); the energy of such "
                          "neurons is undefined")
-    if x.shape[-2] and x.shape[-1] == 0:
-        raise ValueError(f"{name}: neurons have dimension d=0 (shape {tuple(x.shape)})")
-    if x.shape[-2]:
-        _, norms = normalize_neurons(x.detach())
-        small = norms < min_norm
-        if bool(small.any()):
-            if zero_norm == "error" or x.dim() == 3:
-                rows = small.nonzero()[:5].tolist()
-                raise ValueError(
-                    f"{name}: {int(small.sum())} neuron(s) have norm < min_norm={min_norm:g} (rows {rows}...); "
-                    "their direction is undefined. Pass zero_norm='exclude' to leave them out of the energy "
-                    "(they then get zero gradient)"
-                )
-            x = x[~small]
-    return x
+    if not bool(torch.isfinite(norms).all()):  # finite entries whose squares overflow: rescale rows
+        x = x / x.detach().abs().amax(dim=-1, keepdim=True)
+        norms = torch.linalg.vector_norm(x.detach(), dim=-1)
+    small = norms < min_norm
+    if bool(small.any()):
+        if zero_norm == "error" or x.dim() == 3:
+            rows = small.nonzero()[:5].tolist()
+            raise ValueError(
+                f"{name}: {int(small.sum())} neuron(s) have norm < min_norm={min_norm:g} (rows {rows}...); "
+                "their direction is undefined. Pass zero_norm='exclude' to leave them out of the energy "
+                "(they then get zero gradient)"
+            )
+        x, norms = x[~small], norms[~small]
+    return x, norms
 
 
 def _block_rows(n: int, chunk_size: int | None, batch: int = 1) -> int:
@@ -219,26 +240,26 @@ class _GramEnergyFn(torch.autograd.Function):
     """Sum over ordered pairs i != j of the pair term, from normalized rows (see module doc)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, spec: _Kernel, rows: int) -> Tensor:  # type: ignore[override]
-        # x: (B, N, d); returns (B,) energies
+    def forward(ctx, x: Tensor, norms: Tensor, spec: _Kernel, rows: int) -> Tensor:  # type: ignore[override]
+        # x: (B, N, d), norms: (B, N) detached; returns (B,) energies
         n = x.shape[1]
-        unit, norms = normalize_neurons(x)
+        unit = x / norms.unsqueeze(-1)
         need = x.requires_grad
         total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
         keep = None
         if rows >= n:  # one block: full symmetric Gram, keep K for a one-GEMM backward
             c = unit @ unit.transpose(1, 2)
             c.diagonal(dim1=1, dim2=2).zero_()  # safe value before the kernel
-            f, k = spec.value_and_slope(c, need)
+            f, k = spec.value_and_slope(c, need, inplace=True)
             f.diagonal(dim1=1, dim2=2).zero_()
-            total += f.sum(dim=(1, 2), dtype=torch.float64)
+            total += f.sum(dim=(1, 2)).double()
             if need:
                 k.diagonal(dim1=1, dim2=2).zero_()
                 keep = k
         else:  # upper-triangle row blocks, recomputed in backward
             for a in range(0, n, rows):
                 f, _ = _upper_block(unit, a, min(a + rows, n), spec, need_slope=False)
-                total += 2.0 * f.sum(dim=(1, 2), dtype=torch.float64)
+                total += 2.0 * f.sum(dim=(1, 2)).double()
         ctx.spec, ctx.rows = spec, rows
         if need:
             ctx.save_for_backward(unit, norms, keep if keep is not None else unit.new_zeros(0))
@@ -264,7 +285,7 @@ class _GramEnergyFn(torch.autograd.Function):
         # normalization Jacobian: (I - ŵŵᵀ) g / ‖w‖
         radial = (g_unit * unit).sum(dim=-1, keepdim=True)
         g_x = (g_unit - radial * unit) / norms.unsqueeze(-1)
-        return g_x, None, None
+        return g_x, None, None, None
 
 
 def _upper_block(unit: Tensor, a: int, b: int, spec: _Kernel, need_slope: bool) -> tuple[Tensor, Tensor | None]:
@@ -273,7 +294,7 @@ def _upper_block(unit: Tensor, a: int, b: int, spec: _Kernel, need_slope: bool) 
     square = c[:, :, : b - a]
     lower = torch.ones(b - a, b - a, dtype=torch.bool, device=c.device).tril_()
     square.masked_fill_(lower, 0.0)
-    f, k = spec.value_and_slope(c, need_slope)
+    f, k = spec.value_and_slope(c, need_slope, inplace=True)
     f[:, :, : b - a].masked_fill_(lower, 0.0)
     if k is not None:
         k[:, :, : b - a].masked_fill_(lower, 0.0)
@@ -316,17 +337,17 @@ def hyperspherical_energy(
     """
     _validate(s, metric, reduction, angle_unit, eps)
     with torch.autocast(device_type=neurons.device.type if isinstance(neurons, Tensor) else "cpu", enabled=False):
-        x = _prepare(neurons, min_norm, zero_norm, "neurons", batched=True)
+        x, norms = _prepare(neurons, min_norm, zero_norm, "neurons", batched=True)
         batched = x.dim() == 3
         if not batched:
-            x = x.unsqueeze(0)
+            x, norms = x.unsqueeze(0), norms.unsqueeze(0)
         n = x.shape[1]
         if n < 2:  # no pairs: energy 0, zero gradient (never NaN)
             total = x.sum(dim=(1, 2)) * 0.0
             return total if batched else total[0]
         rows = _block_rows(n, chunk_size, x.shape[0])
         spec = _Kernel(float(s), metric, float(eps), angle_unit, bool(half_space))
-        total = _GramEnergyFn.apply(x, spec, rows)
+        total = _GramEnergyFn.apply(x, norms, spec, rows)
         if not batched:
             total = total[0]
         if half_space:
@@ -357,7 +378,7 @@ def output_energy_from_labels(
     class once if ``unique``); the inner sum runs over *all* classes. Costs one (m × N) GEMM.
     """
     _validate(s, metric, "mean", angle_unit, eps)
-    w = _prepare(weight, min_norm, "error", "weight")
+    w, _ = _prepare(weight, min_norm, "error", "weight")
     n = w.shape[0]
     if isinstance(labels, Tensor):
         labels = labels.to(w.device)
@@ -373,7 +394,7 @@ def output_energy_from_labels(
         return w.sum() * 0.0
     spec = _Kernel(float(s), metric, float(eps), angle_unit, False)
     with torch.autocast(device_type=w.device.type, enabled=False):
-        unit, _ = normalize_neurons(w)
+        unit = w / torch.linalg.vector_norm(w, dim=-1, keepdim=True)  # autograd path (m x N only)
         c = unit[labels] @ unit.T  # (m, N)
         self_pair = torch.nn.functional.one_hot(labels, n).bool()
         c = c.masked_fill(self_pair, 0.0)  # safe value before the kernel
@@ -383,9 +404,9 @@ def output_energy_from_labels(
 
 def pairwise_angles(neurons: Tensor, degrees: bool = False) -> Tensor:
     """Angles between all unordered pairs i < j of rows, shape ``(N(N-1)/2,)`` (radians by default)."""
-    x = _prepare(neurons, 1e-6, "error", "neurons")
+    x, _ = _prepare(neurons, 1e-6, "error", "neurons")
     with torch.autocast(device_type=x.device.type, enabled=False):
-        unit, _ = normalize_neurons(x)
+        unit = x / torch.linalg.vector_norm(x, dim=-1, keepdim=True)
         n = unit.shape[0]
         iu = torch.triu_indices(n, n, 1, device=unit.device)
         cos = (unit @ unit.T)[iu[0], iu[1]].clamp(-1.0, 1.0)
