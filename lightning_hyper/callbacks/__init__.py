@@ -1,6 +1,7 @@
 """Lightning callbacks: energy regularizers and monitors."""
 from lightning_hyper.callbacks.base import PenaltyCallback
+from lightning_hyper.callbacks.comhe import CoMHERegularizer
 from lightning_hyper.callbacks.mhe import MHERegularizer
 from lightning_hyper.callbacks.monitor import EnergyMonitor
 
-__all__ = ["EnergyMonitor", "MHERegularizer", "PenaltyCallback"]
+__all__ = ["CoMHERegularizer", "EnergyMonitor", "MHERegularizer", "PenaltyCallback"]

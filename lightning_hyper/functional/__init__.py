@@ -1,33 +1,22 @@
 """Stateless tensor math (no Lightning imports). Every function is float64-testable."""
 from lightning_hyper.functional.energy import hyperspherical_energy, pairwise_angles, output_energy_from_labels
 from lightning_hyper.functional.neurons import as_neurons
-from lightning_hyper.functional.margin import (
-    LAMBDA_PRESETS,
-    additive_angular_margin,
-    additive_cosine_margin,
-    chebyshev_cos_m,
-    lambda_schedule,
-    margin_index,
-    psi,
-)
-from lightning_hyper.functional.sphere_ops import (
-    angle_function,
-    angular_activation,
-    decoupled_conv,
-    decoupled_linear,
-    ga_psi,
-    magnitude_function,
-    patch_norms,
-    safe_acos,
-    sphere_conv,
-    sphere_linear,
-)
-from lightning_hyper.functional.verification import (
-    angular_fisher_score,
-    identification_rank1,
-    pair_scores,
-    tar_at_far,
-    verification_accuracy,
+from lightning_hyper.functional.projection import (
+    adversarial_step,
+    angle_bound_probability,
+    angle_bounds,
+    angle_preservation_loss,
+    angle_preserving_step,
+    compressive_energy,
+    group_energy,
+    group_selection,
+    project_neurons,
+    projected_energies,
+    projection_generator,
+    projection_seed,
+    random_projections,
+    unrolled_adversarial_projection,
+    unrolled_angle_projection,
 )
 
 __all__ = [
@@ -35,28 +24,21 @@ __all__ = [
     "hyperspherical_energy",
     "output_energy_from_labels",
     "pairwise_angles",
-    # margin.py / verification.py (SphereFace)
-    "LAMBDA_PRESETS",
-    "additive_angular_margin",
-    "additive_cosine_margin",
-    "angular_fisher_score",
-    "chebyshev_cos_m",
-    "identification_rank1",
-    "lambda_schedule",
-    "margin_index",
-    "pair_scores",
-    "psi",
-    "tar_at_far",
-    "verification_accuracy",
-    # sphere_ops.py (SphereNet, DCNet)
-    "angle_function",
-    "angular_activation",
-    "decoupled_conv",
-    "decoupled_linear",
-    "ga_psi",
-    "magnitude_function",
-    "patch_norms",
-    "safe_acos",
-    "sphere_conv",
-    "sphere_linear",
+]
+__all__ += [  # projection.py (CoMHE)
+    "adversarial_step",
+    "angle_bound_probability",
+    "angle_bounds",
+    "angle_preservation_loss",
+    "angle_preserving_step",
+    "compressive_energy",
+    "group_energy",
+    "group_selection",
+    "project_neurons",
+    "projected_energies",
+    "projection_generator",
+    "projection_seed",
+    "random_projections",
+    "unrolled_adversarial_projection",
+    "unrolled_angle_projection",
 ]

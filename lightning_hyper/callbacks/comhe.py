@@ -1,0 +1,441 @@
+r"""Compressive MHE regularizer callback (thesis Ch. 6, Eqs. 6.3-6.9; spec ``comhe.md`` §2-§6).
+
+.. math::
+    L = L_{data} + \lambda_h \sum_{\ell\in hidden} \bar E^C_\ell + \lambda_o\,\bar E^{full}_{out}
+
+:math:`\bar E^C_\ell` is the layer's compressive energy: the (half-space, by default) mean pairwise
+energy of its neurons after projection to ``projection_dim`` dimensions, aggregated over the
+projections (mean, Eq. 6.4, or max, Eq. 6.5). The output layer gets plain full-space MHE (no
+projection, the authors' recipe). Hidden layers whose neuron dimension D is at most
+``projection_dim`` get plain (half-space) MHE (``small_layer_fallback="mhe"``, e.g. the RGB first
+conv with D = 27).
+
+Names of the spec's §12 table and their argument here: ``variant`` -> ``projection`` (``"rp"``,
+``"ap"``, ``"adv"`` are accepted as aliases), ``proj_dim`` -> ``projection_dim``, ``num_proj`` ->
+``num_projections``, ``resample_every`` -> ``refresh_every``, ``weight`` -> ``hidden_weight``,
+``output_layer={"mode": "mhe_full", "weight": w}`` -> ``output_weight=w`` (0 = none),
+``ap_mode`` -> ``projection_mode``, ``ap_inner_steps``/``adv_inner_steps`` -> ``projection_steps``,
+``ap_update_every`` -> ``projection_update_every``, ``ap_lr``/``adv_lr`` -> ``projection_lr``,
+``ap_unroll_lr`` -> ``unroll_lr``, ``ap_unroll_steps`` -> ``unroll_steps``, ``ap_weight_decay`` ->
+``projection_weight_decay``, ``ap_loss`` -> ``angle_loss``, ``dist_eps`` -> ``eps``. The Eq. E.2
+log metric (s=1, half-space) is available from :class:`~lightning_hyper.callbacks.EnergyMonitor`.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from lightning_hyper.callbacks.base import LayerRef, PenaltyCallback, finite_or_raise
+from lightning_hyper.functional.energy import _validate, hyperspherical_energy
+from lightning_hyper.functional.projection import (
+    AGGREGATES,
+    ANGLE_LOSSES,
+    adversarial_step,
+    angle_preserving_step,
+    compressive_energy,
+    group_energy,
+    projection_generator,
+    random_projections,
+    unrolled_adversarial_projection,
+    unrolled_angle_projection,
+)
+
+__all__ = ["CoMHERegularizer", "PROJECTIONS", "PROJECTION_MODES", "GROUP_MODES", "SMALL_LAYER_FALLBACKS"]
+
+PROJECTIONS = ("random", "angle_preserving", "adversarial", "group")
+_ALIASES = {"rp": "random", "ap": "angle_preserving", "adv": "adversarial"}
+PROJECTION_MODES = ("unrolled", "alternating")
+GROUP_MODES = ("consecutive", "stochastic")
+SMALL_LAYER_FALLBACKS = ("mhe", "project")
+
+# stream tags: draws of different purposes never share a seed
+_TAG_RANDOM, _TAG_INIT, _TAG_PERM = 1, 2, 3
+
+
+def _opt_int(value: Any, arg: str, minimum: int, none_means: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+        raise ValueError(f"{arg}={value!r} is not supported; accepted values: None ({none_means}) or an int "
+                         f">= {minimum}")
+
+
+def _lr_arg(value: Any, arg: str) -> str | float:
+    if value == "tied":
+        return "tied"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{arg}={value!r} is not supported; accepted values: 'tied' (the current learning rate "
+                         "of the model optimizer's first param group) or a finite number >= 0")
+    return float(value)
+
+
+def _name_key(name: str) -> int:
+    return zlib.crc32(name.encode()) + 1  # deterministic across processes (unlike hash(str))
+
+
+class CoMHERegularizer(PenaltyCallback):
+    """Compressive minimum hyperspherical energy on a model's layers, as a callback.
+
+    Args:
+        projection: ``"random"`` (RP-CoMHE, §2.1), ``"angle_preserving"`` (AP-CoMHE, §2.2),
+            ``"adversarial"`` (Adv-CoMHE, §2.3) or ``"group"`` (G-CoMHE, §2.4).
+        projection_dim: rows k of each projection (30: Table 6.2).
+        num_projections: C; ``None`` = 5 for random (Table 6.3), 1 for angle-preserving/adversarial.
+            Unused by ``"group"`` (the groups are the projections).
+        refresh_every: redraw random projections (and the stochastic group partition) every this
+            many optimizer steps (1 = every step, Table E.4); ``None`` = draw once and keep.
+        aggregate: ``"mean"`` (Eq. 6.4) or ``"max"`` (Eq. 6.5) over the projections.
+        share_projection: layers with the same neuron dimension D use the same projections (§2.7);
+            ``None`` = True for random, False for angle-preserving/adversarial (the authors' code).
+        s, metric, eps: energy power, distance and kernel epsilon (see ``hyperspherical_energy``).
+        half_space: half-space energy of the (projected) hidden layers (default, §1.3); the output
+            layer is always full-space.
+        hidden_weight: λ_h, the same for every hidden layer (1, thesis E.1). ``0`` disables them.
+        output_weight: λ_o of the output layer's full-space MHE (10 in the authors' code); ``0`` = none.
+        projection_mode: angle-preserving/adversarial only. ``"unrolled"`` (default, best in Table
+            6.1): the network minimizes the energy at :math:`P' = P \\mp \\eta\\nabla_P` (``unroll_steps``
+            steps kept in the graph, so W also gets the second-order terms); ``"alternating"``:
+            the energy at P, P updated in turn.
+        projection_steps: SGD steps on P per update; ``None`` = 1 (angle-preserving), 10 (adversarial).
+        projection_update_every: optimizer steps between P updates; ``None`` = 1 (unrolled), 10 (alternating).
+        projection_lr: step size of the P updates; ``"tied"`` = the model optimizer's current lr.
+        unroll_lr: η of the unrolled step; ``"tied"`` as above.
+        unroll_steps: unrolled steps.
+        projection_weight_decay: L2 on P in its updates (5e-7 ≈ the authors' 1e-3 · 5e-4).
+        angle_loss: ``"cos_fro"`` (default), ``"cos_sq"`` or ``"angle_sq"``
+            (:func:`~lightning_hyper.functional.projection.angle_preservation_loss`).
+        reinit_every: re-draw learned P from N(0, 1) every this many steps (``None`` = never).
+        group_size: input channels per group (8, Table 6.1); a layer with fewer channels is one group.
+        group_mode: ``"consecutive"`` channel groups or ``"stochastic"`` (a random coordinate
+            partition, redrawn every ``refresh_every`` steps).
+        small_layer_fallback: ``"mhe"`` (D <= projection_dim: plain MHE, no projection) or ``"project"``
+            (random / learned projections; ``"group"`` falls back when a layer has at most one group).
+        full_energy_every: compute the unprojected energy for logging every this many steps;
+            ``None`` = the Trainer's ``log_every_n_steps``; ``0`` = never.
+        chunk_size, zero_norm: see :class:`~lightning_hyper.callbacks.MHERegularizer`.
+        seed: seed of every random draw; the generator of a draw is seeded from
+            ``(seed, global_step // refresh_every, D or layer)`` on the weights' device, so every DDP rank
+            draws the same projections and a resumed run continues identically.
+        include, exclude, layer_types, output_layer, mode, labels, on_nonfinite, prefix:
+            see :class:`~lightning_hyper.callbacks.base.PenaltyCallback`.
+
+    Logs ``comhe/penalty``, per layer ``comhe/energy/<layer>`` (the compressed energy the penalty
+    uses, unweighted) and ``comhe/full_energy/<layer>`` (the energy of the original, unprojected
+    neurons with the same s and half-space setting, so one can see the true energy fall).
+
+    State (``state_dict``): the seed, the learned projections (angle-preserving/adversarial, one per
+    layer or per D), the step of their last update and the projections drawn last (random).
+
+    Note (adversarial, unrolled): the energy core's custom backward is exact but not twice
+    differentiable, so the second-order terms of the unrolled ascent step
+    :math:`P' = P + \\eta\\nabla_P E^V` reach W through a central finite-difference Hessian-vector
+    product (:func:`~lightning_hyper.functional.projection.unrolled_adversarial_projection`).
+    """
+
+    prefix = "comhe"
+
+    def __init__(self, projection: str = "random", projection_dim: int = 30, num_projections: int | None = None,
+                 refresh_every: int | None = 1, aggregate: str = "mean", share_projection: bool | None = None,
+                 s: float = 2.0, half_space: bool = True, metric: str = "euclidean", hidden_weight: float = 1.0,
+                 output_weight: float = 10.0, projection_mode: str = "unrolled", projection_steps: int | None = None,
+                 projection_update_every: int | None = None, projection_lr: str | float = "tied",
+                 unroll_lr: str | float = "tied", unroll_steps: int = 1, projection_weight_decay: float = 5e-7,
+                 angle_loss: str = "cos_fro", reinit_every: int | None = None, group_size: int = 8,
+                 group_mode: str = "consecutive", small_layer_fallback: str = "mhe",
+                 full_energy_every: int | None = None, eps: float = 1e-6, chunk_size: int | None = None,
+                 zero_norm: str = "error", seed: int = 0,
+                 include: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None,
+                 layer_types: str | Sequence[str] | None = None, output_layer: str | None = None,
+                 mode: str = "auto", labels: Callable[[Any], Tensor | None] | None = None,
+                 on_nonfinite: str = "error", prefix: str | None = None) -> None:
+        super().__init__(include=include, exclude=exclude, layer_types=layer_types, output_layer=output_layer,
+                         mode=mode, labels=labels, on_nonfinite=on_nonfinite, prefix=prefix)
+        projection = _ALIASES.get(projection, projection) if isinstance(projection, str) else projection
+        if projection not in PROJECTIONS:
+            raise ValueError(f"projection={projection!r} is not supported; accepted values: {list(PROJECTIONS)} "
+                             f"(aliases {sorted(_ALIASES)})")
+        if isinstance(projection_dim, bool) or not isinstance(projection_dim, int) or projection_dim < 1:
+            raise ValueError(f"projection_dim={projection_dim!r} is not supported; accepted values: an int >= 1")
+        _opt_int(num_projections, "num_projections", 1, "5 for random, 1 for learned projections")
+        _opt_int(refresh_every, "refresh_every", 1, "never redraw")
+        if aggregate not in AGGREGATES:
+            raise ValueError(f"aggregate={aggregate!r} is not supported; accepted values: {list(AGGREGATES)}")
+        if share_projection is not None and not isinstance(share_projection, bool):
+            raise ValueError(f"share_projection={share_projection!r} is not supported; accepted values: None, "
+                             "True, False")
+        _validate(s, metric, "mean", "radian", eps)
+        if projection_mode not in PROJECTION_MODES:
+            raise ValueError(f"projection_mode={projection_mode!r} is not supported; accepted values: "
+                             f"{list(PROJECTION_MODES)}")
+        _opt_int(projection_steps, "projection_steps", 0, "1 for angle_preserving, 10 for adversarial")
+        _opt_int(projection_update_every, "projection_update_every", 1, "1 unrolled, 10 alternating")
+        if isinstance(unroll_steps, bool) or not isinstance(unroll_steps, int) or unroll_steps < 1:
+            raise ValueError(f"unroll_steps={unroll_steps!r} is not supported; accepted values: an int >= 1")
+        if angle_loss not in ANGLE_LOSSES:
+            raise ValueError(f"angle_loss={angle_loss!r} is not supported; accepted values: {list(ANGLE_LOSSES)}")
+        _opt_int(reinit_every, "reinit_every", 1, "never")
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"group_size={group_size!r} is not supported; accepted values: an int >= 1")
+        if group_mode not in GROUP_MODES:
+            raise ValueError(f"group_mode={group_mode!r} is not supported; accepted values: {list(GROUP_MODES)}")
+        if small_layer_fallback not in SMALL_LAYER_FALLBACKS:
+            raise ValueError(f"small_layer_fallback={small_layer_fallback!r} is not supported; accepted values: "
+                             f"{list(SMALL_LAYER_FALLBACKS)}")
+        _opt_int(full_energy_every, "full_energy_every", 0, "the Trainer's log_every_n_steps")
+        if zero_norm not in ("error", "exclude"):
+            raise ValueError(f"zero_norm={zero_norm!r} is not supported; accepted values: ['error', 'exclude']")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed={seed!r} is not supported; accepted values: an int")
+        learned = projection in ("angle_preserving", "adversarial")
+        self.projection = projection
+        self.projection_dim = projection_dim
+        self.num_projections = num_projections if num_projections is not None else (1 if learned else 5)
+        self.refresh_every = refresh_every
+        self.aggregate = aggregate
+        self.share_projection = share_projection if share_projection is not None else not learned
+        self.s = float(s)
+        self.half_space = bool(half_space)
+        self.metric = metric
+        self.hidden_weight = finite_or_raise(hidden_weight, "hidden_weight", 0.0)
+        self.output_weight = finite_or_raise(output_weight, "output_weight", 0.0)
+        self.projection_mode = projection_mode
+        self.projection_steps = (projection_steps if projection_steps is not None
+                                 else (10 if projection == "adversarial" else 1))
+        self.projection_update_every = (projection_update_every if projection_update_every is not None
+                                        else (10 if projection_mode == "alternating" else 1))
+        self.projection_lr = _lr_arg(projection_lr, "projection_lr")
+        self.unroll_lr = _lr_arg(unroll_lr, "unroll_lr")
+        self.unroll_steps = unroll_steps
+        self.projection_weight_decay = finite_or_raise(projection_weight_decay, "projection_weight_decay", 0.0)
+        self.angle_loss = angle_loss
+        self.reinit_every = reinit_every
+        self.group_size = group_size
+        self.group_mode = group_mode
+        self.small_layer_fallback = small_layer_fallback
+        self.full_energy_every = full_energy_every
+        self.eps = float(eps)
+        self.chunk_size = chunk_size
+        self.zero_norm = zero_norm
+        self.seed = int(seed)
+        # state
+        self._learned: dict[str, Tensor] = {}  # key -> (C, k, D) learned projections (AP / Adv)
+        self._init_period: dict[str, int] = {}  # key -> re-initialization period of that P
+        self._last_update_step: int | None = None  # global step of the last P update (AP / Adv)
+        self._drawn: dict[str, Tensor] = {}  # key -> random projections / permutation of the current period
+        self._drawn_period: int | None = None
+        self._prepared_step: int | None = None
+
+    # ------------------------------------------------------------------ keys and draws
+    def _key(self, layer: LayerRef, dim: int) -> str:
+        return f"dim={dim}" if self.share_projection else layer.name
+
+    def _key_ints(self, key: str, dim: int) -> tuple[int, int]:
+        return (dim, 0) if key.startswith("dim=") else (dim, _name_key(key))
+
+    def _period(self, step: int, every: int | None) -> int:
+        return 0 if every is None else step // every
+
+    def _projected(self, layer: LayerRef, dim: int) -> bool:
+        """Whether a hidden layer of neuron dimension ``dim`` is projected (else plain MHE)."""
+        return dim > self.projection_dim or self.small_layer_fallback == "project"
+
+    def _random_draw(self, key: str, dim: int, step: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        period = self._period(step, self.refresh_every)
+        if self._drawn_period != period:
+            self._drawn, self._drawn_period = {}, period
+        p = self._drawn.get(key)
+        if p is None or p.device != device or p.dtype != dtype:
+            p = self.projections_at(step, dim, None if key.startswith("dim=") else key, device=device, dtype=dtype)
+            self._drawn[key] = p
+        return p
+
+    def projections_at(self, step: int, dim: int, layer: str | None = None, device: torch.device | str = "cpu",
+                       dtype: torch.dtype = torch.float32) -> Tensor:
+        """The random projections ``(C, k, D)`` in force at global step ``step`` for neurons of dimension ``dim``.
+
+        ``layer`` is the layer's module name when ``share_projection=False`` (``None``: the basis shared
+        by every layer of that D). The draw is
+        ``random_projections(C, k, D, generator=projection_generator(seed, step, refresh_every, 1, D, key))``
+        with ``key = 0`` (shared) or ``zlib.crc32(layer) + 1``: a pure function of these integers.
+        """
+        key = (dim, 0) if layer is None else (dim, _name_key(layer))
+        gen = projection_generator(self.seed, step, self.refresh_every, _TAG_RANDOM, *key, device=device)
+        return random_projections(self.num_projections, self.projection_dim, dim, generator=gen, dtype=dtype,
+                                  device=device)
+
+    def _permutation(self, key: str, dim: int, step: int, device: torch.device) -> Tensor | None:
+        if self.group_mode == "consecutive":
+            return None
+        period = self._period(step, self.refresh_every)
+        if self._drawn_period != period:
+            self._drawn, self._drawn_period = {}, period
+        perm = self._drawn.get(key)
+        if perm is None or perm.device != device:
+            gen = projection_generator(self.seed, step, self.refresh_every, _TAG_PERM,
+                                       *self._key_ints(key, dim), device=device)
+            perm = torch.randperm(dim, generator=gen, device=device)
+            self._drawn[key] = perm
+        return perm
+
+    def _learned_projection(self, key: str, dim: int, step: int, device: torch.device,
+                            dtype: torch.dtype) -> Tensor:
+        """The persistent P of ``key`` (drawn from N(0, 1) at first use and every ``reinit_every``)."""
+        period = self._period(step, self.reinit_every)
+        p = self._learned.get(key)
+        if p is not None and tuple(p.shape) != (self.num_projections, self.projection_dim, dim):
+            raise ValueError(f"the restored projection {key!r} has shape {tuple(p.shape)}, expected "
+                             f"{(self.num_projections, self.projection_dim, dim)} (num_projections, projection_dim, D);"
+                             " the checkpoint was written with other settings")
+        if p is None or self._init_period.get(key) != period:
+            gen = projection_generator(self.seed, period, 1, _TAG_INIT, *self._key_ints(key, dim), device=device)
+            p = random_projections(self.num_projections, self.projection_dim, dim, generator=gen, dtype=dtype,
+                                   device=device)
+            self._init_period[key] = period
+        p = p.to(device=device, dtype=dtype)
+        self._learned[key] = p
+        return p
+
+    def _lr(self, value: str | float, arg: str) -> float:
+        if value != "tied":
+            return float(value)
+        trainer = self._trainer
+        optimizers = getattr(trainer, "optimizers", None) if trainer is not None else None
+        if not optimizers:
+            raise ValueError(f"{arg}='tied' reads the learning rate of the Trainer's first optimizer, but there is "
+                             "none (penalty called outside fit?); pass a number")
+        return float(optimizers[0].param_groups[0]["lr"])
+
+    # ------------------------------------------------------------------ per-step preparation
+    def _hidden_neurons(self, layer: LayerRef) -> Tensor:
+        neurons = layer.neurons()
+        if self.zero_norm == "exclude" and neurons.shape[0]:
+            keep = torch.linalg.vector_norm(neurons.detach(), dim=1) >= 1e-6
+            neurons = neurons[keep]
+        return neurons
+
+    def _prepare_step(self, step: int) -> None:
+        """Once per optimizer step: update the learned projections (angle-preserving / adversarial)."""
+        if self._prepared_step == step:
+            return
+        self._prepared_step = step
+        if self.projection not in ("angle_preserving", "adversarial") or self.hidden_weight == 0:
+            return
+        groups: dict[str, list[Tensor]] = {}
+        for layer in self.layers:
+            if layer.role != "hidden":
+                continue
+            w = self._hidden_neurons(layer).detach()
+            if w.shape[0] < 2 or not self._projected(layer, w.shape[1]):
+                continue
+            groups.setdefault(self._key(layer, w.shape[1]), []).append(w)
+        due = step % self.projection_update_every == 0 and self._last_update_step != step
+        for key, ws in groups.items():
+            dtype = torch.float64 if ws[0].dtype == torch.float64 else torch.float32
+            p = self._learned_projection(key, ws[0].shape[1], step, ws[0].device, dtype)
+            if not due or self.projection_steps == 0:
+                continue
+            lr = self._lr(self.projection_lr, "projection_lr")
+            if self.projection == "angle_preserving":
+                p = angle_preserving_step(ws, p, lr=lr, steps=self.projection_steps, loss=self.angle_loss,
+                                          weight_decay=self.projection_weight_decay)
+            else:
+                p = adversarial_step(ws, p, lr=lr, steps=self.projection_steps, s=self.s,
+                                     weight_decay=self.projection_weight_decay, metric=self.metric, eps=self.eps)
+            self._learned[key] = p
+        if due:
+            self._last_update_step = step
+
+    def _full_energy_due(self, step: int) -> bool:
+        every = self.full_energy_every
+        if every is None:
+            every = getattr(self._trainer, "log_every_n_steps", 1) if self._trainer is not None else 1
+        return bool(every) and step % max(int(every), 1) == 0
+
+    # ------------------------------------------------------------------ the penalty of one layer
+    def energy(self, neurons: Tensor, role: str = "hidden") -> Tensor:
+        """Unprojected mean pairwise energy (half-space on hidden layers), as logged in ``full_energy``."""
+        return hyperspherical_energy(neurons, s=self.s, metric=self.metric,
+                                     half_space=self.half_space and role == "hidden", eps=self.eps,
+                                     chunk_size=self.chunk_size, zero_norm=self.zero_norm)
+
+    def compressed_energy(self, layer: LayerRef, neurons: Tensor, step: int) -> Tensor:
+        """The layer's CoMHE energy at ``step`` (with autograd graph to the weights)."""
+        dim = neurons.shape[1]
+        kw = dict(s=self.s, half_space=self.half_space, metric=self.metric, eps=self.eps, chunk_size=self.chunk_size)
+        if self.projection == "group":
+            weight = getattr(layer.module, "weight", None)
+            kernel = math.prod(weight.shape[2:]) if isinstance(weight, Tensor) and weight.dim() > 2 else 1
+            width = self.group_size * kernel
+            if width >= dim:  # fewer channels than one group: plain (HS-)MHE
+                return hyperspherical_energy(neurons, **kw)
+            perm = self._permutation(self._key(layer, dim), dim, step, neurons.device)
+            return group_energy(neurons, width, aggregate=self.aggregate, permutation=perm, **kw)
+        if not self._projected(layer, dim):
+            return hyperspherical_energy(neurons, **kw)
+        dtype = torch.float64 if neurons.dtype == torch.float64 else torch.float32
+        key = self._key(layer, dim)
+        if self.projection == "random":
+            p = self._random_draw(key, dim, step, neurons.device, dtype)
+        else:
+            p = self._learned_projection(key, dim, step, neurons.device, dtype)
+            if self.projection_mode == "unrolled":
+                eta = self._lr(self.unroll_lr, "unroll_lr")
+                if self.projection == "angle_preserving":
+                    p = unrolled_angle_projection(neurons, p, lr=eta, steps=self.unroll_steps, loss=self.angle_loss)
+                else:
+                    p = unrolled_adversarial_projection(neurons, p, lr=eta, steps=self.unroll_steps, s=self.s,
+                                                        metric=self.metric, eps=self.eps)
+        return compressive_energy(neurons, p, aggregate=self.aggregate, **kw)
+
+    def layer_terms(self, layer: LayerRef, labels: Tensor | None, step: int) -> dict[str, Tensor] | None:
+        if layer.role == "output":
+            if self.output_weight == 0:
+                return None
+            neurons = layer.neurons()
+            if neurons.shape[0] < 2:
+                return None
+            full = self.energy(neurons, "output")
+            return {"penalty": self.output_weight * full, "energy": full.detach(), "full_energy": full.detach()}
+        if self.hidden_weight == 0:
+            return None
+        self._prepare_step(step)
+        neurons = self._hidden_neurons(layer)
+        if neurons.shape[0] < 2:
+            return None
+        energy = self.compressed_energy(layer, neurons, step)
+        terms = {"penalty": self.hidden_weight * energy, "energy": energy.detach()}
+        if self._full_energy_due(step):
+            with torch.no_grad():
+                terms["full_energy"] = self.energy(neurons.detach(), "hidden")
+        return terms
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "projection": self.projection,
+            "seed": self.seed,
+            "learned": {k: v.detach().cpu().clone() for k, v in self._learned.items()},
+            "init_period": dict(self._init_period),
+            "last_update_step": self._last_update_step,
+            "drawn": {k: v.detach().cpu().clone() for k, v in self._drawn.items()},
+            "drawn_period": self._drawn_period,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        saved = state_dict.get("projection", self.projection)
+        if saved != self.projection:
+            raise ValueError(f"the checkpoint holds CoMHERegularizer state of projection={saved!r}, this callback "
+                             f"has projection={self.projection!r}")
+        self.seed = int(state_dict.get("seed", self.seed))
+        self._learned = {k: v.clone() for k, v in state_dict.get("learned", {}).items()}
+        self._init_period = {k: int(v) for k, v in state_dict.get("init_period", {}).items()}
+        last = state_dict.get("last_update_step")
+        self._last_update_step = None if last is None else int(last)
+        self._drawn = {k: v.clone() for k, v in state_dict.get("drawn", {}).items()}
+        self._drawn_period = state_dict.get("drawn_period")
+        self._prepared_step = None
