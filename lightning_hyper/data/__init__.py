@@ -2,6 +2,7 @@
 from lightning_hyper.data.cifar import CIFAR10DataModule, CIFAR100DataModule
 from lightning_hyper.data.digits import DigitsDataModule
 from lightning_hyper.data.mnist1d import MNIST1DDataModule
+from lightning_hyper.data.openset import LFWPairsDataModule, OpenSetDataModule
 
 __all__: list[str] = [
     "CIFAR100DataModule",
@@ -9,3 +10,4 @@ __all__: list[str] = [
     "DigitsDataModule",
     "MNIST1DDataModule",
 ]
+__all__ += ["LFWPairsDataModule", "OpenSetDataModule"]

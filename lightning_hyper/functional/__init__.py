@@ -18,12 +18,41 @@ from lightning_hyper.functional.projection import (
     unrolled_adversarial_projection,
     unrolled_angle_projection,
 )
+from lightning_hyper.functional.margin import (
+    LAMBDA_PRESETS,
+    additive_angular_margin,
+    additive_cosine_margin,
+    chebyshev_cos_m,
+    lambda_schedule,
+    margin_index,
+    psi,
+)
+from lightning_hyper.functional.verification import (
+    angular_fisher_score,
+    identification_rank1,
+    pair_scores,
+    tar_at_far,
+    verification_accuracy,
+)
 
 __all__ = [
     "as_neurons",
     "hyperspherical_energy",
     "output_energy_from_labels",
     "pairwise_angles",
+    # margin.py / verification.py (SphereFace)
+    "LAMBDA_PRESETS",
+    "additive_angular_margin",
+    "additive_cosine_margin",
+    "angular_fisher_score",
+    "chebyshev_cos_m",
+    "identification_rank1",
+    "lambda_schedule",
+    "margin_index",
+    "pair_scores",
+    "psi",
+    "tar_at_far",
+    "verification_accuracy",
 ]
 __all__ += [  # projection.py (CoMHE)
     "adversarial_step",
@@ -42,3 +71,10 @@ __all__ += [  # projection.py (CoMHE)
     "unrolled_adversarial_projection",
     "unrolled_angle_projection",
 ]
+    grouped_metric_energy,
+    metric_energy,
+    metric_energy_from_labels,
+    pairwise_metric,
+    pairwise_term,
+    sign_ste,
+)

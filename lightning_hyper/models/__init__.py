@@ -3,6 +3,8 @@ from lightning_hyper.models.backbones import BACKBONES, build_backbone, register
 from lightning_hyper.models.backbones.cnn import CNN1d, PlainCNN
 from lightning_hyper.models.backbones.resnet import CifarResNet, ResNet18
 from lightning_hyper.models.classifier import HypersphericalClassifier
+from lightning_hyper.models.backbones.sphereface import EmbeddingMLP, LSoftmaxCNN, SphereFaceNet
+from lightning_hyper.models.sphereface import SphereFaceModule, TrainingDivergedError
 
 __all__: list[str] = [
     "BACKBONES",
@@ -14,3 +16,4 @@ __all__: list[str] = [
     "build_backbone",
     "register_backbone",
 ]
+__all__ += ["EmbeddingMLP", "LSoftmaxCNN", "SphereFaceModule", "SphereFaceNet", "TrainingDivergedError"]

@@ -26,7 +26,8 @@ def register_head(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
 
 
 def build_head(name: str, in_features: int, num_classes: int, **kwargs) -> nn.Module:
-    """Instantiate the head registered as ``name`` (``"linear"`` is a bias-free ``nn.Linear``)."""
+    """Instantiate the head registered as ``name`` (``"linear"`` is ``nn.Linear``; pass ``bias=False``
+    for the thesis's bias-free classifier)."""
     import lightning_hyper.nn  # noqa: F401  (registers the library's heads)
 
     if name == "linear":

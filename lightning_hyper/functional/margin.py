@@ -1,0 +1,177 @@
+"""Angular-margin functions for L-Softmax / A-Softmax (SphereFace) and their additive relatives.
+
+Thesis "Deep Representation Learning on Hypersphere" (W. Liu), Chapter 2 and Part I.
+Everything here takes the *cosine* ``c = cos(theta)`` and never calls ``acos`` inside the
+autograd graph, so gradients stay finite at ``c = +-1`` (spec sphereface.md §2.2).
+
+- :func:`chebyshev_cos_m`: ``cos(m theta) = T_m(c)`` (Eq. 2.7) by the recurrence
+  ``T_0 = 1, T_1 = c, T_{n+1} = 2 c T_n - T_{n-1}``.
+- :func:`margin_index`: the segment index ``k`` with ``theta in [k pi/m, (k+1) pi/m]`` (no gradient).
+- :func:`psi`: ``psi(theta) = (-1)^k cos(m theta) - 2k`` (Eq. 2.6), continuous, C^1, decreasing.
+- :func:`additive_cosine_margin`: ``cos(theta) - m`` (AM-Softmax / CosFace, Part I ``L_a1``).
+- :func:`additive_angular_margin`: ``cos(theta + m)`` (ArcFace, Part I ``L_a2``).
+- :func:`lambda_schedule`: the λ annealing ``max(lambda_min, base (1 + gamma t)^-power)`` (spec §5).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "LAMBDA_PRESETS",
+    "additive_angular_margin",
+    "additive_cosine_margin",
+    "chebyshev_cos_m",
+    "lambda_schedule",
+    "margin_index",
+    "psi",
+    "resolve_lambda_schedule",
+]
+
+
+def _check_m(m: Any) -> int:
+    """Validate the multiplicative margin: an integer ``m >= 1`` (bools rejected)."""
+    if isinstance(m, bool) or not isinstance(m, numbers.Integral):
+        if isinstance(m, float) and m.is_integer() and m >= 1:
+            return int(m)
+        raise TypeError(f"m must be an integer >= 1 (1, 2, 3, 4, ...), got {m!r} of type {type(m).__name__}")
+    if m < 1:
+        raise ValueError(f"m must be an integer >= 1 (1, 2, 3, 4, ...), got {m}")
+    return int(m)
+
+
+def chebyshev_cos_m(cos: Tensor, m: int) -> Tensor:
+    """``cos(m theta)`` as the Chebyshev polynomial ``T_m(cos theta)`` (thesis Eq. 2.7).
+
+    ``T_0 = 1``, ``T_1 = c``, ``T_{n+1} = 2 c T_n - T_{n-1}``. A pure polynomial: the gradient
+    ``m U_{m-1}(c)`` is finite everywhere (unlike ``cos(m * acos(c))`` at ``c = +-1``).
+    """
+    m = _check_m(m)
+    prev, cur = torch.ones_like(cos), cos
+    for _ in range(m - 1):
+        prev, cur = cur, 2.0 * cos * cur - prev
+    return cur
+
+
+def margin_index(cos: Tensor, m: int) -> Tensor:
+    """Segment index ``k`` with ``theta in [k pi/m, (k+1) pi/m]``, computed without gradient.
+
+    ``k = sum_{j=1}^{m-1} [c <= cos(j pi / m)]`` (the thesis's look-up table on ``c``), which
+    equals ``clamp(floor(m acos(c) / pi), 0, m-1)`` away from segment boundaries (on a boundary
+    either choice gives the same ψ because ψ is continuous). Returned with the dtype of ``cos``.
+    """
+    m = _check_m(m)
+    with torch.no_grad():
+        c = cos.detach()
+        k = torch.zeros_like(c)
+        for j in range(1, m):
+            k += (c <= math.cos(j * math.pi / m)).to(c.dtype)
+    return k
+
+
+def psi(cos: Tensor, m: int) -> Tensor:
+    """The A-Softmax / L-Softmax margin function of the cosine (thesis Eq. 2.6).
+
+    ``psi = (-1)^k T_m(c) - 2k`` for ``theta = acos(c) in [k pi/m, (k+1) pi/m]``, ``k = 0..m-1``.
+    Properties (spec §2.3): ``psi(1) = 1``, ``psi(-1) = 1 - 2m``, continuous and monotonically
+    decreasing in ``theta``, ``psi <= cos theta``, ``psi == cos`` for ``m = 1``;
+    ``d psi / dc = (-1)^k m U_{m-1}(c)`` is finite on ``[-1, 1]`` (``m^2`` at ``c = +-1``).
+    Inputs are clamped to ``[-1, 1]`` in value only (the gradient passes through the clamp, so
+    rounding just past ``+-1`` does not zero it).
+    """
+    m = _check_m(m)
+    c = cos - (cos - cos.clamp(-1.0, 1.0)).detach()
+    if m == 1:
+        return c
+    k = margin_index(c, m)
+    sign = 1.0 - 2.0 * torch.remainder(k, 2.0)  # (-1)^k
+    return sign * chebyshev_cos_m(c, m) - 2.0 * k
+
+
+def additive_cosine_margin(cos: Tensor, margin: float) -> Tensor:
+    """AM-Softmax / CosFace target cosine ``cos(theta) - margin`` (Part I ``L_a1``, Eq. D.11)."""
+    if not isinstance(margin, numbers.Real) or isinstance(margin, bool) or margin < 0:
+        raise ValueError(f"margin must be a real number >= 0, got {margin!r}")
+    return cos - float(margin)
+
+
+def additive_angular_margin(cos: Tensor, margin: float) -> Tensor:
+    """ArcFace target cosine ``cos(theta + margin)`` (Part I ``L_a2``), written without ``acos``.
+
+    ``cos(theta + m) = c cos m - sqrt(1 - c^2) sin m`` for ``theta <= pi - m``; beyond that point
+    ``cos(theta + m)`` would increase again, so (as in ArcFace's reference code and
+    pytorch-metric-learning) the monotone extension ``c - m sin m`` is used. The ``sqrt`` term has a
+    zero (finite) gradient at exactly ``|c| = 1``, where its true derivative is infinite.
+    """
+    if not isinstance(margin, numbers.Real) or isinstance(margin, bool) or not 0 <= margin < math.pi:
+        raise ValueError(f"margin must be a real number in [0, pi) (radians), got {margin!r}")
+    m = float(margin)
+    c = cos.clamp(-1.0, 1.0)
+    s2 = 1.0 - c * c
+    positive = s2 > 0
+    sin = torch.where(positive, torch.where(positive, s2, torch.ones_like(s2)).sqrt(), torch.zeros_like(s2))
+    shifted = c * math.cos(m) - sin * math.sin(m)
+    return torch.where(c >= math.cos(math.pi - m), shifted, c - m * math.sin(m))
+
+
+# --------------------------------------------------------------------------------------------
+# λ annealing (spec §5): f_y = (λ ||W|| ||x|| cos + ||W|| ||x|| psi) / (1 + λ)
+# --------------------------------------------------------------------------------------------
+LAMBDA_PRESETS: dict[str, dict[str, float]] = {
+    # [code] SphereFace-20 prototxt (CASIA, 28k iterations): default for A-Softmax.
+    "sphereface": {"base": 1000.0, "gamma": 0.12, "power": 1.0, "lambda_min": 5.0},
+    # [code] L-Softmax MNIST prototxt.
+    "lsoftmax_mnist": {"base": 1000.0, "gamma": 2.5e-5, "power": 35.0, "lambda_min": 0.0},
+    # [code] clcarwin/sphereface_pytorch AngleLoss: max(5, 1500 / (1 + 0.1 it)).
+    "pytorch_port": {"base": 1500.0, "gamma": 0.1, "power": 1.0, "lambda_min": 5.0},
+    # pytorch-metric-learning behaviour: pure margin logit from the first step.
+    "none": {"base": 0.0, "gamma": 0.0, "power": 1.0, "lambda_min": 0.0},
+    # λ ≡ base (set base / lambda_min to the constant).
+    "constant": {"base": 0.0, "gamma": 0.0, "power": 1.0, "lambda_min": 0.0},
+}
+
+
+def lambda_schedule(
+    step: int | float,
+    base: float = 1000.0,
+    gamma: float = 0.12,
+    power: float = 1.0,
+    lambda_min: float = 5.0,
+) -> float:
+    """λ(t) = max(lambda_min, base * (1 + gamma * t) ** -power)  (spec §5, [code] Caffe layer).
+
+    ``t = 1, 2, ...`` counts training iterations (the Caffe layer increments before each forward,
+    so the first training step uses ``t = 1``). Defaults are the ``"sphereface"`` preset:
+    λ(1) = 892.857, λ(1000) = 8.2645, λ(t >= 1659) = 5.
+    """
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if base < 0 or lambda_min < 0:
+        raise ValueError(f"base and lambda_min must be >= 0, got base={base}, lambda_min={lambda_min}")
+    if gamma < 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    return max(float(lambda_min), float(base) * (1.0 + float(gamma) * float(step)) ** (-float(power)))
+
+
+def resolve_lambda_schedule(
+    name: str,
+    base: float | None = None,
+    gamma: float | None = None,
+    power: float | None = None,
+    lambda_min: float | None = None,
+) -> dict[str, float]:
+    """Preset ``name`` (a key of :data:`LAMBDA_PRESETS`) with any given value overriding it."""
+    if name not in LAMBDA_PRESETS:
+        raise ValueError(f"lambda_schedule={name!r} is unknown; accepted values: {sorted(LAMBDA_PRESETS)}")
+    params = dict(LAMBDA_PRESETS[name])
+    for key, value in (("base", base), ("gamma", gamma), ("power", power), ("lambda_min", lambda_min)):
+        if value is not None:
+            params[key] = float(value)
+    if name == "constant":  # λ ≡ max(base, lambda_min)
+        params["gamma"] = 0.0
+    lambda_schedule(1, **params)  # validates
+    return params
