@@ -71,10 +71,3 @@ __all__ += [  # projection.py (CoMHE)
     "unrolled_adversarial_projection",
     "unrolled_angle_projection",
 ]
-    grouped_metric_energy,
-    metric_energy,
-    metric_energy_from_labels,
-    pairwise_metric,
-    pairwise_term,
-    sign_ste,
-)
