@@ -5,3 +5,6 @@ from lightning_hyper.callbacks.mhe import MHERegularizer
 from lightning_hyper.callbacks.monitor import EnergyMonitor
 
 __all__ = ["CoMHERegularizer", "EnergyMonitor", "MHERegularizer", "PenaltyCallback"]
+from lightning_hyper.callbacks.dcnet import PretrainedInit, WeightedGradients, WeightProjection
+
+__all__ += ["PretrainedInit", "WeightProjection", "WeightedGradients"]

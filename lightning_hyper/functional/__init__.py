@@ -71,3 +71,18 @@ __all__ += [  # projection.py (CoMHE)
     "unrolled_adversarial_projection",
     "unrolled_angle_projection",
 ]
+from lightning_hyper.functional.sphere_ops import (  # SphereNet, DCNet
+    angle_function,
+    angular_activation,
+    decoupled_conv,
+    decoupled_linear,
+    ga_psi,
+    magnitude_function,
+    patch_norms,
+    safe_acos,
+    sphere_conv,
+    sphere_linear,
+)
+
+__all__ += ["angle_function", "angular_activation", "decoupled_conv", "decoupled_linear", "ga_psi",
+            "magnitude_function", "patch_norms", "safe_acos", "sphere_conv", "sphere_linear"]

@@ -20,3 +20,10 @@ __all__ += [
     "ModifiedSoftmaxHead",
     "NormFaceHead",
 ]
+from lightning_hyper.nn.sphere import SphereConv1d, SphereConv2d, SphereConv3d, SphereLinear, SphereNorm, make_shared_k
+from lightning_hyper.nn.decoupled import DecoupledConv1d, DecoupledConv2d, DecoupledLinear
+from lightning_hyper.nn.convert import convert
+from lightning_hyper.nn.ga_softmax import GASoftmaxHead, WSoftmaxHead
+
+__all__ += ["DecoupledConv1d", "DecoupledConv2d", "DecoupledLinear", "GASoftmaxHead", "SphereConv1d", "SphereConv2d",
+            "SphereConv3d", "SphereLinear", "SphereNorm", "WSoftmaxHead", "convert", "make_shared_k"]
