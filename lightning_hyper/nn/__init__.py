@@ -27,3 +27,6 @@ from lightning_hyper.nn.ga_softmax import GASoftmaxHead, WSoftmaxHead
 
 __all__ += ["DecoupledConv1d", "DecoupledConv2d", "DecoupledLinear", "GASoftmaxHead", "SphereConv1d", "SphereConv2d",
             "SphereConv3d", "SphereLinear", "SphereNorm", "WSoftmaxHead", "convert", "make_shared_k"]
+from lightning_hyper.nn.hierarchical import HierarchicalLinear, Hierarchy, register_hierarchy  # DH2L
+
+__all__ += ["HierarchicalLinear", "Hierarchy", "register_hierarchy"]
