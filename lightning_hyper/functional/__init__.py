@@ -27,6 +27,18 @@ from lightning_hyper.functional.margin import (
     margin_index,
     psi,
 )
+from lightning_hyper.functional.sphere_ops import (
+    angle_function,
+    angular_activation,
+    decoupled_conv,
+    decoupled_linear,
+    ga_psi,
+    magnitude_function,
+    patch_norms,
+    safe_acos,
+    sphere_conv,
+    sphere_linear,
+)
 from lightning_hyper.functional.verification import (
     angular_fisher_score,
     identification_rank1,
@@ -53,6 +65,17 @@ __all__ = [
     "psi",
     "tar_at_far",
     "verification_accuracy",
+    # sphere_ops.py (SphereNet, DCNet)
+    "angle_function",
+    "angular_activation",
+    "decoupled_conv",
+    "decoupled_linear",
+    "ga_psi",
+    "magnitude_function",
+    "patch_norms",
+    "safe_acos",
+    "sphere_conv",
+    "sphere_linear",
 ]
 __all__ += [  # projection.py (CoMHE)
     "adversarial_step",
@@ -71,22 +94,7 @@ __all__ += [  # projection.py (CoMHE)
     "unrolled_adversarial_projection",
     "unrolled_angle_projection",
 ]
-from lightning_hyper.functional.sphere_ops import (  # SphereNet, DCNet
-    angle_function,
-    angular_activation,
-    decoupled_conv,
-    decoupled_linear,
-    ga_psi,
-    magnitude_function,
-    patch_norms,
-    safe_acos,
-    sphere_conv,
-    sphere_linear,
-)
-
-__all__ += ["angle_function", "angular_activation", "decoupled_conv", "decoupled_linear", "ga_psi",
-            "magnitude_function", "patch_norms", "safe_acos", "sphere_conv", "sphere_linear"]
-from lightning_hyper.functional.discrete import (  # DH2L
+from lightning_hyper.functional.discrete import (  # discrete.py (DH2L)
     grouped_metric_energy,
     metric_energy,
     metric_energy_from_labels,
@@ -95,5 +103,24 @@ from lightning_hyper.functional.discrete import (  # DH2L
     sign_ste,
 )
 
-__all__ += ["grouped_metric_energy", "metric_energy", "metric_energy_from_labels", "pairwise_metric",
-            "pairwise_term", "sign_ste"]
+__all__ += [
+    "grouped_metric_energy",
+    "metric_energy",
+    "metric_energy_from_labels",
+    "pairwise_metric",
+    "pairwise_term",
+    "sign_ste",
+]
+# orthogonal.py (OPT)
+from lightning_hyper.functional.orthogonal import (
+    cayley,
+    gram_schmidt,
+    householder,
+    lowdin,
+    matrix_exp,
+    orthogonality_error,
+    orthogonalize,
+)
+
+__all__ += ["cayley", "gram_schmidt", "householder", "lowdin", "matrix_exp", "orthogonality_error",
+            "orthogonalize"]

@@ -17,3 +17,11 @@ __all__: list[str] = [
     "register_backbone",
 ]
 __all__ += ["EmbeddingMLP", "LSoftmaxCNN", "SphereFaceModule", "SphereFaceNet", "TrainingDivergedError"]
+# OPT: graph / point-cloud / CNN classifiers
+from lightning_hyper.models.backbones.gcn import GCN
+from lightning_hyper.models.backbones.pointnet import PointNet, PointNet2
+from lightning_hyper.models.graph import GraphClassifier
+from lightning_hyper.models.opt import OPTClassifier
+from lightning_hyper.models.pointcloud import PointCloudClassifier
+
+__all__ += ["GCN", "GraphClassifier", "OPTClassifier", "PointCloudClassifier", "PointNet", "PointNet2"]

@@ -9,6 +9,10 @@ from lightning_hyper.nn.heads import (
     ModifiedSoftmaxHead,
     NormFaceHead,
 )
+from lightning_hyper.nn.sphere import SphereConv1d, SphereConv2d, SphereConv3d, SphereLinear, SphereNorm, make_shared_k
+from lightning_hyper.nn.decoupled import DecoupledConv1d, DecoupledConv2d, DecoupledLinear
+from lightning_hyper.nn.convert import convert
+from lightning_hyper.nn.ga_softmax import GASoftmaxHead, WSoftmaxHead
 
 __all__ = ["HEADS", "build_head", "register_head"]
 __all__ += [
@@ -20,13 +24,26 @@ __all__ += [
     "ModifiedSoftmaxHead",
     "NormFaceHead",
 ]
-from lightning_hyper.nn.sphere import SphereConv1d, SphereConv2d, SphereConv3d, SphereLinear, SphereNorm, make_shared_k
-from lightning_hyper.nn.decoupled import DecoupledConv1d, DecoupledConv2d, DecoupledLinear
-from lightning_hyper.nn.convert import convert
-from lightning_hyper.nn.ga_softmax import GASoftmaxHead, WSoftmaxHead
-
-__all__ += ["DecoupledConv1d", "DecoupledConv2d", "DecoupledLinear", "GASoftmaxHead", "SphereConv1d", "SphereConv2d",
-            "SphereConv3d", "SphereLinear", "SphereNorm", "WSoftmaxHead", "convert", "make_shared_k"]
-from lightning_hyper.nn.hierarchical import HierarchicalLinear, Hierarchy, register_hierarchy  # DH2L
+# sphere.py / decoupled.py / convert.py / ga_softmax.py (SphereNet, DCNet)
+__all__ += [
+    "DecoupledConv1d",
+    "DecoupledConv2d",
+    "DecoupledLinear",
+    "GASoftmaxHead",
+    "SphereConv1d",
+    "SphereConv2d",
+    "SphereConv3d",
+    "SphereLinear",
+    "SphereNorm",
+    "WSoftmaxHead",
+    "convert",
+    "make_shared_k",
+]
+# hierarchical.py (DH2L)
+from lightning_hyper.nn.hierarchical import HierarchicalLinear, Hierarchy, register_hierarchy
 
 __all__ += ["HierarchicalLinear", "Hierarchy", "register_hierarchy"]
+# opt.py (OPT)
+from lightning_hyper.nn.opt import StiefelCayleySGD, apply_opt, attach_ogd, remove_opt
+
+__all__ += ["StiefelCayleySGD", "apply_opt", "attach_ogd", "remove_opt"]

@@ -1,0 +1,126 @@
+"""OPT callbacks: relaxed orthogonal regularization, S-OPT episode re-drawing, orthogonality monitor.
+
+Thesis Chapter 7 / spec ``opt.md`` §3.7, §4, §10. They act on layers converted by
+:func:`lightning_hyper.nn.opt.apply_opt`.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+
+from lightning_hyper.callbacks.base import LayerRef, PenaltyCallback, finite_or_raise
+from lightning_hyper.functional.orthogonal import orthogonality_error, relaxed_orthogonality_penalty
+from lightning_hyper.nn.opt import get_opt, opt_layers, orthogonality_errors, sopt_resample
+
+__all__ = ["OrthogonalRegularizer", "OrthogonalityMonitor", "SOPTResampler"]
+
+
+def _rotation(layer: LayerRef) -> Tensor | None:
+    param = get_opt(layer.module)
+    if param is None:
+        return None
+    return param.rotation(layer.module.parametrizations["weight"].original)
+
+
+class OrthogonalRegularizer(PenaltyCallback):
+    """Relaxed orthogonality (OR, thesis Eq. 7.7): adds ``β Σ_l ‖R_lᵀR_l − I‖_F²`` over the OPT layers.
+
+    Meant for ``apply_opt(model, method="relaxed")`` (``R = P`` free); on exact methods the penalty
+    is zero up to rounding. ``squared=False`` uses the official code's ``β Σ_l ‖R_l R_lᵀ − I‖_F``.
+    Logs ``orthogonal/penalty`` and ``orthogonal/error/<layer>`` (``max|RᵀR − I|``).
+
+    Args:
+        beta: penalty weight (0.1 in the thesis' code; the best value is not reported).
+        squared: thesis form (True) or the code's unsquared Frobenius norm (False).
+        include, exclude, mode, ...: see :class:`~lightning_hyper.callbacks.base.PenaltyCallback`
+            (layers that are not OPT layers are skipped).
+    """
+
+    prefix = "orthogonal"
+
+    def __init__(self, beta: float = 0.1, squared: bool = True, *, include: str | Sequence[str] | None = None,
+                 exclude: str | Sequence[str] | None = None, mode: str = "auto", on_nonfinite: str = "error",
+                 prefix: str | None = None) -> None:
+        super().__init__(include=include, exclude=exclude, output_layer="none", mode=mode, on_nonfinite=on_nonfinite,
+                         prefix=prefix)
+        self.beta = finite_or_raise(beta, "beta", minimum=0.0)
+        self.squared = bool(squared)
+
+    def validate_layers(self, layers: list[LayerRef]) -> None:
+        if not any(get_opt(layer.module) is not None for layer in layers):
+            raise ValueError("OrthogonalRegularizer: none of the selected layers is an OPT layer; convert the "
+                             "model with lightning_hyper.nn.opt.apply_opt(model, method='relaxed') first")
+
+    def layer_terms(self, layer: LayerRef, labels: Tensor | None, step: int) -> dict[str, Tensor] | None:
+        R = _rotation(layer)
+        if R is None:
+            return None
+        R = R if R.dtype == torch.float64 else R.float()
+        penalty = relaxed_orthogonality_penalty(R, squared=self.squared)
+        return {"penalty": self.beta * penalty, "error": orthogonality_error(R.detach())}
+
+
+class SOPTResampler(Callback):
+    """Stochastic OPT episodes (spec §4): every ``every_n_steps`` optimizer steps, absorb ``V ← R'V``,
+    reset ``P' ← I`` and its optimizer state, and draw a new coordinate subset in every S-OPT layer
+    (``apply_opt(..., sopt=True)``). 750 steps per episode in the official code. The subsets live in
+    buffers, so checkpoints restore them; ``seed`` makes the draws reproducible."""
+
+    def __init__(self, every_n_steps: int = 750, seed: int | None = None) -> None:
+        super().__init__()
+        if not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"every_n_steps={every_n_steps!r} is not supported; accepted values: an int >= 1")
+        self.every_n_steps = every_n_steps
+        self.seed = seed
+        self.episodes = 0
+        self._last_step = -1
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not any(get_opt(m).sopt for m in opt_layers(pl_module).values()):
+            raise ValueError("SOPTResampler: the model has no S-OPT layer; use apply_opt(..., sopt=True)")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if step == 0 or step % self.every_n_steps or step == self._last_step:
+            return
+        self._last_step = step
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step) if self.seed is not None else None
+        optimizers = list(trainer.optimizers)
+        ogd = getattr(pl_module, "_ogd", None)
+        if ogd is not None:
+            optimizers.append(ogd)
+        sopt_resample(pl_module, optimizers, generator=gen)
+        self.episodes += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"episodes": self.episodes}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.episodes = int(state_dict.get("episodes", 0))
+
+
+class OrthogonalityMonitor(Callback):
+    """Logs ``<prefix>/error/<layer>`` = ``max|RᵀR − I|`` of every OPT layer every ``every_n_steps``
+    (essential for OGD and OR, spec §10). Values are also kept in :attr:`history`."""
+
+    def __init__(self, every_n_steps: int = 50, prefix: str = "orthogonality") -> None:
+        super().__init__()
+        if not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"every_n_steps={every_n_steps!r} is not supported; accepted values: an int >= 1")
+        self.every_n_steps, self.prefix = every_n_steps, prefix
+        self.history: list[dict[str, Any]] = []
+        self._batches = 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._batches += 1
+        if (self._batches - 1) % self.every_n_steps:
+            return
+        for name, err in orthogonality_errors(pl_module).items():
+            self.history.append({"step": trainer.global_step, "layer": name, "error": err})
+            pl_module.log(f"{self.prefix}/error/{name}", err, on_step=True, on_epoch=False, batch_size=1)

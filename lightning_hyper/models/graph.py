@@ -1,0 +1,97 @@
+"""``GraphClassifier``: full-batch node classification with a GCN, optionally trained with OPT.
+
+Thesis §7.4.5 / spec §7.6: Kipf & Welling's two-layer GCN (hidden 16, dropout 0.5, Adam lr 0.01,
+weight decay 5e-4); OPT reparameterizes ``W₀`` (the first ``GCNConv.lin``), never the classifier
+``W₁``. Batches are torch-geometric graphs with ``train_mask`` / ``val_mask`` / ``test_mask`` (see
+:mod:`lightning_hyper.data.graphs`); each stage uses its mask. Logged keys: ``train/loss``,
+``train/acc``, ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc`` (torchmetrics accuracy).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_hyper.models.backbones.gcn import GCN
+from lightning_hyper.models.opt import OPTMixin
+
+__all__ = ["GraphClassifier"]
+
+OPTIMIZERS = ("adam", "sgd", "adamw")
+
+
+class GraphClassifier(OPTMixin, L.LightningModule):
+    """GCN node classifier.
+
+    Args:
+        num_features: node feature size (``datamodule.num_features``; 34 for KarateClub, 1433 for Cora).
+        num_classes: number of classes (4 for KarateClub, 7 for Cora).
+        hidden_channels, num_layers, dropout: the :class:`~lightning_hyper.models.backbones.gcn.GCN`.
+        optimizer: ``"adam"`` (default, Kipf & Welling), ``"adamw"`` or ``"sgd"`` (momentum 0.9).
+        lr, weight_decay: optimizer settings (weight decay on every parameter).
+        opt_method: OPT method for the hidden convs (``None``: plain GCN); see :func:`apply_opt`.
+        opt_kwargs: further ``apply_opt`` options.
+        ogd_lr, ogd_momentum: rotation optimizer for ``opt_method="ogd"``.
+    """
+
+    def __init__(self, num_features: int, num_classes: int, hidden_channels: int = 16, num_layers: int = 2,
+                 dropout: float = 0.5, optimizer: str = "adam", lr: float = 0.01, weight_decay: float = 5e-4,
+                 opt_method: str | None = None, opt_kwargs: dict[str, Any] | None = None, ogd_lr: float = 0.02,
+                 ogd_momentum: float = 0.9) -> None:
+        super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer={optimizer!r} is unknown; accepted values: {list(OPTIMIZERS)}")
+        if not lr > 0 or weight_decay < 0:
+            raise ValueError(f"need lr > 0 and weight_decay >= 0, got lr={lr!r}, weight_decay={weight_decay!r}")
+        self.save_hyperparameters()
+        self.gcn = GCN(num_features, hidden_channels, num_classes, num_layers=num_layers, dropout=dropout)
+        self.output_layer_name = f"gcn.{self.gcn.output_layer_name}"
+        self._init_opt(self, opt_method, opt_kwargs, exclude_output=True, ogd_lr=ogd_lr, ogd_momentum=ogd_momentum)
+        self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+
+    def forward(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None = None) -> Tensor:
+        """Node logits ``(num_nodes, num_classes)``."""
+        return self.gcn(x, edge_index, edge_weight)
+
+    def _step(self, batch: Any, stage: str, metric: MulticlassAccuracy) -> Tensor:
+        mask = getattr(batch, f"{stage}_mask", None)
+        if mask is None:
+            raise ValueError(f"GraphClassifier: the batch has no {stage}_mask (node masks select each stage's nodes)")
+        x = batch.x.to(self.dtype) if batch.x.is_floating_point() else batch.x  # e.g. precision="64-true"
+        logits = self(x, batch.edge_index, getattr(batch, "edge_weight", None))
+        loss = F.cross_entropy(logits[mask], batch.y[mask])
+        metric(logits[mask].detach(), batch.y[mask])
+        n = int(mask.sum())
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=n)
+        self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=n)
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._step(batch, "train", self.train_acc)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._step(batch, "val", self.val_acc)
+
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._step(batch, "test", self.test_acc)
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        return self(batch.x.to(self.dtype), batch.edge_index).argmax(-1)
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        if hp.optimizer == "adam":
+            opt: torch.optim.Optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        elif hp.optimizer == "adamw":
+            opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        else:
+            opt = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=0.9, weight_decay=hp.weight_decay)
+        return self._prepare_optimizers(opt)

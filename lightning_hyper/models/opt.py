@@ -1,0 +1,123 @@
+"""OPT-trained LightningModules: a shared mixin and the CNN image classifier ``OPTClassifier``.
+
+Thesis Chapter 7 (spec ``opt.md`` §7.2, §10). :class:`OPTMixin` converts a module's layers with
+:func:`~lightning_hyper.nn.opt.apply_opt` and, for ``method="ogd"``, takes the rotations out of the
+main optimizer and steps them with :class:`~lightning_hyper.nn.opt.StiefelCayleySGD` right after
+every main optimizer step (its state is saved in checkpoints). The CNNs of the thesis (Table F.1,
+CNN-6/9: [3×3, 64]×k per stage, BN + ReLU, 2×2 max-pool, FC 64 without BN/ReLU/bias, He init) are the
+library's plain ``cnn6`` / ``cnn9`` backbones with ``widths=[64, 64, 64]`` and ``fc_features=64``;
+``OPTClassifier`` uses those widths unless ``backbone_kwargs`` say otherwise.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from lightning_hyper.models.classifier import HypersphericalClassifier
+from lightning_hyper.nn.opt import (
+    _canonical_method,
+    apply_opt,
+    attach_ogd,
+    rotation_parameters,
+)
+
+__all__ = ["OPTClassifier", "OPTMixin"]
+
+#: Table F.1 widths of CNN-6/9 for the OPT experiments
+OPT_CNN_KWARGS = {"widths": [64, 64, 64], "fc_features": 64}
+
+
+class OPTMixin:
+    """Adds OPT to a LightningModule: ``_init_opt`` in ``__init__``, ``_prepare_optimizers`` on the
+    result of ``configure_optimizers``."""
+
+    opt_method: str | None = None
+    _ogd = None
+    _pending_ogd_state: dict | None = None
+
+    def _init_opt(self, target: nn.Module, method: str | None, opt_kwargs: dict[str, Any] | None,
+                  exclude_output: bool, ogd_lr: float, ogd_momentum: float) -> None:
+        kwargs = dict(opt_kwargs or {})
+        if method is None:
+            if kwargs:
+                raise ValueError(f"opt_kwargs={kwargs!r} given without opt_method; set opt_method (e.g. 'cayley')")
+            self.opt_method = None
+            return
+        self.opt_method = _canonical_method(method)
+        if not ogd_lr > 0:
+            raise ValueError(f"ogd_lr must be > 0, got {ogd_lr!r}")
+        self._ogd_lr, self._ogd_momentum = float(ogd_lr), float(ogd_momentum)
+        kwargs.setdefault("exclude_output", exclude_output)
+        apply_opt(target, method, **kwargs)
+
+    def _prepare_optimizers(self, result: Any) -> Any:
+        if self.opt_method != "ogd":
+            return result
+        optimizer = result if isinstance(result, torch.optim.Optimizer) else result["optimizer"]
+        rotations = rotation_parameters(self)  # type: ignore[arg-type]
+        ids = {id(p) for p in rotations}
+        for group in optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in ids]
+        self._ogd = attach_ogd(optimizer, rotations, lr=self._ogd_lr, momentum=self._ogd_momentum)
+        if self._pending_ogd_state is not None:
+            self._ogd.load_state_dict(self._pending_ogd_state)
+            self._pending_ogd_state = None
+        return result
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._ogd is not None:
+            checkpoint["ogd_optimizer"] = self._ogd.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._pending_ogd_state = checkpoint.get("ogd_optimizer")
+
+
+class OPTClassifier(OPTMixin, HypersphericalClassifier):
+    """Image classifier whose backbone is trained with OPT (the head/classifier stays standard).
+
+    Args:
+        opt_method: OPT method for every conv/linear layer of the backbone (``"cayley"``,
+            ``"gram_schmidt"``, ``"householder"``, ``"lowdin"``, ``"matrix_exp"``, ``"ogd"``,
+            ``"relaxed"``, ``"unconstrained"``) or ``None`` for the plain baseline.
+        opt_kwargs: further :func:`~lightning_hyper.nn.opt.apply_opt` options (``layers``,
+            ``r_init``, ``blocks``, ``sopt``, ``refine``, ``seed``, ...).
+        ogd_lr, ogd_momentum: the rotation optimizer of ``opt_method="ogd"`` (0.02, 0.9 in the thesis).
+        The other arguments are those of :class:`HypersphericalClassifier` (defaults: CNN-6 with the
+        thesis widths, SGD lr 0.1, momentum 0.9, weight decay 5e-4).
+    """
+
+    def __init__(
+        self,
+        backbone: str | nn.Module = "cnn6",
+        num_classes: int = 10,
+        backbone_kwargs: dict[str, Any] | None = None,
+        head: str = "linear",
+        head_kwargs: dict[str, Any] | None = None,
+        optimizer: str = "sgd",
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        nesterov: bool = False,
+        scheduler: str | None = None,
+        milestones: Sequence[int] | None = None,
+        gamma: float = 0.1,
+        step_size: int = 30,
+        max_epochs_for_cosine: int | None = None,
+        opt_method: str | None = "cayley",
+        opt_kwargs: dict[str, Any] | None = None,
+        ogd_lr: float = 0.02,
+        ogd_momentum: float = 0.9,
+    ) -> None:
+        if isinstance(backbone, str) and backbone in ("cnn6", "cnn9"):
+            backbone_kwargs = {**OPT_CNN_KWARGS, **(backbone_kwargs or {})}
+        super().__init__(backbone=backbone, num_classes=num_classes, backbone_kwargs=backbone_kwargs, head=head,
+                         head_kwargs=head_kwargs, optimizer=optimizer, lr=lr, momentum=momentum,
+                         weight_decay=weight_decay, nesterov=nesterov, scheduler=scheduler, milestones=milestones,
+                         gamma=gamma, step_size=step_size, max_epochs_for_cosine=max_epochs_for_cosine)
+        self._init_opt(self.backbone, opt_method, opt_kwargs, exclude_output=False, ogd_lr=ogd_lr,
+                       ogd_momentum=ogd_momentum)
+
+    def configure_optimizers(self) -> Any:
+        return self._prepare_optimizers(super().configure_optimizers())
