@@ -202,7 +202,8 @@ def overhead(args: argparse.Namespace) -> None:
         print(f"  {name:<9} {1e3 * statistics.median(ts):9.1f} ms   ratio to none {statistics.median(ts) / base:.3f}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command-line options (``--smoke`` applied), also used by ``benchmarks/reproduce.py``."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=VARIANTS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -222,10 +223,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overhead-batch", type=int, default=64)
     parser.add_argument("--smoke", action="store_true", help="tiny run (1 seed, 1 epoch, 3 batches, 2 variants)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
     if args.smoke:
         args.variants, args.seeds, args.epochs = ["baseline", "comhe_rp"], [0], 1
         args.num_samples, args.limit_train_batches, args.blocks_per_stage = 400, 3, 1
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
     if not (args.speed or args.overhead):
         claim(args)
     if args.speed or args.smoke:

@@ -151,7 +151,8 @@ def timing(args: argparse.Namespace) -> dict[str, float]:
     return ratios
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command-line options (``--smoke`` applied), also used by ``benchmarks/reproduce.py``."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--metric", default="AMcos")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -175,6 +176,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.smoke:
         args.seeds, args.epochs, args.num_super, args.classes_per_super = [0], 1, 2, 2
         args.train_per_class, args.val_per_class, args.dim, args.hidden, args.embedding = 4, 4, 8, 8, 8
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     claim(args)
     if not args.no_timing:
         timing(args)

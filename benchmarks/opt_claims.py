@@ -73,7 +73,8 @@ def _report(task: str, variant: str, rows: list[tuple[float, float, float, float
     extra = (f"   energy drift: monitor {drift:.1e}, float64 {exact:.1e}   max|RᵀR−I| {err:.1e}"
              if variant != "baseline" else "")
     print(f"  {task:<16} {variant:<14} acc {acc.mean():.3f} ± {std:.3f}  (n={len(rows)}){extra}", flush=True)
-    return {"mean": acc.mean().item(), "std": std, "drift": drift, "drift_float64": exact, "orth_error": err}
+    return {"mean": acc.mean().item(), "std": std, "drift": drift, "drift_float64": exact, "orth_error": err,
+            "values": acc.tolist()}
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, dict[str, float]]]:

@@ -36,6 +36,11 @@ VARIANTS = {  # name -> (operator, operator_kwargs, use_bn)
 }
 
 
+#: iterations at which test accuracy is measured (full run / ``--smoke``)
+CHECKPOINTS = [20, 50, 100, 200, 300]
+SMOKE_CHECKPOINTS = [2, 5]
+
+
 def load_digits(standardize: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Digits tensors; ``standardize``: per-pixel zero mean / unit std from the training split
     (constant pixels stay 0), as in the spec's runs; default: DigitsDataModule's [0, 1] pixels."""
@@ -101,9 +106,9 @@ def main(argv: list[str] | None = None) -> dict[str, list[list[float]]]:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.smoke:
-        seeds, checkpoints, variants = [0], [2, 5], ["plain CNN + BN", "SphereNet cosine + BN"]
+        seeds, checkpoints, variants = [0], SMOKE_CHECKPOINTS, ["plain CNN + BN", "SphereNet cosine + BN"]
     else:
-        seeds, checkpoints, variants = list(range(args.seeds)), [20, 50, 100, 200, 300], list(VARIANTS)
+        seeds, checkpoints, variants = list(range(args.seeds)), CHECKPOINTS, list(VARIANTS)
     if args.variants:
         unknown = sorted(set(args.variants) - set(VARIANTS))
         if unknown:

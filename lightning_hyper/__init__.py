@@ -11,7 +11,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("functional", "nn", "callbacks", "models", "data", "cli", "metrics")
+_SUBMODULES = ("functional", "nn", "callbacks", "models", "data", "cli", "metrics", "viz")
 
 __all__ = ["__version__", *_SUBMODULES]
 

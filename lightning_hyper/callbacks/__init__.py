@@ -15,3 +15,7 @@ __all__ += ["HierarchicalRegularizer"]
 from lightning_hyper.callbacks.orthogonal import OrthogonalityMonitor, OrthogonalRegularizer, SOPTResampler
 
 __all__ += ["OrthogonalRegularizer", "OrthogonalityMonitor", "SOPTResampler"]
+# sphere_orthogonality.py (SphereNet / DCNet kernel orthogonality)
+from lightning_hyper.callbacks.sphere_orthogonality import SphereOrthogonalityRegularizer
+
+__all__ += ["SphereOrthogonalityRegularizer"]

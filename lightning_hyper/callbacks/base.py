@@ -29,6 +29,7 @@ __all__ = ["LayerRef", "LayerSelection", "PenaltyCallback", "default_labels", "c
 MODES = ("auto", "loss", "gradient")
 NONFINITE_POLICIES = ("error", "skip")
 _UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed")
+_SKIP_ATTR = "_lightning_hyper_skip_step"  # global step whose optimizer step a penalty asked to skip
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,11 @@ def default_labels(batch: Any) -> Tensor | None:
 
 
 def check_strategy(trainer: L.Trainer, owner: str) -> None:
-    """Raise for sharded strategies whose parameters are not whole on each rank."""
-    name = type(trainer.strategy).__name__
+    """Raise for sharded strategies whose parameters are not whole on each rank (no-op without a trainer)."""
+    strategy = getattr(trainer, "strategy", None)
+    if strategy is None:
+        return
+    name = type(strategy).__name__
     if any(tag.lower() in name.lower() for tag in _UNSUPPORTED_STRATEGIES):
         raise RuntimeError(
             f"{owner} does not support strategy {name}: neurons are sharded across ranks there. "
@@ -164,10 +168,16 @@ class PenaltyCallback(Callback):
     Args:
         mode: ``"loss"`` (wrap ``training_step``), ``"gradient"`` (add to ``.grad`` before the
             optimizer step), or ``"auto"`` ("loss" for automatic, "gradient" for manual optimization).
+            Under DDP, ``"gradient"`` averages the penalty gradient over the ranks (one all-reduce of
+            the selected layers' gradients per step), as DDP does for the loss: a penalty that uses
+            each rank's labels would otherwise move the replicas apart.
         labels: ``batch -> labels`` getter for penalties that use the batch's classes
             (default :func:`default_labels`).
-        on_nonfinite: ``"error"`` (stop with the layer and step named) or ``"skip"`` (drop the
-            penalty for that step, with a warning).
+        on_nonfinite: ``"error"`` (stop with the layer and step named) or ``"skip"`` (skip that
+            optimizer step, with a warning: the penalty is dropped and the gradients of the optimizer's
+            parameters are cleared before ``optimizer.step()``, so parameters and optimizer state stay
+            unchanged; the step counter advances, as with an AMP overflow. Under DDP the ranks agree:
+            a step is skipped on every rank if one rank found a non-finite penalty).
         prefix: metric-name prefix.
         include, exclude, layer_types, output_layer: see :class:`LayerSelection`.
     """
@@ -225,6 +235,7 @@ class PenaltyCallback(Callback):
         labels = self.label_getter(batch) if batch is not None else None
         total: Tensor | None = None
         logs: dict[str, Tensor] = {}
+        bad: tuple[LayerRef, Tensor] | None = None
         device_type = _device_type(pl_module)
         with torch.autocast(device_type=device_type, enabled=False):
             for layer in self.layers:
@@ -237,30 +248,39 @@ class PenaltyCallback(Callback):
                 term = terms.get("penalty")
                 if term is not None:
                     if not bool(torch.isfinite(term.detach())):
-                        self._nonfinite(layer, step, term)
-                        return _zero_like_params(pl_module)
-                    total = term if total is None else total + term
+                        if self.on_nonfinite == "error":
+                            self._nonfinite(layer, term, step)
+                        bad = bad or (layer, term)  # "skip": go on, so every DDP rank logs the same keys
+                    else:
+                        total = term if total is None else total + term
                 for key, value in terms.items():
                     if key != "penalty":
                         logs[f"{self.prefix}/{key}/{layer.name}"] = value.detach()
+        if bad is not None:
+            self._nonfinite(*bad, step=step)
+            pl_module.__dict__[_SKIP_ATTR] = step
+            total = None
+        logged_total = bad[1].detach() if bad is not None else total
         if total is None:
             total = _zero_like_params(pl_module)
+        if logged_total is None:
+            logged_total = total
         if log and trainer is not None:
             sync = trainer.world_size > 1
-            pl_module.log(f"{self.prefix}/penalty", total.detach().float(), on_step=True, on_epoch=False,
+            pl_module.log(f"{self.prefix}/penalty", logged_total.detach().float(), on_step=True, on_epoch=False,
                           sync_dist=sync, batch_size=1)
             for key, value in logs.items():
                 pl_module.log(key, value.float(), on_step=True, on_epoch=False, sync_dist=sync, batch_size=1)
         return total
 
-    def _nonfinite(self, layer: LayerRef, step: int, term: Tensor) -> None:
+    def _nonfinite(self, layer: LayerRef, term: Tensor, step: int) -> None:
         msg = (f"{type(self).__name__}: the penalty of layer {layer.name!r} is {term.item()} at global step "
                f"{step} (weights finite: {bool(torch.isfinite(layer.neurons().detach()).all())})")
         if self.on_nonfinite == "error":
-            raise FloatingPointError(msg + "; pass on_nonfinite='skip' to drop the penalty for such steps")
+            raise FloatingPointError(msg + "; pass on_nonfinite='skip' to skip such optimizer steps")
         import warnings
 
-        warnings.warn(msg + "; penalty skipped for this step", RuntimeWarning, stacklevel=2)
+        warnings.warn(msg + "; this optimizer step is skipped", RuntimeWarning, stacklevel=2)
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -276,6 +296,7 @@ class PenaltyCallback(Callback):
                              "manual optimization: use mode='gradient' (or 'auto')")
         self._active_mode = mode
         self.layers = []
+        pl_module.__dict__.pop(_SKIP_ATTR, None)
         if mode == "loss":
             _TrainingStepWrapper.attach(pl_module, self, keep=trainer.callbacks)
 
@@ -289,14 +310,25 @@ class PenaltyCallback(Callback):
         self._batch = batch
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
-        if self._active_mode != "gradient":
-            return
         params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
-        with torch.enable_grad():
-            total = self.penalty(pl_module, self._batch)
-            if not total.requires_grad:
-                return
-            grads = torch.autograd.grad(total, params, allow_unused=True)
+        grads: Sequence[Tensor | None] = [None] * len(params)
+        if self._active_mode == "gradient":
+            with torch.enable_grad():
+                total = self.penalty(pl_module, self._batch)
+                if total.requires_grad:
+                    grads = torch.autograd.grad(total, params, allow_unused=True)
+            if trainer.world_size > 1:
+                # the penalty may depend on each rank's batch (labels): average its gradient like DDP
+                # averages the loss gradient, or the replicas drift apart
+                grads = self._mean_over_ranks(trainer, params, grads)
+        skip = pl_module.__dict__.get(_SKIP_ATTR) == trainer.global_step
+        if self.on_nonfinite == "skip" and trainer.world_size > 1:
+            skip = bool(trainer.strategy.reduce_boolean_decision(skip, all=False))  # skipped on one rank: on all
+        if skip:
+            pl_module.__dict__[_SKIP_ATTR] = trainer.global_step
+            for p in params:
+                p.grad = None
+            return
         for p, g in zip(params, grads):
             if g is None:
                 continue
@@ -304,6 +336,23 @@ class PenaltyCallback(Callback):
                 p.grad = g.to(p.dtype)
             else:
                 p.grad.add_(g.to(p.grad.dtype))
+
+    def _mean_over_ranks(self, trainer: L.Trainer, params: list[Tensor],
+                         grads: Sequence[Tensor | None]) -> list[Tensor | None]:
+        """Average the penalty gradients of the selected layers' parameters over the DDP ranks
+        (one flat all-reduce; the same parameters on every rank, zeros where a rank has no gradient)."""
+        owned = {id(p) for layer in self.layers for p in layer.module.parameters()}
+        index = [i for i, p in enumerate(params) if id(p) in owned]
+        if not index:
+            return list(grads)
+        parts = [grads[i] if grads[i] is not None else torch.zeros_like(params[i]) for i in index]
+        flat = trainer.strategy.reduce(torch.cat([g.reshape(-1) for g in parts]), reduce_op="mean")
+        out = list(grads)
+        offset = 0
+        for i, g in zip(index, parts):
+            out[i] = flat[offset:offset + g.numel()].view_as(g)
+            offset += g.numel()
+        return out
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":

@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
+from lightning_hyper.callbacks.base import check_strategy
 from lightning_hyper.nn.decoupled import _DecoupledMixin
 from lightning_hyper.nn.sphere import _SphereMixin
 
@@ -105,6 +106,7 @@ class WeightProjection(Callback):
         self._layers: list[nn.Module] = []
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:  # noqa: D102
+        check_strategy(trainer, type(self).__name__)  # per-kernel norms need whole (unsharded) weights
         self._layers = [m for _, m in standard_layers(pl_module, self.include_sphere)]
         if not self._layers:
             raise ValueError(
@@ -141,6 +143,7 @@ class WeightedGradients(Callback):
         self._layers: list[nn.Module] = []
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:  # noqa: D102
+        check_strategy(trainer, type(self).__name__)
         self._layers = [m for _, m in standard_layers(pl_module, self.include_sphere)]
         if not self._layers:
             raise ValueError("WeightedGradients found no standard decoupled/Sphere layer in the model")

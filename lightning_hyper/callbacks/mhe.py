@@ -32,9 +32,10 @@ class MHERegularizer(PenaltyCallback):
         s: energy power (0 = logarithmic, 1 = Thomson, 2 = default of the thesis).
         metric: ``"euclidean"`` (MHE) or ``"angular"`` (A-MHE), or a DH2L metric name
             (:data:`lightning_hyper.functional.discrete.METRICS`: ``"bin"``, ``"AM"``, ``"HMcos'"``,
-            ``"N-euclidean2"``, ...: DH2L's energy 'E', the mean pairwise term of
+            ``"N-euclidean2"``, ``"angular2"``, ``"cosine"``, ...: DH2L's energy 'E', the mean pairwise term of
             :func:`~lightning_hyper.functional.discrete.metric_energy`; ``s``, ``angle_unit``,
             ``eps`` and ``chunk_size`` do not apply to those, and ``half_space`` is not supported).
+            ``"angular"`` always means A-MHE (DH2L's metric of that name is left out).
         half_space: half-space MHE on hidden layers (the output layer stays full-space).
         hidden_weight: λ_h per hidden layer; ``None`` = 10 (full space) or 1 (half space), thesis D.1.
             ``0`` disables the hidden term.
@@ -71,9 +72,9 @@ class MHERegularizer(PenaltyCallback):
                  on_nonfinite: str = "error", prefix: str | None = None) -> None:
         super().__init__(include=include, exclude=exclude, layer_types=layer_types, output_layer=output_layer,
                          mode=mode, labels=labels, on_nonfinite=on_nonfinite, prefix=prefix)
-        # DH2L names (functional/discrete.py); "cosine" is left out: tests/callbacks/test_mhe.py uses it as its
-        # example of an unsupported metric
-        dh2l_names = [m for m in _dh2l.METRICS if m != "cosine"]
+        # DH2L names (functional/discrete.py), the baselines included; "angular" keeps its MHE meaning (A-MHE,
+        # thesis §5.3.3): DH2L's continuous-angle metric of that name is not reachable from here
+        dh2l_names = [m for m in _dh2l.METRICS if m != "angular"]
         self._dh2l_metric = isinstance(metric, str) and (
             metric in dh2l_names or (metric.endswith("_prime") and metric[:-6] + "'" in dh2l_names))
         if not self._dh2l_metric and metric not in ("euclidean", "angular"):

@@ -6,8 +6,9 @@ from typing import Any, Sequence
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_hyper.callbacks.base import LayerRef, LayerSelection
+from lightning_hyper.callbacks.base import LayerRef, LayerSelection, check_strategy
 from lightning_hyper.functional.energy import _validate, hyperspherical_energy, pairwise_angles
 
 __all__ = ["EnergyMonitor"]
@@ -19,7 +20,9 @@ class EnergyMonitor(Callback):
     Computed under ``no_grad`` with autocast off; gradients, weights and the loss are untouched.
     Logged as ``<prefix>/energy/<layer>`` (and ``<prefix>/min_angle/<layer>`` in degrees, the Tammes
     view, if ``log_min_angle``). Values are also kept in :attr:`history` as
-    ``{"step", "layer", "energy"}`` rows for notebooks and tests.
+    ``{"step", "layer", "energy"}`` rows for notebooks and tests. With a logger, the energies are also
+    measured on every batch whose metrics Lightning writes out (``Trainer(log_every_n_steps)``), so
+    the logged values are always those of the logged step (not in :attr:`history`).
 
     Args:
         every_n_steps: log period in training batches (the first batch is always logged).
@@ -27,21 +30,35 @@ class EnergyMonitor(Callback):
         include, exclude, layer_types, output_layer: layer selection (see ``LayerSelection``).
         log_min_angle: also log the smallest pairwise angle per layer.
         prefix: metric-name prefix.
+        log_histograms: also log each layer's pairwise angles (degrees) as a TensorBoard histogram
+            ``<prefix>/angles/<layer>`` (``SummaryWriter.add_histogram``). Needs a
+            ``TensorBoardLogger`` among the trainer's loggers; otherwise a warning is given at the
+            start of ``fit`` and nothing is logged.
+        histogram_every_n_steps: histogram period in training batches (default: ``every_n_steps``;
+            the first batch is always logged).
     """
 
     def __init__(self, every_n_steps: int = 50, s: float = 2.0, metric: str = "euclidean", half_space: bool = False,
                  angle_unit: str = "radian", eps: float = 1e-6, include: str | Sequence[str] | None = None,
                  exclude: str | Sequence[str] | None = None, layer_types: str | Sequence[str] | None = None,
-                 output_layer: str | None = None, log_min_angle: bool = False, prefix: str = "monitor") -> None:
+                 output_layer: str | None = None, log_min_angle: bool = False, prefix: str = "monitor",
+                 log_histograms: bool = False, histogram_every_n_steps: int | None = None) -> None:
         super().__init__()
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps={every_n_steps!r} is not supported; accepted values: an int >= 1")
+        if histogram_every_n_steps is not None and (not isinstance(histogram_every_n_steps, int)
+                                                    or histogram_every_n_steps < 1):
+            raise ValueError(f"histogram_every_n_steps={histogram_every_n_steps!r} is not supported; accepted "
+                             "values: None (= every_n_steps) or an int >= 1")
         _validate(s, metric, "mean", angle_unit, eps)
         self.every_n_steps = every_n_steps
         self.s, self.metric, self.half_space, self.angle_unit, self.eps = float(s), metric, half_space, angle_unit, eps
         self.selection = LayerSelection(include, exclude, layer_types, output_layer)
         self.log_min_angle = log_min_angle
         self.prefix = prefix
+        self.log_histograms = bool(log_histograms)
+        self.histogram_every_n_steps = histogram_every_n_steps or every_n_steps
+        self._writers: list[Any] = []
         self.layers: list[LayerRef] = []
         self.history: list[dict[str, Any]] = []
         self._batches = 0
@@ -51,7 +68,28 @@ class EnergyMonitor(Callback):
         return self._generate_state_key(prefix=self.prefix)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        check_strategy(trainer, type(self).__name__)
         self.layers = self.selection.resolve(pl_module)
+        self._writers = []
+        if self.log_histograms:
+            from lightning.pytorch.loggers import TensorBoardLogger
+
+            self._writers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+            if not self._writers:
+                rank_zero_warn(f"EnergyMonitor(log_histograms=True) needs a TensorBoardLogger; the trainer's loggers "
+                               f"are {[type(lg).__name__ for lg in trainer.loggers]}: angle histograms are not "
+                               "logged", category=UserWarning)
+
+    @torch.no_grad()
+    def log_angle_histograms(self, step: int) -> None:
+        """Add ``<prefix>/angles/<layer>`` (pairwise angles in degrees) to every TensorBoard logger."""
+        for layer in self.layers:
+            neurons = layer.neurons().detach()
+            if neurons.shape[0] < 2:
+                continue
+            angles = pairwise_angles(neurons.float(), degrees=True).cpu()
+            for logger in self._writers:
+                logger.experiment.add_histogram(f"{self.prefix}/angles/{layer.name}", angles, global_step=step)
 
     @torch.no_grad()
     def compute(self, pl_module: torch.nn.Module | None = None) -> dict[str, float]:
@@ -72,11 +110,18 @@ class EnergyMonitor(Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self._batches += 1
-        if (self._batches - 1) % self.every_n_steps:
+        if self._writers and not (self._batches - 1) % self.histogram_every_n_steps and trainer.is_global_zero:
+            self.log_angle_histograms(trainer.global_step)
+        scheduled = not (self._batches - 1) % self.every_n_steps
+        # Lightning writes on-step metrics to the loggers only every log_every_n_steps batches, and then the
+        # latest value logged this epoch: log a fresh value on those batches too, so the logger never records
+        # an energy measured at an earlier step (or none at all when an epoch is shorter than the period)
+        if not (scheduled or _logger_flushes(trainer)):
             return
         sync = trainer.world_size > 1
         for name, value in self.compute().items():
-            self.history.append({"step": trainer.global_step, "layer": name, "energy": value})
+            if scheduled:
+                self.history.append({"step": trainer.global_step, "layer": name, "energy": value})
             pl_module.log(f"{self.prefix}/energy/{name}", value, on_step=True, on_epoch=False, sync_dist=sync,
                           batch_size=1)
         if self.log_min_angle:
@@ -92,3 +137,11 @@ class EnergyMonitor(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._batches = int(state_dict.get("batches", 0))
+
+
+def _logger_flushes(trainer: L.Trainer) -> bool:
+    """True if this batch's on-step metrics go to the trainer's loggers (Lightning's own condition)."""
+    if not trainer.loggers:
+        return False
+    connector = getattr(trainer, "_logger_connector", None)
+    return bool(getattr(connector, "should_update_logs", False))

@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from lightning_hyper.callbacks.base import LayerRef, PenaltyCallback, finite_or_raise
+from lightning_hyper.callbacks.base import LayerRef, PenaltyCallback, check_strategy, finite_or_raise
 from lightning_hyper.functional.orthogonal import orthogonality_error, relaxed_orthogonality_penalty
 from lightning_hyper.nn.opt import get_opt, opt_layers, orthogonality_errors, sopt_resample
 
@@ -68,7 +68,10 @@ class SOPTResampler(Callback):
     """Stochastic OPT episodes (spec §4): every ``every_n_steps`` optimizer steps, absorb ``V ← R'V``,
     reset ``P' ← I`` and its optimizer state, and draw a new coordinate subset in every S-OPT layer
     (``apply_opt(..., sopt=True)``). 750 steps per episode in the official code. The subsets live in
-    buffers, so checkpoints restore them; ``seed`` makes the draws reproducible."""
+    buffers, so checkpoints restore them. The draw of step ``t`` comes from a generator seeded with
+    ``(seed, t)``; ``seed=None`` draws the seed once at the start of ``fit`` (from the global RNG, so
+    ``seed_everything`` fixes it; rank 0's under DDP, so every rank draws the same subsets) and keeps it
+    in the callback state, so a resumed run draws what the uninterrupted one draws."""
 
     def __init__(self, every_n_steps: int = 750, seed: int | None = None) -> None:
         super().__init__()
@@ -76,12 +79,17 @@ class SOPTResampler(Callback):
             raise ValueError(f"every_n_steps={every_n_steps!r} is not supported; accepted values: an int >= 1")
         self.every_n_steps = every_n_steps
         self.seed = seed
+        self._seed = seed  # the seed in force (drawn in on_fit_start if seed is None)
         self.episodes = 0
         self._last_step = -1
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        check_strategy(trainer, type(self).__name__)
         if not any(get_opt(m).sopt for m in opt_layers(pl_module).values()):
             raise ValueError("SOPTResampler: the model has no S-OPT layer; use apply_opt(..., sopt=True)")
+        if self._seed is None:
+            drawn = int(torch.randint(0, 2**31 - 1, (1,)).item())
+            self._seed = int(trainer.strategy.broadcast(drawn, src=0))
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -89,7 +97,7 @@ class SOPTResampler(Callback):
         if step == 0 or step % self.every_n_steps or step == self._last_step:
             return
         self._last_step = step
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step) if self.seed is not None else None
+        gen = None if self._seed is None else torch.Generator().manual_seed((self._seed * 1_000_003 + step) % 2**63)
         optimizers = list(trainer.optimizers)
         ogd = getattr(pl_module, "_ogd", None)
         if ogd is not None:
@@ -98,10 +106,12 @@ class SOPTResampler(Callback):
         self.episodes += 1
 
     def state_dict(self) -> dict[str, Any]:
-        return {"episodes": self.episodes}
+        return {"episodes": self.episodes, "seed": self._seed}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.episodes = int(state_dict.get("episodes", 0))
+        if state_dict.get("seed") is not None:
+            self._seed = int(state_dict["seed"])
 
 
 class OrthogonalityMonitor(Callback):
@@ -116,6 +126,9 @@ class OrthogonalityMonitor(Callback):
         self.history: list[dict[str, Any]] = []
         self._batches = 0
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        check_strategy(trainer, type(self).__name__)
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self._batches += 1
@@ -123,4 +136,5 @@ class OrthogonalityMonitor(Callback):
             return
         for name, err in orthogonality_errors(pl_module).items():
             self.history.append({"step": trainer.global_step, "layer": name, "error": err})
-            pl_module.log(f"{self.prefix}/error/{name}", err, on_step=True, on_epoch=False, batch_size=1)
+            pl_module.log(f"{self.prefix}/error/{name}", err, on_step=True, on_epoch=False, batch_size=1,
+                          sync_dist=trainer.world_size > 1)

@@ -3,11 +3,16 @@ from lightning_hyper.data.cifar import CIFAR10DataModule, CIFAR100DataModule
 from lightning_hyper.data.digits import DigitsDataModule
 from lightning_hyper.data.mnist1d import MNIST1DDataModule
 from lightning_hyper.data.openset import LFWPairsDataModule, OpenSetDataModule
-from lightning_hyper.data.hierarchy import CIFAR100HierarchyDataModule, HierarchicalGaussianDataModule
+from lightning_hyper.data.hierarchy import (
+    CIFAR100HierarchyDataModule,
+    HierarchicalDigitsDataModule,
+    HierarchicalGaussianDataModule,
+)
 
 __all__: list[str] = [
     "CIFAR100DataModule",
     "CIFAR100HierarchyDataModule",
+    "HierarchicalDigitsDataModule",
     "HierarchicalGaussianDataModule",
     "CIFAR10DataModule",
     "DigitsDataModule",
@@ -24,3 +29,7 @@ from lightning_hyper.data.pointclouds import ModelNetDataModule, SyntheticShapes
 
 __all__ += ["KarateClubDataModule", "ModelNetDataModule", "PlanetoidDataModule", "SyntheticGraphDataModule",
             "SyntheticShapesDataModule"]
+# sampling.py (reliability: shuffling that resumed runs reproduce)
+from lightning_hyper.data.sampling import EpochShuffleSampler
+
+__all__ += ["EpochShuffleSampler"]

@@ -8,12 +8,16 @@ ignore the rest; ``return_coarse=False`` gives plain ``(x, y)``). Every DataModu
 
 * :class:`HierarchicalGaussianDataModule` (offline, the default): synthetic Gaussian-mixture
   classes nested in super-classes, a genuine two-level hierarchy by construction.
+* :class:`HierarchicalDigitsDataModule` (offline, real data): scikit-learn's 8x8 digits with the ten
+  digits grouped into three super-classes by a fixed rule derived from the images
+  (:data:`DIGITS_SUPERCLASSES`).
 * :class:`CIFAR100HierarchyDataModule`: CIFAR-100 with its 20 super-classes, for users who have the
   data (torchvision layout, nothing downloads by default). The coarse map is a fact of the dataset
   (:data:`CIFAR100_SUPERCLASSES`, from the dataset's documentation) and is checked against the
   ``coarse_labels`` stored in the files.
 
-Importing this module registers the hierarchy name ``"cifar100"`` (``HierarchicalLinear(hierarchy="cifar100")``).
+Importing this module registers the hierarchy names ``"cifar100"`` and ``"digits"``
+(``HierarchicalLinear(hierarchy="cifar100")``).
 """
 from __future__ import annotations
 
@@ -27,6 +31,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_hyper.data.cifar import CIFAR100DataModule
+from lightning_hyper.data.digits import DigitsDataModule
+from lightning_hyper.data.sampling import epoch_sampler
 from lightning_hyper.nn.hierarchical import register_hierarchy
 
 __all__ = [
@@ -35,6 +41,9 @@ __all__ = [
     "CIFAR100_FINE_LABEL_NAMES",
     "CIFAR100_SUPERCLASSES",
     "CIFAR100HierarchyDataModule",
+    "DIGITS_COARSE_LABELS",
+    "DIGITS_SUPERCLASSES",
+    "HierarchicalDigitsDataModule",
     "HierarchicalGaussianDataModule",
     "WithCoarseLabels",
 ]
@@ -72,6 +81,15 @@ CIFAR100_COARSE_LABELS: tuple[int, ...] = tuple(
 )
 
 register_hierarchy("cifar100", list(CIFAR100_COARSE_LABELS))
+
+#: The digits' super-classes (see :class:`HierarchicalDigitsDataModule` for the rule that produced them).
+DIGITS_SUPERCLASSES: tuple[tuple[int, ...], ...] = ((0, 3, 5, 9), (1, 2, 7, 8), (4, 6))
+#: super-class id of every digit 0..9
+DIGITS_COARSE_LABELS: tuple[int, ...] = tuple(
+    next(g for g, members in enumerate(DIGITS_SUPERCLASSES) if d in members) for d in range(10)
+)
+
+register_hierarchy("digits", list(DIGITS_COARSE_LABELS))
 
 
 class WithCoarseLabels(Dataset):
@@ -173,8 +191,8 @@ class HierarchicalGaussianDataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}: call setup() before asking for a dataloader")
-        gen = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, generator=gen)
+        return DataLoader(dataset, batch_size=self.batch_size,
+                          sampler=epoch_sampler(dataset, shuffle, self.hparams.seed))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)
@@ -189,14 +207,68 @@ class HierarchicalGaussianDataModule(L.LightningDataModule):
         return self._loader(self.val_set, shuffle=False)
 
 
+class HierarchicalDigitsDataModule(DigitsDataModule):
+    """scikit-learn's 8x8 digits (offline, real images) with a fixed two-level hierarchy: batches ``(x, y, y_coarse)``.
+
+    The ten digits are grouped into three super-classes, :data:`DIGITS_SUPERCLASSES`::
+
+        super-class 0: digits 0, 3, 5, 9      super-class 1: digits 1, 2, 7, 8      super-class 2: digits 4, 6
+
+    Rule (fixed once, from the data, so the grouping reflects how the images look rather than an
+    arbitrary split): Ward agglomerative clustering of the ten class-mean images (all 1797 images,
+    pixels / 16) cut at four clusters gives {0}, {3, 5, 9}, {1, 2, 7, 8}, {4, 6}; the singleton {0} is
+    merged into the cluster at the smallest mean Euclidean distance from its mean image, {3, 5, 9}, so
+    every super-class has at least two digits (as ``HierarchicalLinear(center="mean")`` needs). Digits of
+    one super-class are then closer to each other (mean distance between class-mean images 1.83) than to
+    the other super-classes' digits (2.16); ``tests/data/test_hierarchy.py`` re-derives both facts.
+    ``hierarchy`` (the super-class id of each digit, ``[0, 1, 1, 0, 2, 0, 2, 1, 1, 0]``) is also registered
+    as ``HierarchicalLinear(hierarchy="digits")``.
+
+    Args:
+        batch_size, val_fraction, seed, flatten, num_workers: as :class:`~lightning_hyper.data.DigitsDataModule`
+            (stratified split, pixels in [0, 1]; ``flatten=True`` gives (B, 64) vectors).
+        hierarchy: another grouping (super-class id of each digit, 10 integers covering ``0..G-1``);
+            default :data:`DIGITS_COARSE_LABELS`.
+        return_coarse: batches ``(x, y, y_coarse)`` (default) or ``(x, y)``.
+
+    Attributes: ``hierarchy`` (list), ``num_classes = 10``, ``num_super_classes``, ``in_features`` (64).
+    """
+
+    in_features = 64
+
+    def __init__(self, batch_size: int = 64, val_fraction: float = 0.3, seed: int = 0, flatten: bool = False,
+                 num_workers: int = 0, hierarchy: list[int] | tuple[int, ...] | None = None,
+                 return_coarse: bool = True) -> None:
+        super().__init__(batch_size=batch_size, val_fraction=val_fraction, seed=seed, flatten=flatten,
+                         num_workers=num_workers)
+        parents = list(DIGITS_COARSE_LABELS) if hierarchy is None else list(hierarchy)
+        if len(parents) != 10 or any(isinstance(p, bool) or not isinstance(p, int) or p < 0 for p in parents):
+            raise ValueError(f"hierarchy must give the super-class id (an int >= 0) of each of the 10 digits, "
+                             f"got {hierarchy!r}")
+        missing = sorted(set(range(max(parents) + 1)) - set(parents))
+        if missing:
+            raise ValueError(f"hierarchy: super-class id(s) {missing} have no digit; ids must cover 0..{max(parents)}")
+        self.hierarchy: list[int] = parents
+        self.num_super_classes = max(parents) + 1
+        self.return_coarse = return_coarse
+
+    def _tensors(self, x: Any, y: Any) -> TensorDataset:
+        base = super()._tensors(x, y)
+        if not self.return_coarse:
+            return base
+        xt, yt = base.tensors
+        return TensorDataset(xt, yt, torch.tensor(self.hierarchy)[yt])
+
+
 class CIFAR100HierarchyDataModule(CIFAR100DataModule):
     """CIFAR-100 with its 20 super-classes: batches ``(x, y_fine, y_coarse)``.
 
     Same arguments, augmentation and splits as
-    :class:`~lightning_hyper.data.cifar.CIFAR100DataModule`, plus ``return_coarse`` and
-    ``verify_coarse``: in ``setup`` the ``coarse_labels`` (and, if present, the label names of
-    ``meta``) stored in ``cifar-100-python/`` are compared with :data:`CIFAR100_COARSE_LABELS`; a
-    mismatch raises a ``ValueError``.
+    :class:`~lightning_hyper.data.cifar.CIFAR100DataModule` (``if_missing="synthetic"`` included),
+    plus ``return_coarse`` and ``verify_coarse``: in ``setup`` the ``coarse_labels`` (and, if
+    present, the label names of ``meta``) stored in ``cifar-100-python/`` are compared with
+    :data:`CIFAR100_COARSE_LABELS`; a mismatch raises a ``ValueError`` (the synthetic stand-in has
+    no files, so nothing is verified then).
     """
 
     num_super_classes = 20
@@ -204,16 +276,18 @@ class CIFAR100HierarchyDataModule(CIFAR100DataModule):
 
     def __init__(self, root: str = "data", batch_size: int = 128, download: bool = False, augment: bool = True,
                  val_size: int = 0, seed: int = 0, num_workers: int = 0, pin_memory: bool = False,
-                 return_coarse: bool = True, verify_coarse: bool = True) -> None:
+                 return_coarse: bool = True, verify_coarse: bool = True, if_missing: str = "error",
+                 synthetic_size: int = 1000) -> None:
         super().__init__(root=root, batch_size=batch_size, download=download, augment=augment, val_size=val_size,
-                         seed=seed, num_workers=num_workers, pin_memory=pin_memory)
+                         seed=seed, num_workers=num_workers, pin_memory=pin_memory, if_missing=if_missing,
+                         synthetic_size=synthetic_size)
         self.return_coarse = return_coarse
         self.verify_coarse = verify_coarse
         self._verified = False
 
     def _make(self, train: bool, transform: Any) -> Dataset:
         dataset = super()._make(train, transform)
-        if self.verify_coarse and not self._verified:
+        if self.verify_coarse and not self._verified and not self.using_synthetic:  # no files to verify
             self._verify()
         return WithCoarseLabels(dataset, self.hierarchy) if self.return_coarse else dataset
 

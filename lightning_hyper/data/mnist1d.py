@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_hyper.data.sampling import epoch_sampler
+
 __all__ = ["MNIST1DDataModule", "make_mnist1d"]
 
 
@@ -98,7 +100,7 @@ class MNIST1DDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=epoch_sampler(dataset, shuffle),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

@@ -28,6 +28,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from lightning_hyper.data.sampling import epoch_sampler
+
 __all__ = ["LFWPairsDataModule", "OpenSetDataModule", "make_verification_pairs", "read_lfw_pairs"]
 
 DATASETS = ("digits", "mnist1d")
@@ -186,7 +188,8 @@ class OpenSetDataModule(L.LightningDataModule):
         self._ready = True
 
     def _loader(self, ds: Dataset, shuffle: bool = False) -> DataLoader:
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+        return DataLoader(ds, batch_size=self.batch_size, sampler=epoch_sampler(ds, shuffle),
+                          num_workers=self.num_workers,
                           drop_last=False)
 
     def train_dataloader(self) -> DataLoader:
@@ -353,7 +356,8 @@ class LFWPairsDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
             raise ValueError("LFWPairsDataModule has no training data: pass train_root=<folder of identity folders>")
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers)
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=epoch_sampler(self.train_set, True),
+                          num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.pairs_set, batch_size=self.batch_size, num_workers=self.num_workers)

@@ -20,6 +20,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from lightning_hyper.data.sampling import epoch_sampler
+
 __all__ = ["SHAPES", "ModelNetDataModule", "SyntheticShapesDataModule", "random_rotation", "sample_shape"]
 
 
@@ -200,7 +202,8 @@ class SyntheticShapesDataModule(L.LightningDataModule):
 
     def _loader(self, i: int, shuffle: bool) -> DataLoader:
         self.setup()
-        return DataLoader(self.splits[i], batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+        return DataLoader(self.splits[i], batch_size=self.batch_size, sampler=epoch_sampler(self.splits[i], shuffle),
+                          num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
@@ -293,7 +296,8 @@ class ModelNetDataModule(L.LightningDataModule):
 
     def _loader(self, i: int, shuffle: bool) -> DataLoader:
         self.setup()
-        return DataLoader(self.splits[i], batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+        return DataLoader(self.splits[i], batch_size=self.batch_size, sampler=epoch_sampler(self.splits[i], shuffle),
+                          num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:

@@ -168,11 +168,14 @@ def _prepare(x: Tensor, name: str) -> Tensor:
         raise ValueError(f"{name}: rows have dimension d=0 (shape {tuple(x.shape)})")
     x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
     if x.numel():
-        norms = torch.linalg.vector_norm(x.detach(), dim=-1)
-        if not bool(torch.isfinite(norms).all()):
+        # judged on the entries, not on norms: squares of 1e-30 / 1e30 rows under/overflow, but such rows
+        # have a direction (normalize_neurons is scale safe)
+        xd = x.detach()
+        if not bool(torch.isfinite(xd).all()):
             raise ValueError(f"{name}: contains NaN or Inf entries; the metric of such vectors is undefined")
-        if bool((norms == 0).any()):
-            rows = (norms == 0).nonzero().flatten()[:5].tolist()
+        zero = (xd == 0).all(dim=-1)
+        if bool(zero.any()):
+            rows = zero.nonzero().flatten()[:5].tolist()
             raise ValueError(f"{name}: rows {rows} are zero vectors; their angle is undefined")
     return x
 

@@ -213,9 +213,13 @@ def _prepare(neurons: Tensor, min_norm: float, zero_norm: str, name: str,
         raise ValueError(f"{name}: contains NaN or Inf entries (rows {bad}...); the energy of such "
                          "neurons is undefined")
     if not bool(torch.isfinite(norms).all()):  # finite entries whose squares overflow: rescale rows
-        x = x / x.detach().abs().amax(dim=-1, keepdim=True)
+        # (clamped: an all-zero row next to a huge one must stay zero, not become 0/0 = NaN)
+        amax = x.detach().abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+        x = x / amax
         norms = torch.linalg.vector_norm(x.detach(), dim=-1)
-    small = norms < min_norm
+        small = norms * amax.squeeze(-1) < min_norm  # judged on the rows' true norms
+    else:
+        small = norms < min_norm
     if bool(small.any()):
         if zero_norm == "error" or x.dim() == 3:
             rows = small.nonzero()[:5].tolist()
@@ -267,6 +271,12 @@ class _GramEnergyFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        # a custom backward runs under the autocast state of the caller of .backward(): keep it off
+        with torch.autocast(device_type=grad_out.device.type, enabled=False):
+            return _GramEnergyFn._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out: Tensor) -> tuple[Tensor, None, None, None]:
         unit, norms, keep = ctx.saved_tensors
         n = unit.shape[1]
         if keep.numel():

@@ -51,10 +51,25 @@ def chebyshev_cos_m(cos: Tensor, m: int) -> Tensor:
     ``m U_{m-1}(c)`` is finite everywhere (unlike ``cos(m * acos(c))`` at ``c = +-1``).
     """
     m = _check_m(m)
+    _check_cos(cos)
+    return _chebyshev(cos, m)
+
+
+def _chebyshev(cos: Tensor, m: int) -> Tensor:
     prev, cur = torch.ones_like(cos), cos
     for _ in range(m - 1):
         prev, cur = cur, 2.0 * cos * cur - prev
     return cur
+
+
+def _check_cos(cos: Tensor) -> None:
+    """Reject NaN / Inf cosines: every margin function would silently turn them into NaN logits."""
+    if not isinstance(cos, Tensor):
+        raise TypeError(f"cos must be a torch.Tensor, got {type(cos).__name__}")
+    finite = torch.isfinite(cos)
+    if not bool(finite.all()):
+        raise ValueError(f"cos contains {int((~finite).sum())} NaN or Inf value(s) (of {cos.numel()}); the margin of "
+                         "a non-finite cosine is undefined (non-finite features or class weights upstream?)")
 
 
 def margin_index(cos: Tensor, m: int) -> Tensor:
@@ -84,19 +99,31 @@ def psi(cos: Tensor, m: int) -> Tensor:
     rounding just past ``+-1`` does not zero it).
     """
     m = _check_m(m)
+    _check_cos(cos)
+    return _psi(cos, m)
+
+
+def _psi(cos: Tensor, m: int) -> Tensor:
+    """:func:`psi` without the finiteness check (a NaN cosine gives NaN, element-wise): for the margin heads,
+    whose LightningModules detect and handle diverged features themselves (``SphereFaceModule.on_divergence``)."""
     c = cos - (cos - cos.clamp(-1.0, 1.0)).detach()
     if m == 1:
         return c
     k = margin_index(c, m)
     sign = 1.0 - 2.0 * torch.remainder(k, 2.0)  # (-1)^k
-    return sign * chebyshev_cos_m(c, m) - 2.0 * k
+    return sign * _chebyshev(c, m) - 2.0 * k
 
 
 def additive_cosine_margin(cos: Tensor, margin: float) -> Tensor:
     """AM-Softmax / CosFace target cosine ``cos(theta) - margin`` (Part I ``L_a1``, Eq. D.11)."""
     if not isinstance(margin, numbers.Real) or isinstance(margin, bool) or margin < 0:
         raise ValueError(f"margin must be a real number >= 0, got {margin!r}")
-    return cos - float(margin)
+    _check_cos(cos)
+    return _additive_cosine(cos, float(margin))
+
+
+def _additive_cosine(cos: Tensor, margin: float) -> Tensor:
+    return cos - margin
 
 
 def additive_angular_margin(cos: Tensor, margin: float) -> Tensor:
@@ -109,7 +136,12 @@ def additive_angular_margin(cos: Tensor, margin: float) -> Tensor:
     """
     if not isinstance(margin, numbers.Real) or isinstance(margin, bool) or not 0 <= margin < math.pi:
         raise ValueError(f"margin must be a real number in [0, pi) (radians), got {margin!r}")
-    m = float(margin)
+    _check_cos(cos)
+    return _additive_angular(cos, float(margin))
+
+
+def _additive_angular(cos: Tensor, m: float) -> Tensor:
+    """:func:`additive_angular_margin` without the checks (see :func:`_psi`)."""
     c = cos.clamp(-1.0, 1.0)
     s2 = 1.0 - c * c
     positive = s2 > 0

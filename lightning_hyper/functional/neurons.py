@@ -11,6 +11,8 @@ Bias terms are never part of a neuron.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -74,5 +76,5 @@ def as_neurons(weight: Tensor | nn.Module) -> Tensor:
             f"weight: expected a tensor with at least 2 dimensions (neurons, ...), got shape "
             f"{tuple(weight.shape)}; a 1-D tensor (e.g. a bias or a norm scale) has no neurons"
         )
-    return weight.reshape(weight.shape[0], -1)
+    return weight.reshape(weight.shape[0], math.prod(weight.shape[1:]))  # explicit d: works for 0 neurons
 

@@ -28,6 +28,7 @@ torch's on ``A = S``.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -65,6 +66,12 @@ def _check_square(P: Tensor, name: str = "P") -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {P.dtype}")
 
 
+def _check_finite(P: Tensor, name: str = "P") -> None:
+    """The orthogonalization maps would silently return NaN for a non-finite ``P``: refuse it."""
+    if not bool(torch.isfinite(P).all()):
+        raise ValueError(f"{name} contains NaN or Inf entries; an orthogonal matrix cannot be built from it")
+
+
 def _eye_like(P: Tensor) -> Tensor:
     return torch.eye(P.shape[-1], dtype=P.dtype, device=P.device)
 
@@ -96,9 +103,21 @@ def _solve(A: Tensor, B: Tensor) -> Tensor:
 
 
 def _q_plus(A: Tensor) -> Tensor:
-    """Q factor of ``A = QR`` with a non-negative diagonal of R (unique for full-rank A)."""
+    """Q factor of ``A = QR`` with a non-negative diagonal of R (unique for full-rank A).
+
+    The QR backward divides by ``diag(R)``: for a (numerically) rank-deficient ``A`` that requires a
+    gradient, a ``ValueError`` is raised instead of returning a NaN/Inf gradient."""
     Q, Rr = torch.linalg.qr(A)
-    return Q * _sign_no_zero(Rr.diagonal(dim1=-2, dim2=-1)).detach().unsqueeze(-2)
+    diag = Rr.diagonal(dim1=-2, dim2=-1)
+    if A.requires_grad and torch.is_grad_enabled():
+        mag = diag.detach().abs()
+        tol = A.shape[-1] * torch.finfo(A.dtype).eps
+        if bool((mag <= tol * mag.amax(dim=-1, keepdim=True)).any()):
+            raise ValueError(
+                f"P (shape {tuple(A.shape)}) is rank-deficient (a diagonal entry of its R factor is <= {tol:.1g} "
+                "x the largest): Gram-Schmidt / Householder orthogonalization has no gradient there; "
+                "re-initialize P or use method='lowdin', 'cayley' or 'matrix_exp'")
+    return Q * _sign_no_zero(diag).detach().unsqueeze(-2)
 
 
 # --------------------------------------------------------------------------- Gram-Schmidt
@@ -121,6 +140,7 @@ def gram_schmidt(
     rank-deficient P (default 1e-12 in float64, 1e-6 otherwise).
     """
     _check_square(P)
+    _check_finite(P)
     if variant not in _GS_VARIANTS:
         raise ValueError(f"variant={variant!r} is not supported; accepted values: {list(_GS_VARIANTS)}")
     if impl == "qr":
@@ -167,6 +187,7 @@ def householder(P: Tensor, full: bool = True, impl: str = "qr", eps: float | Non
     generic P); ``impl="loop"`` runs the literal rank-1-update algorithm (O(d³), ``d`` steps).
     """
     _check_square(P)
+    _check_finite(P)
     d = P.shape[-1]
     if impl == "qr":
         Q = _q_plus(P)
@@ -237,6 +258,7 @@ def lowdin(P: Tensor, eps: float | None = None) -> Tensor:
     ``_PolarFactor``); ``eps`` floors ``σ_i + σ_j`` for (near) singular P.
     """
     _check_square(P)
+    _check_finite(P)
     return _PolarFactor.apply(P, _default_eps(P) if eps is None else eps)
 
 
@@ -248,6 +270,23 @@ def skew(P: Tensor) -> Tensor:
     return U - U.mT
 
 
+def _check_skew_scale(S: Tensor, method: str) -> None:
+    """Cayley and the exponential depend on the absolute scale of ``S``: beyond ``max|S| * eps = 1e-3``
+    (float32: ~8e3, float64: ~4e12) the result is no longer orthogonal to working precision and the
+    exponential's gradient turns NaN, so such a ``P`` is refused instead."""
+    if S.numel() == 0:
+        return
+    limit = 1e-3 / torch.finfo(S.dtype).eps
+    biggest = float(S.detach().abs().amax())  # one host sync for both checks (NaN propagates through amax)
+    if not math.isfinite(biggest):
+        raise ValueError("P contains NaN or Inf entries (in its strict upper triangle, the part skew(P) uses); "
+                         "an orthogonal matrix cannot be built from it")
+    if biggest > limit:
+        raise ValueError(f"P has entries up to {biggest:.3g} in its skew part, too large for an accurate {method} "
+                         f"map in {S.dtype} (limit {limit:.2g}); keep P moderate (e.g. weight decay), use float64, "
+                         "or a scale-invariant method ('lowdin', 'gram_schmidt', 'householder')")
+
+
 def cayley(P: Tensor) -> Tensor:
     """Cayley parameterization ``R = (I + S)(I − S)^{-1}`` with ``S = skew(P)`` (thesis §7.3.4).
 
@@ -256,6 +295,7 @@ def cayley(P: Tensor) -> Tensor:
     on ``A`` equals ``cayley`` on ``S = A/2``.
     """
     S = skew(P)
+    _check_skew_scale(S, "cayley")
     eye = _eye_like(P)
     return _solve(eye - S, eye + S)
 
@@ -265,6 +305,7 @@ def cayley_apply(P: Tensor, V: Tensor) -> Tensor:
     ``(I − S)^{-1}(I + S) V = 2 (I − S)^{-1} V − V`` — one LU solve with ``n`` right-hand sides
     instead of ``d``, and no ``d × d × n`` matmul (the cheapest exact OPT forward/backward)."""
     S = skew(P)
+    _check_skew_scale(S, "cayley")
     if V.shape[-2] != S.shape[-1]:
         raise ValueError(f"R·V dimension mismatch: P has shape {tuple(P.shape)}, V has shape {tuple(V.shape)}")
     return 2 * _solve(_eye_like(P) - S, V) - V
@@ -272,7 +313,9 @@ def cayley_apply(P: Tensor, V: Tensor) -> Tensor:
 
 def matrix_exp(P: Tensor) -> Tensor:
     """Exponential map ``R = exp(S)`` with ``S = skew(P)`` (thesis §7.3.4); onto ``SO(d)``."""
-    return torch.linalg.matrix_exp(skew(P))
+    S = skew(P)
+    _check_skew_scale(S, "matrix_exp")
+    return torch.linalg.matrix_exp(S)
 
 
 # --------------------------------------------------------------------------- dispatch

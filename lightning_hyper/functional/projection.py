@@ -145,10 +145,13 @@ def _check_pair(neurons: Tensor, projections: Tensor) -> tuple[Tensor, bool]:
 
 
 def project_neurons(neurons: Tensor, projections: Tensor) -> Tensor:
-    """Projected neurons :math:`P_c w_i`: ``(N, D)`` x ``(C, k, D)`` -> ``(C, N, k)`` (one batched GEMM)."""
+    """Projected neurons :math:`P_c w_i`: ``(N, D)`` x ``(C, k, D)`` -> ``(C, N, k)`` (one batched GEMM).
+
+    Computed with autocast disabled, in float32 (float64 for float64 neurons), like the energy core."""
     p, _ = _check_pair(neurons, projections)
     x = neurons.to(p.dtype)
-    return torch.matmul(x, p.transpose(-1, -2))
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return torch.matmul(x, p.transpose(-1, -2))
 
 
 def projected_energies(neurons: Tensor, projections: Tensor, s: float = 2.0, half_space: bool = True,

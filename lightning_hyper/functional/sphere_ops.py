@@ -48,6 +48,8 @@ __all__ = [
     "linear_parts",
     "ga_psi",
     "check_choice",
+    "ORTHOGONALITY_FORMS",
+    "kernel_orthogonality",
 ]
 
 #: SphereConv angle functions (thesis §3.2.1; "learnable" = sigmoid with a trained k; "none" = plain conv).
@@ -62,6 +64,8 @@ RADIUS_MAGNITUDES: tuple[str, ...] = ("ball", "tanh", "seg")
 WEIGHTED_MODES: tuple[str, ...] = ("none", "linear", "nonlinear_joint", "nonlinear_separate")
 #: GA-Softmax psi constructions (spherenet spec §4.3).
 PSI_MODES: tuple[str, ...] = ("monotonic", "direct")
+#: Kernel orthogonality penalties (SphereNet §3.2.4 orthonormal, DCNet §4.5 / App. C.1 orthogonal).
+ORTHOGONALITY_FORMS: tuple[str, ...] = ("orthonormal", "orthogonal")
 
 _HALF_PI = math.pi / 2
 
@@ -736,3 +740,54 @@ def ga_psi(
     with torch.no_grad():
         j = torch.floor(theta * (m / math.pi)).clamp_(0, m - 1)
     return angle_sigmoid(theta * m - j * math.pi, k) - 2.0 * j
+
+
+# ----------------------------------------------------------------------------------------------
+# Orthogonality of the kernels (SphereNet §3.2.4 / App. D.5; DCNet §4.5, App. C.1)
+# ----------------------------------------------------------------------------------------------
+def kernel_orthogonality(
+    neurons: Tensor,
+    form: str = "orthonormal",
+    normalize: bool = False,
+    eps: float = 0.0,
+) -> Tensor:
+    """Orthogonality penalty of one layer's kernels, ``neurons`` the ``(n, d)`` matrix of flattened kernels.
+
+    With ``W`` the ``(n, d)`` matrix (row ``i`` = kernel ``w_i``; the thesis' ``d x n`` matrix transposed)
+    and ``G = W W^T`` (``G_ij = w_i . w_j``):
+
+    * ``"orthonormal"`` (SphereNet, thesis §3.2.4 "orthonormal regularization"): ``||G - I_n||_F^2``;
+      on raw weights it also drives every ``||w_i||`` to 1.
+    * ``"orthogonal"`` (DCNet, thesis §4.5, App. C.1): ``||G - diag(G)||_F^2 = sum_{i != j} (w_i . w_j)^2``.
+
+    ``normalize=True`` uses ``w_i / sqrt(||w_i||^2 + eps)`` (DCNet reference code; then both forms agree up
+    to ``eps``). When ``n > d`` the same value is computed from the smaller ``d x d`` Gram matrix
+    ``W^T W`` (``||G||_F = ||W^T W||_F``): ``||W^T W||_F^2 - 2||W||_F^2 + n`` (orthonormal) and
+    ``||W^T W||_F^2 - sum_i ||w_i||^4`` (orthogonal), so the memory is ``min(n, d)^2``. For ``n > d``
+    the orthonormal minimum is ``n - d > 0`` (rank of ``G`` is at most ``d``). Returns a scalar with autograd.
+    """
+    check_choice("form", form, ORTHOGONALITY_FORMS)
+    if not isinstance(neurons, Tensor) or neurons.dim() != 2:
+        shape = tuple(neurons.shape) if isinstance(neurons, Tensor) else type(neurons).__name__
+        raise ValueError(f"neurons: expected an (n, d) matrix of flattened kernels, got {shape}; "
+                         "use lightning_hyper.functional.as_neurons(layer)")
+    _check_positive("eps", eps, allow_zero=True)
+    w = neurons
+    sq = w.pow(2).sum(1)  # ||w_i||^2
+    if normalize:
+        s2 = sq + eps
+        pos = s2 > 0  # all-zero kernels stay zero (value and gradient finite)
+        inv = torch.where(pos, torch.rsqrt(torch.where(pos, s2, torch.ones_like(s2))), torch.zeros_like(s2))
+        w = w * inv.unsqueeze(1)
+        sq = w.pow(2).sum(1)
+    n, d = w.shape
+    if n <= d:
+        gram = w @ w.T
+        eye = torch.eye(n, dtype=torch.bool, device=w.device)
+        if form == "orthonormal":
+            return (gram - eye.to(w.dtype)).pow(2).sum()
+        return gram.masked_fill(eye, 0.0).pow(2).sum()
+    gram_sq = (w.T @ w).pow(2).sum()
+    if form == "orthonormal":
+        return gram_sq - 2.0 * sq.sum() + n
+    return gram_sq - sq.pow(2).sum()

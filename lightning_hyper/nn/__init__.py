@@ -10,7 +10,7 @@ from lightning_hyper.nn.heads import (
     NormFaceHead,
 )
 from lightning_hyper.nn.sphere import SphereConv1d, SphereConv2d, SphereConv3d, SphereLinear, SphereNorm, make_shared_k
-from lightning_hyper.nn.decoupled import DecoupledConv1d, DecoupledConv2d, DecoupledLinear
+from lightning_hyper.nn.decoupled import DecoupledConv1d, DecoupledConv2d, DecoupledConv3d, DecoupledLinear
 from lightning_hyper.nn.convert import convert
 from lightning_hyper.nn.ga_softmax import GASoftmaxHead, WSoftmaxHead
 
@@ -28,6 +28,7 @@ __all__ += [
 __all__ += [
     "DecoupledConv1d",
     "DecoupledConv2d",
+    "DecoupledConv3d",
     "DecoupledLinear",
     "GASoftmaxHead",
     "SphereConv1d",

@@ -15,7 +15,13 @@ import torch
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from lightning_hyper.nn.decoupled import DecoupledConv1d, DecoupledConv2d, DecoupledLinear, canonical_magnitude
+from lightning_hyper.nn.decoupled import (
+    DecoupledConv1d,
+    DecoupledConv2d,
+    DecoupledConv3d,
+    DecoupledLinear,
+    canonical_magnitude,
+)
 from lightning_hyper.nn.sphere import SphereConv1d, SphereConv2d, SphereConv3d, SphereLinear
 
 __all__ = ["OPERATORS", "convert", "resolve_operator"]
@@ -25,7 +31,9 @@ OPERATORS: tuple[str, ...] = ("sphere", "decoupled")
 
 _TARGETS = {
     "sphere": {nn.Conv1d: SphereConv1d, nn.Conv2d: SphereConv2d, nn.Conv3d: SphereConv3d, nn.Linear: SphereLinear},
-    "decoupled": {nn.Conv1d: DecoupledConv1d, nn.Conv2d: DecoupledConv2d, nn.Linear: DecoupledLinear},
+    "decoupled": {
+        nn.Conv1d: DecoupledConv1d, nn.Conv2d: DecoupledConv2d, nn.Conv3d: DecoupledConv3d, nn.Linear: DecoupledLinear,
+    },
 }
 
 
@@ -100,7 +108,7 @@ def convert(
     Args:
         model: any ``nn.Module``; modified in place and returned.
         operator: ``"sphere"`` (SphereConv1d/2d/3d, SphereLinear; kwargs such as ``angle_fn``, ``k``) or
-            ``"decoupled"`` (DecoupledConv1d/2d, DecoupledLinear; kwargs such as ``magnitude``, ``angular``,
+            ``"decoupled"`` (DecoupledConv1d/2d/3d, DecoupledLinear; kwargs such as ``magnitude``, ``angular``,
             ``alpha``), or a magnitude name (``"tanh"``, ``"BallConv"``...) as a shortcut for ``"decoupled"``.
         exclude: module-name globs (``fnmatch``) to leave untouched.
         include: if given, only module names matching one of these globs are converted.

@@ -1,4 +1,4 @@
-"""Decoupled operators of DCNet (thesis Ch. 4, "Decoupled Networks"): DecoupledConv1d/2d, DecoupledLinear.
+"""Decoupled operators of DCNet (thesis Ch. 4, "Decoupled Networks"): DecoupledConv1d/2d/3d, DecoupledLinear.
 
 ``f(w, x) = h(||w||, ||x||) * g(theta(w, x))`` (eq. 4.3): a *magnitude function* ``h`` (intra-class
 variation) times an *angular activation* ``g`` (semantic difference). Subclasses of the matching
@@ -54,6 +54,7 @@ from lightning_hyper.functional.sphere_ops import (
 __all__ = [
     "DecoupledConv1d",
     "DecoupledConv2d",
+    "DecoupledConv3d",
     "DecoupledLinear",
     "RADIUS_PARAMS",
     "canonical_angular",
@@ -330,6 +331,30 @@ class DecoupledConv2d(_DecoupledConvNd, nn.Conv2d):
         acos_eps: float = 1e-6,
     ) -> None:
         nn.Conv2d.__init__(
+            self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
+            device, dtype,
+        )
+        self._setup_decoupled(
+            out_channels, magnitude, angular, alpha, seg_beta, mix_log_weight, weighted, learn_radius, radius_init,
+            radius_param, radius_granularity, radius_norm, radius_norm_momentum, radius_norm_detach, sigmoid_k,
+            learn_k, k_min, eps, acos_eps,
+        )
+
+
+class DecoupledConv3d(_DecoupledConvNd, nn.Conv3d):
+    __doc__ = _conv_signature_doc("Conv3d")
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1, padding: Any = 0,
+        dilation: Any = 1, groups: int = 1, bias: bool = False, padding_mode: str = "zeros", device: Any = None,
+        dtype: Any = None, *, magnitude: str = "tanh", angular: str = "cosine", alpha: float = 1.0,
+        seg_beta: float = 0.5, mix_log_weight: float = 1.0, weighted: str = "none", learn_radius: bool = True,
+        radius_init: float = 1.0, radius_param: str = "square", radius_granularity: str = "channel",
+        radius_norm: bool = True, radius_norm_momentum: float = 1e-3, radius_norm_detach: bool = False,
+        sigmoid_k: float = 0.3, learn_k: bool = False, k_min: float = 0.05, eps: float = 1e-4,
+        acos_eps: float = 1e-6,
+    ) -> None:
+        nn.Conv3d.__init__(
             self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
             device, dtype,
         )

@@ -47,11 +47,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_hyper.functional.margin import (
+    _additive_angular,
+    _additive_cosine,
     _check_m,
+    _psi,
     additive_angular_margin,
     additive_cosine_margin,
     lambda_schedule,
-    psi,
     resolve_lambda_schedule,
 )
 from lightning_hyper.nn.registry import register_head
@@ -93,7 +95,7 @@ class _CaffeASoftmaxFn(torch.autograd.Function):
         xn = x.norm(dim=1, keepdim=True)
         wx_y = wx.gather(1, idx)
         c = (wx_y / xn.clamp_min(eps)).clamp(-1.0, 1.0)
-        p = psi(c, m)
+        p = _psi(c, m)
         f_y = (lam * wx_y + xn * p) / (1.0 + lam)
         ctx.save_for_backward(x, w_hat, labels, c, p, xn)
         ctx.m, ctx.lam, ctx.eps = m, lam, eps
@@ -109,7 +111,7 @@ class _CaffeASoftmaxFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             with torch.enable_grad():
                 cc = c.detach().requires_grad_(True)
-                (dpsi,) = torch.autograd.grad(psi(cc, m).sum(), cc)
+                (dpsi,) = torch.autograd.grad(_psi(cc, m).sum(), cc)
             a = dpsi
             b = (p - c * dpsi) / xn.clamp_min(eps)
             norm = (a * a + b * b).sqrt().clamp_min(eps)
@@ -267,12 +269,14 @@ class AngularMarginHead(nn.Module):
             )
 
     def _target_function(self, cos: Tensor) -> Tensor:
+        # unchecked forms: non-finite features give non-finite logits, which the training module detects
+        # (SphereFaceModule.on_divergence) -- no extra host sync per forward
         if self.margin_type == "multiplicative":
-            return psi(cos, int(self.m))
+            return _psi(cos, int(self.m))
         if self.margin_type == "additive_cos":
-            return additive_cosine_margin(cos, self.m)
+            return _additive_cosine(cos, self.m)
         if self.margin_type == "additive_angle":
-            return additive_angular_margin(cos, self.m)
+            return _additive_angular(cos, self.m)
         return cos
 
     # ----------------------------------------------------------------------------- forward

@@ -471,6 +471,7 @@ def apply_opt(
         except ValueError as err:
             raise ValueError(f"layer {label!r}: {err}") from None
         parametrize.register_parametrization(layer, "weight", param)
+        type(layer).__reduce_ex__ = _reduce_opt_layer  # picklable (ddp_spawn sends the model to its workers)
         if pyg is not None and isinstance(layer, pyg) and not getattr(layer, "_opt_state_hook", False):
             layer.register_state_dict_post_hook(_drop_computed_weight)
             layer._opt_state_hook = True
@@ -481,6 +482,22 @@ def apply_opt(
         for layer in converted:
             refine_v(layer, objective=refine, steps=refine_steps, lr=refine_lr, s=refine_s)
     return model
+
+
+def _reduce_opt_layer(self: nn.Module, protocol: int) -> tuple:
+    """Pickle an OPT layer: torch refuses to pickle parametrized modules (their class is created on the
+    fly), so pickle the plain class and the instance dict and re-inject the parametrization on load."""
+    return _rebuild_opt_layer, (type(self).__bases__[0], self.__dict__.copy())
+
+
+def _rebuild_opt_layer(base: type, state: dict[str, Any]) -> nn.Module:
+    layer = base.__new__(base)
+    layer.__dict__.update(state)
+    parametrize._inject_new_class(layer)
+    for name in layer.parametrizations:
+        parametrize._inject_property(layer, name)
+    type(layer).__reduce_ex__ = _reduce_opt_layer
+    return layer
 
 
 def remove_opt(model: nn.Module) -> nn.Module:

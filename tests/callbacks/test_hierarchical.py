@@ -56,6 +56,22 @@ def test_penalty_matches_loop_reference(metric, classes):
     assert out["penalty"].item() == pytest.approx(total, rel=1e-6)
 
 
+def test_within_and_between_weights():
+    """R = lambda_l (within_weight R_p + between_weight R_c), through the function and the callback."""
+    layer = HierarchicalLinear(6, hierarchy=GROUPS).double()
+    r_p, r_c, _ = ref_penalty(layer, range(8), "HMcos")
+    for wp, wc in ((2.0, 0.5), (1.0, 0.0), (0.0, 3.0)):
+        out = hierarchical_penalty(layer.geometry(), None, "HMcos", weight=0.3, within_weight=wp, between_weight=wc)
+        assert out["penalty"].item() == pytest.approx(0.3 * (wp * r_p + wc * r_c), rel=1e-6)
+        assert out["within"].item() == pytest.approx(r_p, rel=1e-6)  # logged terms stay unweighted
+    model = HierNet()
+    cb = HierarchicalRegularizer(metric="AM", weight=0.2, within_weight=3.0, between_weight=0.25)
+    cb.layers = cb.selection.resolve(model)
+    batch = (torch.randn(4, 12), torch.tensor([0, 1, 3, 6]))
+    r_p, r_c, _ = ref_penalty(model.out, [0, 1, 3, 6], "AM")
+    assert cb.penalty(model, batch, log=False).item() == pytest.approx(0.2 * (3.0 * r_p + 0.25 * r_c), rel=1e-5)
+
+
 def test_partial_hierarchy_edge_cases():
     layer = HierarchicalLinear(6, hierarchy=GROUPS)
     # a batch with a single super-class: no center pair -> R_c = 0, no NaN
@@ -225,7 +241,7 @@ def test_bad_arguments():
 
 
 # ----------------------------------------------------------------------------- 'E' through MHERegularizer
-@pytest.mark.parametrize("metric", ["AMcos", "bin"])
+@pytest.mark.parametrize("metric", ["AMcos", "bin", "cosine"])
 def test_mhe_regularizer_accepts_dh2l_metrics(tmp_path, metric):
     def run(callbacks):
         L.seed_everything(3)
@@ -242,6 +258,19 @@ def test_mhe_regularizer_accepts_dh2l_metrics(tmp_path, metric):
         reg_e = metric_energy(getattr(model, name).weight.detach(), metric).item()
         base_e = metric_energy(getattr(base, name).weight.detach(), metric).item()
         assert reg_e < base_e, (name, reg_e, base_e)
+
+
+@pytest.mark.parametrize("metric", [m for m in METRICS if m != "angular"])  # "angular" = A-MHE there
+def test_mhe_regularizer_takes_every_dh2l_metric(metric):
+    """Every name of the metric family (the paper's baselines N-euclidean2, angular2, cosine included) is accepted
+    and gives lambda_h * sum_hidden E + lambda_o * E_out with E = metric_energy."""
+    model = PlainNet()
+    cb = MHERegularizer(metric=metric, hidden_weight=0.5, output_weight=2.0)
+    assert cb.metric == metric
+    cb.layers = cb.selection.resolve(model)
+    expected = (0.5 * (metric_energy(model.fc1.weight, metric) + metric_energy(model.fc2.weight, metric))
+                + 2.0 * metric_energy(model.out.weight, metric))
+    assert cb.penalty(model, None, log=False).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_mhe_regularizer_dh2l_penalty_and_errors(tmp_path):
@@ -290,6 +319,21 @@ def test_gaussian_config_runs(tmp_path, capsys):
     run_cli(["fit", "--config", str(CONFIGS / "dh2l_gaussian.yaml"), "--trainer.max_epochs=1",
              "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2", "--trainer.logger=false",
              f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_checkpointing=false"])
+    out = capsys.readouterr().out
+    assert "val/acc" in out and "dh2l/penalty" in out and "mhe/penalty" in out
+
+
+def test_digits_config_runs_offline(tmp_path, capsys):
+    """configs/dh2l_digits.yaml: real digits with the fixed 3-super-class grouping, E + H, through the CLI."""
+    from lightning_hyper.cli import run_cli
+    from lightning_hyper.data import HierarchicalDigitsDataModule
+
+    cli = run_cli(["fit", "--config", str(CONFIGS / "dh2l_digits.yaml"), "--trainer.max_epochs=1",
+                   "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--trainer.logger=false",
+                   f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_checkpointing=false"])
+    assert isinstance(cli.datamodule, HierarchicalDigitsDataModule)
+    assert isinstance(cli.model.head, HierarchicalLinear) and cli.model.head.hierarchy.sizes == (3, 10)
+    assert cli.trainer.global_step == 2
     out = capsys.readouterr().out
     assert "val/acc" in out and "dh2l/penalty" in out and "mhe/penalty" in out
 

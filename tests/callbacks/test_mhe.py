@@ -176,7 +176,7 @@ def test_warmup_ramps_weight():
 
 # ------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("kwargs,word", [
-    ({"metric": "cosine"}, "metric"), ({"s": -1}, "s="), ({"output_mode": "batch"}, "output_mode"),
+    ({"metric": "manhattan"}, "metric"), ({"s": -1}, "s="), ({"output_mode": "batch"}, "output_mode"),
     ({"hidden_reduction": "max"}, "hidden_reduction"), ({"mode": "hook"}, "mode"),
     ({"hidden_weight": -1.0}, "hidden_weight"), ({"output_weight": float("nan")}, "output_weight"),
     ({"neuron_batch_size": 1}, "neuron_batch_size"), ({"on_nonfinite": "ignore"}, "on_nonfinite"),

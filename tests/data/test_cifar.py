@@ -18,7 +18,9 @@ import torch
 import torchvision.datasets.cifar as tv_cifar
 from torchvision.datasets.utils import check_integrity
 
-from lightning_hyper.data import CIFAR10DataModule, CIFAR100DataModule
+from lightning_hyper.data import CIFAR10DataModule, CIFAR100DataModule, CIFAR100HierarchyDataModule
+from lightning_hyper.data.cifar import SyntheticCIFAR
+from lightning_hyper.data.hierarchy import CIFAR100_COARSE_LABELS
 
 PER_BATCH, N_TEST = 4, 6
 
@@ -71,7 +73,7 @@ def _normalize(raw_chw: np.ndarray, mean, std) -> torch.Tensor:
 
 
 def test_missing_or_unverified_tree_gives_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"cifar-10-batches-py.*root=.*download=True"):
+    with pytest.raises(FileNotFoundError, match=r"cifar-10-batches-py.*root=.*download=True.*if_missing='synthetic'"):
         CIFAR10DataModule(root=str(tmp_path)).setup("fit")
     write_fake_cifar10(tmp_path)  # files exist, but torchvision's real MD5 check rejects them
     with pytest.raises(FileNotFoundError, match="root="):
@@ -175,3 +177,69 @@ def test_bad_arguments():
         CIFAR10DataModule(batch_size=0)
     with pytest.raises(ValueError, match="val_size"):
         CIFAR100DataModule(val_size=-1)
+    with pytest.raises(ValueError, match=r"if_missing must be one of \['error', 'synthetic'\], got 'fake'"):
+        CIFAR10DataModule(if_missing="fake")
+    with pytest.raises(ValueError, match="synthetic_size"):
+        CIFAR100DataModule(synthetic_size=0)
+    with pytest.raises(ValueError, match="num_classes"):
+        SyntheticCIFAR(4, 0)
+    with pytest.raises(ValueError, match="noise"):
+        SyntheticCIFAR(4, 2, noise=-1.0)
+
+
+# ------------------------------------------------------------------ if_missing="synthetic"
+def test_synthetic_stand_in_when_folder_is_absent(tmp_path):
+    dm = CIFAR10DataModule(root=str(tmp_path / "nothing"), batch_size=16, if_missing="synthetic", synthetic_size=50,
+                           augment=False)
+    with pytest.warns(UserWarning, match=r"(?s)root=.*download=False.*SYNTHETIC.*NOT CIFAR RESULTS"):
+        dm.setup("fit")
+    assert dm.using_synthetic
+    assert len(dm.train_set) == 50 and len(dm.test_set) == 10 and dm.val_set is dm.test_set
+    x, y = next(iter(dm.test_dataloader()))
+    assert x.shape == (10, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+    # same pipeline as CIFAR: uint8 HWC images -> ToTensor -> per-channel normalization
+    raw = dm.test_set.data.transpose(0, 3, 1, 2)  # (N, 3, 32, 32)
+    torch.testing.assert_close(x, _normalize(raw, dm.mean, dm.std), rtol=0, atol=1e-5)
+    assert y.tolist() == dm.test_set.targets
+    # balanced labels over all classes
+    assert sorted(np.bincount(dm.train_set.targets, minlength=10).tolist()) == [5] * 10
+
+
+def test_synthetic_is_seeded_and_learnable():
+    a, b = SyntheticCIFAR(200, 10, seed=3), SyntheticCIFAR(200, 10, seed=3)
+    np.testing.assert_array_equal(a.data, b.data)
+    assert a.targets == b.targets
+    assert not np.array_equal(a.data, SyntheticCIFAR(200, 10, seed=4).data)
+    test = SyntheticCIFAR(100, 10, train=False, seed=3)
+    assert not np.array_equal(a.data[:100], test.data)  # another noise stream
+    # class-dependent: a nearest-class-mean classifier fitted on the training split (float64) is
+    # near perfect on the test split; with shuffled training labels it is at chance level
+    def ncm_accuracy(train_x, train_y, x, y):
+        means = np.stack([train_x[train_y == c].mean(0) for c in range(10)])
+        d = ((x[:, None, :] - means[None]) ** 2).sum(-1)
+        return float((d.argmin(1) == y).mean())
+
+    tx, ty = a.data.reshape(200, -1).astype(np.float64), np.array(a.targets)
+    vx, vy = test.data.reshape(100, -1).astype(np.float64), np.array(test.targets)
+    assert ncm_accuracy(tx, ty, vx, vy) > 0.95
+    assert ncm_accuracy(tx, np.random.default_rng(0).permutation(ty), vx, vy) < 0.5
+
+
+def test_synthetic_only_when_absent_and_not_downloading(tmp_path):
+    write_fake_cifar10(tmp_path)  # present but fails the MD5 check: still an error, never a silent stand-in
+    with pytest.raises(FileNotFoundError, match="root="):
+        CIFAR10DataModule(root=str(tmp_path), if_missing="synthetic").setup("test")
+    dm = CIFAR10DataModule(root=str(tmp_path / "absent"), download=True, if_missing="synthetic")
+    with pytest.raises(FileNotFoundError):  # download=True: the real data is wanted (prepare_data not run here)
+        dm.setup("test")
+    assert not dm.using_synthetic
+
+
+def test_synthetic_cifar100_hierarchy_batches(tmp_path):
+    dm = CIFAR100HierarchyDataModule(root=str(tmp_path), batch_size=32, if_missing="synthetic", synthetic_size=200)
+    with pytest.warns(UserWarning, match="NOT CIFAR"):
+        dm.setup("fit")
+    x, y, coarse = next(iter(dm.train_dataloader()))
+    assert x.shape == (32, 3, 32, 32) and int(y.max()) < 100
+    assert coarse.tolist() == [CIFAR100_COARSE_LABELS[i] for i in y.tolist()]
+    assert len(dm.test_set) == 40

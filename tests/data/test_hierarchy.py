@@ -12,8 +12,15 @@ import torch
 import torchvision.datasets.cifar as tv_cifar
 from torchvision.datasets.utils import check_integrity
 
-from lightning_hyper.data import CIFAR100HierarchyDataModule, HierarchicalGaussianDataModule
+from lightning_hyper.data import (
+    CIFAR100HierarchyDataModule,
+    DigitsDataModule,
+    HierarchicalDigitsDataModule,
+    HierarchicalGaussianDataModule,
+)
 from lightning_hyper.data.hierarchy import (
+    DIGITS_COARSE_LABELS,
+    DIGITS_SUPERCLASSES,
     CIFAR100_COARSE_LABEL_NAMES,
     CIFAR100_COARSE_LABELS,
     CIFAR100_FINE_LABEL_NAMES,
@@ -156,3 +163,58 @@ def test_gaussian_bad_arguments(kwargs, match):
 def test_loader_before_setup():
     with pytest.raises(RuntimeError, match="call setup"):
         HierarchicalGaussianDataModule().train_dataloader()
+
+
+# ----------------------------------------------------------------------------- offline digits hierarchy
+def test_digits_hierarchy_batches_match_plain_digits():
+    dm = HierarchicalDigitsDataModule(batch_size=32, flatten=True)
+    assert dm.hierarchy == [0, 1, 1, 0, 2, 0, 2, 1, 1, 0] == list(DIGITS_COARSE_LABELS)
+    assert (dm.num_classes, dm.num_super_classes, dm.in_features) == (10, 3, 64)
+    assert Hierarchy.parse("digits") == Hierarchy.parse(dm.hierarchy)
+    dm.setup("fit")
+    plain = DigitsDataModule(batch_size=32, flatten=True)
+    plain.setup("fit")
+    for ours, theirs in ((dm.train_set, plain.train_set), (dm.val_set, plain.val_set)):  # same split and pixels
+        assert torch.equal(ours.tensors[0], theirs.tensors[0]) and torch.equal(ours.tensors[1], theirs.tensors[1])
+    x, y, yc = next(iter(dm.val_dataloader()))
+    assert x.shape == (32, 64) and yc.tolist() == [DIGITS_COARSE_LABELS[v] for v in y.tolist()]
+    images = HierarchicalDigitsDataModule(return_coarse=False)
+    images.setup()
+    batch = next(iter(images.train_dataloader()))
+    assert len(batch) == 2 and batch[0].shape[1:] == (1, 8, 8)
+    custom = HierarchicalDigitsDataModule(hierarchy=[0, 0, 0, 0, 0, 1, 1, 1, 1, 1])
+    custom.setup()
+    x, y, yc = next(iter(custom.train_dataloader()))
+    assert yc.tolist() == [int(v >= 5) for v in y.tolist()] and custom.num_super_classes == 2
+
+
+def test_digits_grouping_follows_its_documented_rule_and_is_genuine():
+    """Ward clustering of the class-mean images into 4 clusters, singleton {0} merged into the nearest
+    cluster on average; digits of one super-class are closer to each other than to the others."""
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    means = np.stack([data.data[data.target == c].mean(0) / 16 for c in range(10)])
+    labels = fcluster(linkage(means, "ward"), 4, "maxclust")
+    clusters = {tuple(int(d) for d in np.flatnonzero(labels == k)) for k in set(labels)}
+    assert clusters == {(0,), (3, 5, 9), (1, 2, 7, 8), (4, 6)}
+    dist = np.linalg.norm(means[:, None] - means[None], axis=2)
+    nearest = min((c for c in clusters if c != (0,)), key=lambda c: dist[0, list(c)].mean())
+    assert set(DIGITS_SUPERCLASSES) == (clusters - {(0,), nearest}) | {tuple(sorted((0, *nearest)))}
+    parents = np.array(DIGITS_COARSE_LABELS)
+    same = (parents[:, None] == parents[None]) & ~np.eye(10, dtype=bool)
+    diff = parents[:, None] != parents[None]
+    assert dist[same].mean() == pytest.approx(1.83, abs=0.005) and dist[diff].mean() == pytest.approx(2.16, abs=0.005)
+
+
+@pytest.mark.parametrize("hierarchy,match", [
+    ([0, 1, 2], "super-class id .* of each of the 10 digits"),
+    ([0, 0, 0, 0, 0, 2, 2, 2, 2, 2], r"super-class id\(s\) \[1\] have no digit"),
+    ([0, 1, 1, 0, 2, 0, 2, 1, 1, -1], "an int >= 0"),
+])
+def test_digits_hierarchy_bad_arguments(hierarchy, match):
+    with pytest.raises(ValueError, match=match):
+        HierarchicalDigitsDataModule(hierarchy=hierarchy)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        HierarchicalDigitsDataModule(batch_size=0)

@@ -181,6 +181,17 @@ def test_gradients_finite_for_identical_and_opposite_rows(metric):
     assert bool(torch.isfinite(x.grad).all())
 
 
+def test_arccos_argument_clamped_to_099():
+    """theta = arccos(clamp(cos, -0.99, 0.99))/pi: value saturates and the gradient is zero past the clamp."""
+    ref = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    for c, clamped in ((0.995, True), (-0.999, True), (0.5, False), (-0.98, False)):
+        x = torch.tensor([[c, math.sqrt(1 - c * c)]], dtype=torch.float64, requires_grad=True)
+        theta = pairwise_metric(x, ref, "angular")
+        assert theta.item() == pytest.approx(math.acos(max(-0.99, min(0.99, c))) / math.pi, abs=1e-12)
+        theta.sum().backward()
+        assert bool(torch.isfinite(x.grad).all()) and (x.grad.abs().sum().item() == 0.0) == clamped, c
+
+
 def test_continuous_gradient_matches_gradcheck():
     x = random_rows(4, 5, 8).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda t: metric_energy(t, "angular"), (x,))

@@ -20,6 +20,7 @@ from lightning_hyper.functional.sphere_ops import (
     ga_psi,
     magnitude_function,
     patch_norms,
+    kernel_orthogonality,
     safe_acos,
     sphere_conv,
     sphere_linear,
@@ -570,3 +571,78 @@ def test_full_gradcheck_tiny_learnable_k():
     k = torch.tensor([0.4, 0.9], dtype=D, requires_grad=True)
     f = lambda xx, ww, kk: sphere_conv(xx, ww, None, 2, 1, 2, 2, "learnable", kk)  # noqa: E731
     assert torch.autograd.gradcheck(f, (x, w, k), eps=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------ kernel orthogonality (SphereNet §5, DCNet §8.5)
+def ref_orthogonality(w, form, normalize=False, eps=0.0):
+    """Double loop over kernel pairs, float64: sum_ij (w_i.w_j - delta_ij)^2 or sum_{i != j} (w_i.w_j)^2."""
+    w = np.asarray(w, dtype=float)
+    if normalize:
+        w = w / np.sqrt((w ** 2).sum(1, keepdims=True) + eps)
+    total = 0.0
+    for i in range(w.shape[0]):
+        for j in range(w.shape[0]):
+            dot = sum(w[i, k] * w[j, k] for k in range(w.shape[1]))
+            if form == "orthonormal":
+                total += (dot - (1.0 if i == j else 0.0)) ** 2
+            elif i != j:
+                total += dot ** 2
+    return total
+
+
+@pytest.mark.parametrize("n,d", [(4, 9), (9, 4)])  # n <= d: n x n Gram; n > d: d x d Gram identity
+@pytest.mark.parametrize("form", ["orthonormal", "orthogonal"])
+@pytest.mark.parametrize("normalize,eps", [(False, 0.0), (True, 0.0), (True, 1e-4)])
+def test_kernel_orthogonality_matches_double_loop(n, d, form, normalize, eps):
+    w = torch.randn(n, d, dtype=D, generator=torch.Generator().manual_seed(n * d)) * 0.7
+    got = kernel_orthogonality(w, form, normalize, eps)
+    assert got.item() == pytest.approx(ref_orthogonality(w.numpy(), form, normalize, eps), rel=1e-10, abs=1e-12)
+
+
+def test_kernel_orthogonality_zero_cases_and_form_agreement():
+    q = torch.nn.init.orthogonal_(torch.empty(6, 27, dtype=D))  # orthonormal rows
+    assert kernel_orthogonality(q, "orthonormal").item() < 1e-24
+    scaled = q * torch.linspace(0.5, 3.0, 6, dtype=D)[:, None]  # orthogonal, not unit norm
+    assert kernel_orthogonality(scaled, "orthogonal").item() < 1e-24
+    assert kernel_orthogonality(scaled, "orthonormal").item() > 1.0
+    assert kernel_orthogonality(scaled, "orthonormal", normalize=True).item() < 1e-24
+    w = torch.randn(5, 8, dtype=D)
+    torch.testing.assert_close(kernel_orthogonality(w, "orthonormal", True),
+                               kernel_orthogonality(w, "orthogonal", True))
+    # conv kernels through as_neurons; zero kernels with normalize give a finite value and gradient
+    from lightning_hyper.functional import as_neurons
+    conv = torch.randn(4, 2, 3, 3, dtype=D)
+    conv[1] = 0.0
+    conv.requires_grad_(True)
+    out = kernel_orthogonality(as_neurons(conv), "orthogonal", normalize=True)
+    out.backward()
+    assert torch.isfinite(out) and torch.isfinite(conv.grad).all()
+
+
+@pytest.mark.parametrize("n,d", [(3, 5), (6, 3)])
+def test_kernel_orthogonality_gradcheck(n, d):
+    w = torch.randn(n, d, dtype=D, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    for form in ("orthonormal", "orthogonal"):
+        for normalize in (False, True):
+            assert torch.autograd.gradcheck(lambda t: kernel_orthogonality(t, form, normalize), (w,))
+
+
+def test_kernel_orthogonality_optimum():
+    """Adam on the penalty alone: -> 0 for n <= d; -> n - d for n > d (G = WW^T has rank <= d)."""
+    for (n, d), target in (((8, 12), 0.0), ((12, 5), 7.0)):
+        w = (torch.randn(n, d, generator=torch.Generator().manual_seed(0)) * math.sqrt(2 / d)).requires_grad_(True)
+        opt = torch.optim.Adam([w], lr=1e-2)
+        for _ in range(400):
+            opt.zero_grad()
+            kernel_orthogonality(w).backward()
+            opt.step()
+        assert kernel_orthogonality(w.detach()).item() == pytest.approx(target, abs=1e-3)
+
+
+def test_kernel_orthogonality_bad_input():
+    with pytest.raises(ValueError, match=r"form='orthonormalish'.*accepted values.*'orthonormal', 'orthogonal'"):
+        kernel_orthogonality(torch.randn(3, 4), "orthonormalish")
+    with pytest.raises(ValueError, match=r"neurons: expected an \(n, d\) matrix"):
+        kernel_orthogonality(torch.randn(3, 4, 2))
+    with pytest.raises(ValueError, match="eps must be"):
+        kernel_orthogonality(torch.randn(3, 4), eps=-1.0)

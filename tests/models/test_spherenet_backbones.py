@@ -186,7 +186,8 @@ def _clean_argv(monkeypatch, tmp_path):
 @pytest.mark.parametrize("config", ["spherenet_digits.yaml", "dcnet_digits.yaml", "spherenet_mnist1d.yaml"])
 def test_offline_configs_run(config, _clean_argv, capsys):
     run_cli(["fit", "--config", str(CONFIGS / config), "--trainer.fast_dev_run=2", "--trainer.logger=false"])
-    assert "fit: final metrics:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "fit: final metrics:" in out and "sphere_orth/penalty" in out  # the kernel orthogonality regularizer
 
 
 @pytest.mark.parametrize("config,backbone_cls,op_cls", [("spherenet_cifar10.yaml", SphereCNN, SphereConv2d),

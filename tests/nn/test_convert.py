@@ -73,6 +73,15 @@ def test_decoupled_conversion_and_magnitude_shortcut():
     assert net.block[0].magnitude == "ball"
     seq = convert(nn.Sequential(nn.Conv1d(2, 3, 3), nn.Flatten(), nn.Linear(3, 2)), "sphere")
     assert type(seq[0]) is SphereConv1d
+    # 3-D convolutions: both families, weights copied, same output as the functional operator
+    conv3 = nn.Conv3d(2, 4, 3, stride=2, padding=1, groups=2).double()
+    seq = convert(nn.Sequential(conv3, nn.Flatten(), nn.Linear(4, 2)), "decoupled", magnitude="linear",
+                  angular="linear")
+    assert type(seq[0]) is lhnn.DecoupledConv3d and seq[0].weight.equal(conv3.weight) and seq[0].groups == 2
+    x = torch.randn(1, 2, 3, 3, 3, dtype=torch.float64)
+    from lightning_hyper.functional.sphere_ops import decoupled_conv
+    torch.testing.assert_close(seq[0](x), decoupled_conv(x, conv3.weight, conv3.bias, 2, 1, 1, 2, "linear", "linear"))
+    assert type(convert(nn.Sequential(nn.Conv3d(2, 4, 3), nn.Linear(4, 2)), "sphere")[0]) is lhnn.SphereConv3d
 
 
 def test_weighted_linear_conv_conversion_reproduces_the_cnn():
@@ -97,8 +106,6 @@ def test_convert_errors():
         convert(Net(), "sphere", classifier="head")
     with pytest.raises(ValueError, match="no Conv/Linear layer"):
         convert(nn.Sequential(nn.ReLU()), "sphere")
-    with pytest.raises(ValueError, match="Conv3d"):
-        convert(nn.Sequential(nn.Conv3d(1, 2, 3), nn.Linear(2, 2)), "decoupled")
     with pytest.raises(ValueError, match="lazy"):
         convert(nn.Sequential(nn.LazyLinear(3), nn.Linear(3, 2)), "sphere")
     with pytest.raises(ValueError, match="conflicts"):

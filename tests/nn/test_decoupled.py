@@ -1,14 +1,19 @@
 """DecoupledConv1d/2d and DecoupledLinear modules: radius normalization, learnable parts, invariants, errors."""
 from __future__ import annotations
 
+import itertools
+import math
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import make_circles
 from torch import nn
 
-from lightning_hyper.functional.sphere_ops import decoupled_conv, patch_norms
-from lightning_hyper.nn import DecoupledConv1d, DecoupledConv2d, DecoupledLinear
+from lightning_hyper.functional.sphere_ops import MAGNITUDE_FNS, decoupled_conv, patch_norms
+from lightning_hyper.nn import DecoupledConv1d, DecoupledConv2d, DecoupledConv3d, DecoupledLinear
+from tests.functional.test_sphere_ops import ref_g, ref_h
 
 D = torch.float64
 
@@ -30,6 +35,68 @@ def test_subclass_and_state_dict_keys():
     assert set(m.state_dict()) == {"weight", "radius_raw", "patch_norm_mean", "num_batches_tracked"}
     assert set(DecoupledConv2d(3, 4, 3, magnitude="linear").state_dict()) == {"weight"}
     assert isinstance(DecoupledLinear(3, 4), nn.Linear) and isinstance(DecoupledConv1d(3, 4, 3), nn.Conv1d)
+
+
+def ref_conv3d_parts(x, w, stride, padding, dilation, groups, eps=1e-4):
+    """Explicit loops over samples, output channels and output voxels (float64, zero padding):
+    per patch the dot product with the normalized kernel's direction, ||x_patch|| and ||w||."""
+    x, w = x.numpy(), w.numpy()
+    n, c_in = x.shape[:2]
+    c_out, cg = w.shape[0], w.shape[1]
+    og = c_out // groups
+    xp = np.pad(x, [(0, 0), (0, 0)] + [(padding[i], padding[i]) for i in range(3)])
+    out_sz = [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (w.shape[2 + i] - 1) - 1) // stride[i] + 1
+              for i in range(3)]
+    cos = np.zeros((n, c_out, *out_sz))
+    xn = np.zeros_like(cos)
+    wn = np.sqrt((w.reshape(c_out, -1) ** 2).sum(1) + eps)
+    for b, o, i, j, k in itertools.product(range(n), range(c_out), *(range(s) for s in out_sz)):
+        g = o // og
+        dot = sq = 0.0
+        for c, a1, a2, a3 in itertools.product(range(cg), *(range(s) for s in w.shape[2:])):
+            v = xp[b, g * cg + c, i * stride[0] + a1 * dilation[0], j * stride[1] + a2 * dilation[1],
+                   k * stride[2] + a3 * dilation[2]]
+            dot += w[o, c, a1, a2, a3] * v
+            sq += v * v
+        xn[b, o, i, j, k] = math.sqrt(sq + eps)
+        cos[b, o, i, j, k] = dot / (xn[b, o, i, j, k] * wn[o])
+    return cos, xn, wn
+
+
+@pytest.mark.parametrize("magnitude", MAGNITUDE_FNS)
+@pytest.mark.parametrize("angular,k", [("linear", None), ("cosine", None), ("sigmoid", 0.4), ("sqcos", None)])
+def test_conv3d_matches_explicit_loops(magnitude, angular, k):
+    """DecoupledConv3d (train mode: rho' = rho * batch mean of ||x||) vs per-voxel loops, stride/padding/
+    dilation/groups mixed per axis."""
+    gen = torch.Generator().manual_seed(3)
+    conv_args = dict(stride=(2, 1, 2), padding=(1, 0, 1), dilation=(1, 2, 1), groups=2)
+    m = DecoupledConv3d(4, 4, 2, magnitude=magnitude, angular=angular, sigmoid_k=k or 0.3, alpha=1.5, seg_beta=0.5,
+                        mix_log_weight=0.7, radius_init=0.8, radius_norm_momentum=0.1, **conv_args).double()
+    assert isinstance(m, nn.Conv3d)
+    with torch.no_grad():
+        m.weight.copy_(torch.randn(m.weight.shape, dtype=D, generator=gen))
+    x = torch.randn(2, 4, 4, 5, 4, dtype=D, generator=gen)
+    cos, xn, wn = ref_conv3d_parts(x, m.weight.detach(), *conv_args.values())
+    rho = None
+    if m.has_radius:
+        per_group = xn[:, ::2]  # the two output channels of a group share one patch norm
+        rho = m.radius.detach().numpy().reshape(1, -1, 1, 1, 1) * per_group.mean()
+    beta = 0.5 if magnitude == "seg" else 0.7
+    ref = ref_h(xn, magnitude, 1.5, rho, beta) * ref_g(np.arccos(np.clip(cos, -1, 1)), angular, k)
+    torch.testing.assert_close(m(x), torch.as_tensor(ref), atol=1e-10, rtol=0)
+    if m.has_radius:  # the running mean got the batch mean; eval mode uses it
+        assert float(m.patch_norm_mean) == pytest.approx(xn[:, ::2].mean(), rel=1e-12)
+        m.eval()
+        torch.testing.assert_close(m(x), torch.as_tensor(ref), atol=1e-10, rtol=0)
+
+
+def test_conv3d_gradcheck_and_state_dict():
+    m = DecoupledConv3d(2, 2, 2, stride=2, padding=1, magnitude="tanh", angular="sigmoid", learn_k=True).double()
+    assert set(m.state_dict()) == {"weight", "radius_raw", "k_raw", "patch_norm_mean", "num_batches_tracked"}
+    x = torch.randn(1, 2, 3, 3, 3, dtype=D, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: m(t), (x,))
+    m(x).sum().backward()
+    assert m.radius_raw.grad.abs().sum() > 0 and m.k_raw.grad.abs().sum() > 0
 
 
 def test_train_mode_uses_batch_mean_and_eval_uses_running_mean():

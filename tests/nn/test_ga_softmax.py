@@ -129,3 +129,94 @@ def test_bad_input():
         head(torch.randn(2, 4), torch.tensor([0, 3]))
     with pytest.raises(TypeError, match="no margin"):
         WSoftmaxHead(4, 3, m=4)
+
+
+# ------------------------------------------------------------------ lambda annealing (App. A.7, SphereFace's schedule)
+def test_lambda_schedule_anneals_per_training_step():
+    from lightning_hyper.functional.margin import lambda_schedule
+
+    torch.manual_seed(0)
+    head = GASoftmaxHead(5, 3, m=4, g="linear", lambda_schedule="sphereface", acos_eps=1e-12).double()
+    assert head.global_step == 0 and head.lambda_ == pytest.approx(1000 / 1.12)  # lambda(1) = 892.857
+    x, y = torch.randn(6, 5, dtype=D), torch.randint(0, 3, (6,))
+    for t in range(3):
+        lam = lambda_schedule(t + 1)  # the step's own lambda (t = 0-based training step)
+        assert head.lambda_at(t) == pytest.approx(lam)
+        torch.testing.assert_close(head(x, y), ref_logits(x, head.weight.detach(), "linear", m=4, labels=y, lam=lam),
+                                   atol=1e-8, rtol=0)
+        assert head.global_step == t + 1
+    assert head.lambda_ == pytest.approx(lambda_schedule(4))
+    # inference, eval mode and no_grad do not advance the schedule
+    head(x)
+    head.eval()
+    head(x, y)
+    head.train()
+    with torch.no_grad():
+        head(x, y)
+    assert head.global_step == 3
+    # the training loop may drive it instead; overrides of the preset and the floor lambda_min
+    head.auto_step = False
+    head.global_step = 10_000
+    head(x, y)
+    assert head.global_step == 10_000 and head.lambda_ == 5.0
+    custom = GASoftmaxHead(5, 3, lambda_schedule="sphereface", lambda_base=100.0, lambda_min=0.0)
+    assert custom.lambda_at(9) == pytest.approx(100 / (1 + 0.12 * 10))
+    # lambda = inf (a warm start) gives the plain W-Softmax logits
+    head.lambda_ = math.inf
+    torch.testing.assert_close(head(x, y), head(x))
+
+
+def test_lambda_step_is_a_buffer_that_survives_state_dict():
+    head = GASoftmaxHead(4, 3, m=4, lambda_schedule="pytorch_port")
+    head.global_step = 42
+    state = head.state_dict()
+    assert int(state["lambda_step"]) == 42
+    fresh = GASoftmaxHead(4, 3, m=4, lambda_schedule="pytorch_port")
+    fresh.load_state_dict(state)
+    assert fresh.global_step == 42 and fresh.lambda_ == pytest.approx(max(5.0, 1500 / (1 + 0.1 * 43)))
+    fixed = GASoftmaxHead(4, 3, m=4, margin_lambda=2.5)  # no schedule: lambda stays fixed
+    fixed.global_step = 100
+    assert fixed.lambda_ == 2.5 and fixed.lambda_at(7) == 2.5
+    assert "lambda_schedule='pytorch_port'" in repr(fresh) and "margin_lambda=2.5" in repr(fixed)
+
+
+def test_lambda_schedule_resumes_from_a_lightning_checkpoint(tmp_path):
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_hyper.models import HypersphericalClassifier
+
+    g = torch.Generator().manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g)),
+                      batch_size=8)
+
+    def model():
+        return HypersphericalClassifier(backbone="embedding_mlp", num_classes=3,
+                                        backbone_kwargs={"in_features": 6, "hidden": [8], "embedding_dim": 4},
+                                        head="gasoftmax", head_kwargs={"m": 4, "lambda_schedule": "sphereface"},
+                                        optimizer="adam", lr=1e-2)
+
+    def trainer(steps, **kw):
+        return L.Trainer(max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path, accelerator="cpu", limit_val_batches=0, **kw)
+
+    first = model()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)
+    trainer(3, callbacks=[ckpt]).fit(first, data)
+    assert first.head.global_step == 3
+    path = next(tmp_path.glob("*step=3*.ckpt"))
+    restored = HypersphericalClassifier.load_from_checkpoint(path)
+    assert restored.head.global_step == 3 and restored.head.lambda_ == pytest.approx(first.head.lambda_)
+    resumed = model()
+    trainer(5, enable_checkpointing=False).fit(resumed, data, ckpt_path=path)
+    assert resumed.head.global_step == 5
+
+
+def test_lambda_schedule_bad_input():
+    with pytest.raises(ValueError, match=r"lambda_schedule='fast' is unknown; accepted values: \[.*'sphereface'"):
+        GASoftmaxHead(4, 3, lambda_schedule="fast")
+    with pytest.raises(ValueError, match="need lambda_schedule"):
+        GASoftmaxHead(4, 3, lambda_min=5.0)
+    with pytest.raises(ValueError, match="margin_lambda is the fixed lambda"):
+        GASoftmaxHead(4, 3, margin_lambda=1.0, lambda_schedule="sphereface")

@@ -1,0 +1,108 @@
+"""Orthogonality of SphereNet / DCNet kernels as a penalty callback (spherenet spec §5, dcnet spec §8.5).
+
+SphereNet (thesis §3.2.4, App. D.5) regularizes angles instead of norms: it replaces weight decay on
+the SphereConv kernels by the *orthonormal* penalty, per layer, summed over layers,
+
+.. math::
+    \\lambda \\sum_l \\|W_l W_l^\\top - I\\|_F^2 \\qquad (W_l: n \\times d,\\ \\text{row } i = \\text{kernel } w_i),
+
+on the raw kernels (so it also pins every ``||w_i||`` near 1, which keeps the ``1/||w||`` gradient scale
+of the operator near 1), with ``lambda = 1e-4`` in the reference code. DCNet (thesis §4.5, App. C.1)
+uses the *orthogonal* form :math:`\\|W W^\\top - \\mathrm{diag}(W W^\\top)\\|_F^2` on normalized kernels
+(its reference code: ``1e-5 * ½ ||Ŵ Ŵᵀ − I||²``, i.e. ``weight=5e-6``, ``form="orthogonal"``,
+``normalize=True``). The formula is :func:`lightning_hyper.functional.sphere_ops.kernel_orthogonality`.
+
+This is not OPT's :class:`~lightning_hyper.callbacks.orthogonal.OrthogonalRegularizer`, which penalizes
+the learned rotation ``R`` of OPT layers (square, ``RᵀR = I``); here the kernels themselves are pushed
+apart.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from lightning_hyper.callbacks.base import LayerRef, PenaltyCallback, finite_or_raise
+from lightning_hyper.functional.sphere_ops import ORTHOGONALITY_FORMS, check_choice, kernel_orthogonality
+from lightning_hyper.nn.decoupled import _DecoupledMixin
+from lightning_hyper.nn.sphere import _SphereMixin
+
+__all__ = ["LAYER_SCOPES", "SphereOrthogonalityRegularizer", "is_operator_layer"]
+
+#: Which selected layers are regularized.
+LAYER_SCOPES: tuple[str, ...] = ("operators", "all")
+
+
+def is_operator_layer(module: nn.Module) -> bool:
+    """True for SphereConv*/SphereLinear (``angle_fn != "none"``) and DecoupledConv*/DecoupledLinear layers."""
+    if isinstance(module, _SphereMixin):
+        return module.angle_fn != "none"
+    return isinstance(module, _DecoupledMixin)
+
+
+class SphereOrthogonalityRegularizer(PenaltyCallback):
+    """Adds ``weight * sum_l P(W_l)`` over the hidden SphereNet / DCNet operator layers and logs it.
+
+    Args:
+        weight: :math:`\\lambda` (SphereNet reference code: 1e-4 on the squared Frobenius norm; DCNet: 5e-6).
+        form: ``"orthonormal"`` (:math:`\\|WW^\\top - I\\|_F^2`, SphereNet) or ``"orthogonal"``
+            (:math:`\\|WW^\\top - \\mathrm{diag}(WW^\\top)\\|_F^2`, DCNet).
+        normalize: penalize the normalized kernels ``w / sqrt(||w||^2 + eps)`` (DCNet) instead of the raw ones
+            (SphereNet default).
+        eps: added to ``||w||^2`` when normalizing.
+        layers: ``"operators"`` (default: only SphereConv*/SphereLinear with ``angle_fn != "none"`` and
+            Decoupled* layers, so plain 1x1 shortcut convs and BN stay free) or ``"all"`` (every selected
+            hidden Conv/Linear layer, e.g. for the plain-CNN baseline of the same architecture).
+            The output classifier is never regularized (thesis: every SphereConv layer including the
+            hidden FC layer, not the classifier).
+        include, exclude, layer_types, output_layer, mode, on_nonfinite, prefix: see
+            :class:`~lightning_hyper.callbacks.base.PenaltyCallback`.
+
+    Logs ``sphere_orth/penalty`` (weighted sum), ``sphere_orth/orthogonality/<layer>`` (the unweighted
+    per-layer term) and ``sphere_orth/filter_norm/<layer>`` (mean kernel norm, which the orthonormal form
+    drives to 1).
+    """
+
+    prefix = "sphere_orth"
+
+    def __init__(self, weight: float = 1e-4, form: str = "orthonormal", normalize: bool = False, eps: float = 0.0,
+                 layers: str = "operators", *, include: str | Sequence[str] | None = None,
+                 exclude: str | Sequence[str] | None = None, layer_types: str | Sequence[str] | None = None,
+                 output_layer: str | None = None, mode: str = "auto",
+                 labels: Callable[[Any], Tensor | None] | None = None, on_nonfinite: str = "error",
+                 prefix: str | None = None) -> None:
+        super().__init__(include=include, exclude=exclude, layer_types=layer_types, output_layer=output_layer,
+                         mode=mode, labels=labels, on_nonfinite=on_nonfinite, prefix=prefix)
+        self.weight = finite_or_raise(weight, "weight", 0.0)
+        self.form = check_choice("form", form, ORTHOGONALITY_FORMS)
+        self.normalize = bool(normalize)
+        self.eps = finite_or_raise(eps, "eps", 0.0)
+        self.layers_scope = check_choice("layers", layers, LAYER_SCOPES)
+
+    def _applies(self, layer: LayerRef) -> bool:
+        if layer.role == "output":
+            return False
+        return self.layers_scope == "all" or is_operator_layer(layer.module)
+
+    def validate_layers(self, layers: list[LayerRef]) -> None:  # noqa: D102
+        if not any(self._applies(layer) for layer in layers):
+            names = [f"{layer.name} ({type(layer.module).__name__}, {layer.role})" for layer in layers]
+            raise ValueError(
+                "SphereOrthogonalityRegularizer found no hidden layer to regularize: with layers='operators' it "
+                "needs SphereConv*/SphereLinear (angle_fn != 'none') or Decoupled* layers (convert a model with "
+                "lightning_hyper.nn.convert, or pass layers='all'); the output classifier is never regularized. "
+                f"Selected layers: {names}"
+            )
+
+    def layer_terms(self, layer: LayerRef, labels: Tensor | None, step: int) -> dict[str, Tensor] | None:  # noqa: D102
+        if not self._applies(layer):
+            return None
+        w = layer.neurons()
+        w = w if w.dtype == torch.float64 else w.float()
+        value = kernel_orthogonality(w, self.form, self.normalize, self.eps)
+        return {
+            "penalty": self.weight * value,
+            "orthogonality": value.detach(),
+            "filter_norm": torch.linalg.vector_norm(w.detach(), dim=1).mean(),
+        }
