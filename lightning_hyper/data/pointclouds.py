@@ -147,7 +147,33 @@ def sample_shape(shape: str, num_points: int, gen: torch.Generator, noise: float
     return pts
 
 
-class SyntheticShapesDataModule(L.LightningDataModule):
+class _SplitsDataModule(L.LightningDataModule):
+    """Train / val / test loaders over ``self.splits`` (built in ``setup``), shuffled per epoch by seed."""
+
+    splits: list | None
+    batch_size: int
+    num_workers: int
+
+    def _loader(self, i: int, shuffle: bool) -> DataLoader:
+        self.setup()
+        return DataLoader(self.splits[i], batch_size=self.batch_size, sampler=epoch_sampler(self.splits[i], shuffle),
+                          num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(0, True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(1, False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(2, False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(2, False)
+
+
+class SyntheticShapesDataModule(_SplitsDataModule):
     """Primitive-shape point clouds (one class per shape), seeded and offline.
 
     Args:
@@ -200,24 +226,6 @@ class SyntheticShapesDataModule(L.LightningDataModule):
         if self.splits is None:
             self.splits = [self.make_split(n, self.seed + i) for i, n in enumerate(self.sizes)]
 
-    def _loader(self, i: int, shuffle: bool) -> DataLoader:
-        self.setup()
-        return DataLoader(self.splits[i], batch_size=self.batch_size, sampler=epoch_sampler(self.splits[i], shuffle),
-                          num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(0, True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(1, False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(2, False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(2, False)
-
 
 class _SampledMeshes(Dataset):
     """torch-geometric mesh dataset -> ``(points (N, 3), label)`` with points resampled on every access."""
@@ -237,7 +245,7 @@ class _SampledMeshes(Dataset):
         return data.pos.float(), data.y.view(()).long()
 
 
-class ModelNetDataModule(L.LightningDataModule):
+class ModelNetDataModule(_SplitsDataModule):
     """ModelNet10 / ModelNet40 via torch-geometric, for users who have the data.
 
     Args:
@@ -293,18 +301,3 @@ class ModelNetDataModule(L.LightningDataModule):
         n_val = int(round(self.val_fraction * len(train)))
         full = _SampledMeshes(train, self.num_points)
         self.splits = [Subset(full, perm[n_val:]), Subset(full, perm[:n_val]), _SampledMeshes(test, self.num_points)]
-
-    def _loader(self, i: int, shuffle: bool) -> DataLoader:
-        self.setup()
-        return DataLoader(self.splits[i], batch_size=self.batch_size, sampler=epoch_sampler(self.splits[i], shuffle),
-                          num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(0, True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(1, False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(2, False)
