@@ -17,12 +17,7 @@ from lightning_hyper.nn import DecoupledConv2d, DecoupledLinear, SphereConv2d
 D = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class DCNet(L.LightningModule):

@@ -15,12 +15,7 @@ from lightning_hyper.nn import DecoupledConv2d, SphereConv2d, SphereLinear
 from tests.callbacks.helpers import PlainNet, make_loader, trainer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class SphereNet(L.LightningModule):

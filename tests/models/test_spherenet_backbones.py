@@ -28,12 +28,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 NAMES = ["spherenet_cnn", "spherenet_resnet", "spherenet_resnet18", "dcnet_cnn", "dcnet_resnet", "dcnet_resnet18"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _small(name):

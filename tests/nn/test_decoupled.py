@@ -18,15 +18,7 @@ from tests.functional.test_sphere_ops import ref_g, ref_h
 D = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops: one thread is several times faster than two on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_subclass_and_state_dict_keys():

@@ -38,12 +38,7 @@ STEPS = 6
 BAD_LAYER = {"mhe": "fc2", "comhe": "fc2", "hierarchical": "out", "orthogonal": "fc2"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def poison(cb, layer_name: str, step: int) -> None:

@@ -38,12 +38,7 @@ from tests.reliability.families import FAMILIES, assert_same_state, loader, make
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: 1 thread is faster and deterministic
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Interrupted(Exception):
