@@ -31,7 +31,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from lightning_hyper.data.sampling import epoch_sampler
+from lightning_hyper.data.sampling import epoch_loader
 
 __all__ = ["CIFAR10DataModule", "CIFAR100DataModule", "IF_MISSING", "SyntheticCIFAR"]
 
@@ -224,16 +224,8 @@ class CIFAR10DataModule(L.LightningDataModule):
                 self.train_set, self.val_set = Subset(train_full, train_idx), Subset(plain, val_idx)
 
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError(f"{type(self).__name__}: call setup() before asking for a dataloader")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=epoch_sampler(dataset, shuffle),
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-        )
+        return epoch_loader(dataset, batch_size=self.batch_size, shuffle=shuffle, owner=type(self).__name__,
+                            num_workers=self.num_workers, pin_memory=self.pin_memory)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_hyper.data.sampling import epoch_sampler
+from lightning_hyper.data.sampling import epoch_loader
 
 __all__ = ["DigitsDataModule"]
 
@@ -80,15 +80,8 @@ class DigitsDataModule(L.LightningDataModule):
         self.val_set = self._tensors(x_va, y_va)
 
     def _loader(self, dataset: TensorDataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("DigitsDataModule: call setup() before asking for a dataloader")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=epoch_sampler(dataset, shuffle),
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        return epoch_loader(dataset, batch_size=self.batch_size, shuffle=shuffle, owner=type(self).__name__,
+                            num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)

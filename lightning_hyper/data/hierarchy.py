@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_hyper.data.cifar import CIFAR100DataModule
 from lightning_hyper.data.digits import DigitsDataModule
-from lightning_hyper.data.sampling import epoch_sampler
+from lightning_hyper.data.sampling import epoch_loader
 from lightning_hyper.nn.hierarchical import register_hierarchy
 
 __all__ = [
@@ -189,10 +189,8 @@ class HierarchicalGaussianDataModule(L.LightningDataModule):
         self.val_set = self._dataset(d["x_val"], d["y_val"])
 
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError(f"{type(self).__name__}: call setup() before asking for a dataloader")
-        return DataLoader(dataset, batch_size=self.batch_size,
-                          sampler=epoch_sampler(dataset, shuffle, self.hparams.seed))
+        return epoch_loader(dataset, batch_size=self.batch_size, shuffle=shuffle, owner=type(self).__name__,
+                            seed=self.hparams.seed)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_hyper.data.sampling import epoch_sampler
+from lightning_hyper.data.sampling import epoch_loader
 
 __all__ = ["MNIST1DDataModule", "make_mnist1d"]
 
@@ -95,15 +95,8 @@ class MNIST1DDataModule(L.LightningDataModule):
         self.test_set = to_set(data["x_test"], data["y_test"])
 
     def _loader(self, dataset: TensorDataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("MNIST1DDataModule: call setup() before asking for a dataloader")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=epoch_sampler(dataset, shuffle),
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        return epoch_loader(dataset, batch_size=self.batch_size, shuffle=shuffle, owner=type(self).__name__,
+                            num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from lightning_hyper.data.sampling import epoch_sampler
+from lightning_hyper.data.sampling import epoch_loader, epoch_sampler
 
 __all__ = ["LFWPairsDataModule", "OpenSetDataModule", "make_verification_pairs", "read_lfw_pairs"]
 
@@ -188,9 +188,8 @@ class OpenSetDataModule(L.LightningDataModule):
         self._ready = True
 
     def _loader(self, ds: Dataset, shuffle: bool = False) -> DataLoader:
-        return DataLoader(ds, batch_size=self.batch_size, sampler=epoch_sampler(ds, shuffle),
-                          num_workers=self.num_workers,
-                          drop_last=False)
+        return epoch_loader(ds, batch_size=self.batch_size, shuffle=shuffle, owner=type(self).__name__,
+                            num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)

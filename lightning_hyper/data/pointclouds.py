@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from lightning_hyper.data.sampling import epoch_sampler
+from lightning_hyper.data.sampling import epoch_loader
 
 __all__ = ["SHAPES", "ModelNetDataModule", "SyntheticShapesDataModule", "random_rotation", "sample_shape"]
 
@@ -156,9 +156,8 @@ class _SplitsDataModule(L.LightningDataModule):
 
     def _loader(self, i: int, shuffle: bool) -> DataLoader:
         self.setup()
-        return DataLoader(self.splits[i], batch_size=self.batch_size, sampler=epoch_sampler(self.splits[i], shuffle),
-                          num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        return epoch_loader(self.splits[i], batch_size=self.batch_size, shuffle=shuffle, owner=type(self).__name__,
+                            num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(0, True)

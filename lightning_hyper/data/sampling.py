@@ -9,12 +9,12 @@ checkpoint). It subclasses ``RandomSampler``, so under DDP Lightning swaps it fo
 """
 from __future__ import annotations
 
-from typing import Iterator, Sized
+from typing import Any, Iterator, Sized
 
 import torch
-from torch.utils.data import RandomSampler
+from torch.utils.data import DataLoader, RandomSampler
 
-__all__ = ["EpochShuffleSampler", "epoch_sampler"]
+__all__ = ["EpochShuffleSampler", "epoch_loader", "epoch_sampler"]
 
 _GOLDEN = 0x9E3779B97F4A7C15  # odd 64-bit constant: distinct epochs -> distinct seeds
 
@@ -58,3 +58,13 @@ def epoch_sampler(dataset: Sized, shuffle: bool, seed: int | None = None) -> Epo
     """``sampler=`` argument of a DataModule's loader: an :class:`EpochShuffleSampler` if ``shuffle``, else
     ``None`` (the DataLoader's sequential order)."""
     return EpochShuffleSampler(dataset, seed) if shuffle else None
+
+
+def epoch_loader(dataset: Any, *, batch_size: int, shuffle: bool, owner: str = "DataModule", num_workers: int = 0,
+                 pin_memory: bool = False, seed: int | None = None) -> DataLoader:
+    """The DataModules' loader: an :func:`epoch_sampler` order, persistent workers when ``num_workers > 0``;
+    a clear error if ``setup()`` has not built ``dataset`` yet (``owner`` names the DataModule)."""
+    if dataset is None:
+        raise RuntimeError(f"{owner}: call setup() before asking for a dataloader")
+    return DataLoader(dataset, batch_size=batch_size, sampler=epoch_sampler(dataset, shuffle, seed),
+                      num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0)

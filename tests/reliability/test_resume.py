@@ -174,10 +174,10 @@ def test_resume_check_fails_without_the_callback_state(tmp_path, monkeypatch, fa
 def test_resume_check_fails_with_global_rng_shuffling(tmp_path, monkeypatch):
     """Mutation check for the data modules: with ``DataLoader(shuffle=True)``'s global-RNG order (what
     they used before) the resumed run sees other batches than the uninterrupted one."""
-    import lightning_hyper.data.digits as digits
+    import lightning_hyper.data.sampling as sampling
     from torch.utils.data import RandomSampler
 
-    monkeypatch.setattr(digits, "epoch_sampler", lambda ds, shuffle, seed=None: RandomSampler(ds) if shuffle else None)
+    monkeypatch.setattr(sampling, "epoch_sampler", lambda ds, shuffle, seed=None: RandomSampler(ds) if shuffle else None)
     build, data, n, kw = MODULES["classifier"]
     with pytest.raises(AssertionError, match="step 3"):
         assert_resumes_exactly(tmp_path, build, data, n, **kw)
