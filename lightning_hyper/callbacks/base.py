@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 from lightning_hyper.functional.neurons import as_neurons, has_neurons
 
-__all__ = ["LayerRef", "LayerSelection", "PenaltyCallback", "default_labels", "check_strategy"]
+__all__ = ["LayerRef", "LayerSelection", "PenaltyCallback", "default_labels", "check_strategy",
+           "destroy_gloo_process_group", "register_gloo_cleanup"]
 
 MODES = ("auto", "loss", "gradient")
 NONFINITE_POLICIES = ("error", "skip")
@@ -59,16 +60,45 @@ def default_labels(batch: Any) -> Tensor | None:
 
 
 def check_strategy(trainer: L.Trainer, owner: str) -> None:
-    """Raise for sharded strategies whose parameters are not whole on each rank (no-op without a trainer)."""
+    """Raise for sharded strategies whose parameters are not whole on each rank (no-op without a trainer).
+
+    Under a gloo process group it also registers :func:`destroy_gloo_process_group` to run at exit."""
     strategy = getattr(trainer, "strategy", None)
     if strategy is None:
         return
+    register_gloo_cleanup()
     name = type(strategy).__name__
     if any(tag.lower() in name.lower() for tag in _UNSUPPORTED_STRATEGIES):
         raise RuntimeError(
             f"{owner} does not support strategy {name}: neurons are sharded across ranks there. "
             "Supported strategies: single device ('auto'), 'ddp', 'ddp_spawn', 'ddp_find_unused_parameters_true'"
         )
+
+
+_GLOO_CLEANUP_REGISTERED = False
+
+
+def destroy_gloo_process_group() -> None:
+    """Destroy the default process group if it is a gloo one.
+
+    Lightning destroys the process group at exit only for nccl. A gloo group left alive until the
+    interpreter finalizes tears down its communication threads while they still run, and the worker
+    dies with ``terminate called without an active exception`` (SIGABRT) after training finished.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
+        dist.destroy_process_group()
+
+
+def register_gloo_cleanup() -> None:
+    """Run :func:`destroy_gloo_process_group` at interpreter exit (once per process)."""
+    global _GLOO_CLEANUP_REGISTERED
+    if not _GLOO_CLEANUP_REGISTERED:
+        import atexit
+
+        atexit.register(destroy_gloo_process_group)
+        _GLOO_CLEANUP_REGISTERED = True
 
 
 def _as_list(value: str | Sequence[str] | None, arg: str) -> list[str]:
@@ -206,6 +236,7 @@ class PenaltyCallback(Callback):
         self._active_mode: str | None = None
         self._batch: Any = None
         self._trainer: L.Trainer | None = None
+        self._losses_since_step = 0  # batches since the last optimizer step whose training_step returned a loss
 
     @property
     def state_key(self) -> str:
@@ -296,8 +327,11 @@ class PenaltyCallback(Callback):
                              "manual optimization: use mode='gradient' (or 'auto')")
         self._active_mode = mode
         self.layers = []
+        self._losses_since_step = 0
         pl_module.__dict__.pop(_SKIP_ATTR, None)
-        if mode == "loss":
+        if pl_module.automatic_optimization:
+            # "loss": adds the penalty to the returned loss; "gradient": counts the batches that returned a
+            # loss, so a window whose training_step returned only None (a skipped batch) gets no penalty either
             _TrainingStepWrapper.attach(pl_module, self, keep=trainer.callbacks)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -312,7 +346,9 @@ class PenaltyCallback(Callback):
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
         grads: Sequence[Tensor | None] = [None] * len(params)
-        if self._active_mode == "gradient":
+        skipped_batches = pl_module.automatic_optimization and self._losses_since_step == 0
+        self._losses_since_step = 0
+        if self._active_mode == "gradient" and not skipped_batches:
             with torch.enable_grad():
                 total = self.penalty(pl_module, self._batch)
                 if total.requires_grad:
@@ -354,6 +390,14 @@ class PenaltyCallback(Callback):
             offset += g.numel()
         return out
 
+    def after_training_step(self, pl_module: L.LightningModule, out: Any, batch: Any) -> Tensor | None:
+        """Called by the wrapped ``training_step`` with its output (automatic optimization): the penalty
+        to add to the loss in ``mode="loss"``, else ``None``. A ``None`` output (a skipped batch) gets none."""
+        if out is None:
+            return None
+        self._losses_since_step += 1
+        return self.penalty(pl_module, batch) if self._active_mode == "loss" else None
+
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
             _TrainingStepWrapper.detach(pl_module, self)
@@ -382,7 +426,8 @@ def _zero_like_params(module: nn.Module) -> Tensor:
 
 
 class _TrainingStepWrapper:
-    """One wrapper per module around ``training_step`` that adds every attached callback's penalty."""
+    """One wrapper per module around ``training_step`` that hands its output to every attached callback
+    (:meth:`PenaltyCallback.after_training_step`) and adds the penalties they return to the loss."""
 
     ATTR = "_lightning_hyper_penalties"
 
@@ -398,13 +443,12 @@ class _TrainingStepWrapper:
 
             def training_step(*args: Any, **kwargs: Any) -> Any:
                 out = original(*args, **kwargs)
-                if out is None:
-                    return out
                 batch = args[0] if args else kwargs.get("batch")
                 extra = None
                 for cb in list(callbacks):
-                    term = cb.penalty(pl_module, batch)
-                    extra = term if extra is None else extra + term
+                    term = cb.after_training_step(pl_module, out, batch)
+                    if term is not None:
+                        extra = term if extra is None else extra + term
                 if extra is None:
                     return out
                 if isinstance(out, Tensor):

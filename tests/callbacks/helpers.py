@@ -58,3 +58,14 @@ def trainer(tmp_path, **kw) -> L.Trainer:
                     enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu", devices=1)
     defaults.update(kw)
     return L.Trainer(**defaults)
+
+
+class WeightsAtBatchStart(L.Callback):
+    """Keeps a copy of the module's parameters as they were when the last training batch started:
+    the weights that step's penalty and logged energies were computed from."""
+
+    def __init__(self) -> None:
+        self.params: dict[str, torch.Tensor] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.params = {k: v.detach().clone() for k, v in pl_module.named_parameters()}

@@ -18,7 +18,7 @@ from lightning_hyper.functional import (
     projection_generator,
     random_projections,
 )
-from tests.callbacks.helpers import PlainNet, make_loader, trainer
+from tests.callbacks.helpers import PlainNet, WeightsAtBatchStart, make_loader, trainer
 
 IN, HIDDEN = 40, 48  # neuron dimensions 40 (fc1) and 48 (fc2) > projection_dim: both layers are projected
 K = 8
@@ -83,12 +83,17 @@ def test_logs_both_energies_and_lowers_true_energy(tmp_path, projection):
         return model, t
 
     base, _ = run([])
-    model, t = run([comhe(projection, full_energy_every=1)])
+    seen = WeightsAtBatchStart()
+    model, t = run([comhe(projection, full_energy_every=1), seen])
     metrics = t.callback_metrics
     expected = {"comhe/penalty"} | {f"comhe/{k}/{n}" for k in ("energy", "full_energy") for n in ("fc1", "fc2", "out")}
     assert expected <= set(metrics)
-    # the logged full energy is the unprojected half-space energy (logged before the last update)
-    assert metrics["comhe/full_energy/fc1"].item() == pytest.approx(true_energies(model)[0], rel=0.05)
+    # the logged full energy is the unprojected half-space energy of the weights the last step started
+    # from (not the full-space energy, 1 % away, nor that of the weights after the last update)
+    w = seen.params["fc1.weight"].double()
+    logged = metrics["comhe/full_energy/fc1"].item()
+    assert logged == pytest.approx(hyperspherical_energy(w, half_space=True).item(), rel=1e-5)
+    assert logged != pytest.approx(hyperspherical_energy(w, half_space=False).item(), rel=2e-3)
     # the compressed energy differs from it (it is computed in the projected space)
     assert metrics["comhe/energy/fc1"].item() != pytest.approx(metrics["comhe/full_energy/fc1"].item(), rel=1e-3)
     reg, ref = true_energies(model), true_energies(base)
@@ -345,9 +350,15 @@ class _SaveRank(Callback):
 
 
 @pytest.mark.slow
-def test_ddp_spawn_ranks_draw_identical_projections(tmp_path):
+@pytest.mark.spawn
+@pytest.mark.timeout(120)
+def test_ddp_spawn_ranks_draw_identical_projections(tmp_path, monkeypatch):
     """gradient mode adds each rank's own penalty gradient after the all-reduce: the replicas stay
     identical only if every rank drew the same projections."""
+    from tests.distributed import free_port
+
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     L.seed_everything(0)
     model = net()
     fit(model, tmp_path, [comhe(mode="gradient", seed=7), _SaveRank(tmp_path)], max_steps=3,

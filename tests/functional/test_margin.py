@@ -148,13 +148,6 @@ def test_binary_decision_boundary_is_theta12_over_m_plus_1(m, theta12):
     assert boundary == pytest.approx(theta12 / (m + 1), abs=1e-5)
 
 
-def test_minimum_margin_closed_forms():
-    # binary (2.21): m^2 - 4m + 1 >= 0 -> m >= 2 + sqrt(3) -> smallest integer 4
-    assert min(m for m in range(1, 10) if m * m - 4 * m + 1 >= 0) == 4
-    # uniformly spaced K >= 3 (2.23): 2/(m+1) <= (m-1)/(m+1) -> m >= 3
-    assert min(m for m in range(1, 10) if 2 / (m + 1) <= (m - 1) / (m + 1)) == 3
-
-
 # ------------------------------------------------------------------------ additive margins
 def test_additive_cosine_margin():
     c = torch.linspace(-1, 1, 101, dtype=D)

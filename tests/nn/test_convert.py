@@ -28,10 +28,6 @@ class Net(nn.Module):
         return self.classifier(self.fc(h.flatten(1)))
 
 
-def test_convert_is_the_exported_function():
-    assert lhnn.convert is convert and callable(convert)
-
-
 def test_sphere_conversion_copies_weights_and_keeps_classifier_and_1x1():
     torch.manual_seed(0)
     net = Net().double()

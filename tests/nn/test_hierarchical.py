@@ -43,12 +43,14 @@ def test_parse_forms_agree():
 
 def test_named_hierarchies():
     register_hierarchy("test-toy", TWO_LEVEL)
-    assert Hierarchy.parse("test-toy") == Hierarchy.parse(TWO_LEVEL)
-    with pytest.raises(ValueError, match="already registered"):
-        register_hierarchy("test-toy", [0, 1])
-    with pytest.raises(ValueError, match=r"hierarchy='nope' is not a registered name; registered: \[.*'test-toy'"):
-        Hierarchy.parse("nope")
-    HIERARCHIES.pop("test-toy")
+    try:
+        assert Hierarchy.parse("test-toy") == Hierarchy.parse(TWO_LEVEL)
+        with pytest.raises(ValueError, match="already registered"):
+            register_hierarchy("test-toy", [0, 1])
+        with pytest.raises(ValueError, match=r"hierarchy='nope' is not a registered name; registered: \[.*'test-toy'"):
+            Hierarchy.parse("nope")
+    finally:
+        HIERARCHIES.pop("test-toy", None)
 
 
 @pytest.mark.parametrize("bad,err,match", [

@@ -6,7 +6,6 @@ samples in batches of 8 (4 optimizer steps per epoch).
 """
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 import torch
@@ -129,9 +128,3 @@ def assert_same_state(a: Any, b: Any) -> None:
             assert torch.equal(fa[k], fb[k]), k
         else:
             assert fa[k] == fb[k], (k, fa[k], fb[k])
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -22,11 +22,12 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from tests.callbacks.helpers import trainer
+from lightning_hyper.callbacks import MHERegularizer
+from tests.callbacks.helpers import PlainNet, trainer
+from tests.distributed import free_port
 from tests.reliability.families import (
     FAMILIES,
     assert_same_state,
-    free_port,
     loader,
     make,
     penalty_callback,
@@ -93,6 +94,7 @@ assert sorted({f for f, _ in CASES}) == sorted(FAMILIES)
 
 
 @pytest.mark.slow
+@pytest.mark.spawn
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("family,mode", CASES)
 def test_ddp_spawn_replicas_identical_and_logs_synced(tmp_path, monkeypatch, family, mode):
@@ -130,6 +132,7 @@ def test_ddp_spawn_replicas_identical_and_logs_synced(tmp_path, monkeypatch, fam
 
 
 @pytest.mark.slow
+@pytest.mark.spawn
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("name", ["opt_ogd_sopt", "sphereface"])
 def test_ddp_spawn_shipped_modules_stay_identical(tmp_path, monkeypatch, name):
@@ -214,3 +217,64 @@ def test_shipped_modules_and_callbacks_survive_pickling(name):
     with torch.no_grad():
         p.add_(1.0)  # the clone owns its tensors
     assert not torch.equal(p, next(model.parameters()))
+
+
+# ------------------------------------------------------------------ the size of the averaged penalty gradient
+HW, OW, LR = 2.0, 3.0, 0.05
+
+
+class PenaltyOnlyNet(PlainNet):
+    """Its own loss has a zero gradient, so one SGD step moves the weights by the penalty gradient alone."""
+
+    def training_step(self, batch, batch_idx):
+        x, _ = batch
+        return (self(x) * 0.0).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=LR)
+
+
+class FirstStepRecorder(Callback):
+    def __init__(self, folder) -> None:
+        self.folder = str(folder)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        torch.save({"labels": batch[1].clone(), "before": {k: v.detach().clone() for k, v in pl_module.state_dict().items()}},
+                   f"{self.folder}/start{trainer.global_rank}.pt")
+
+    def on_train_end(self, trainer, pl_module):
+        torch.save({k: v.detach().clone() for k, v in pl_module.state_dict().items()},
+                   f"{self.folder}/end{trainer.global_rank}.pt")
+
+
+@pytest.mark.slow
+@pytest.mark.spawn
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["loss", "gradient"])
+def test_ddp_penalty_gradient_is_the_mean_over_ranks(tmp_path, monkeypatch, mode):
+    """One SGD step under DDP with a penalty of each rank's labels (SphereFace+ output term): the step equals
+    -lr x the MEAN over the ranks of the hand-computed float64 penalty gradients (a sum would be twice as large)."""
+    from lightning_hyper.functional import hyperspherical_energy, output_energy_from_labels
+    from tests.reliability.families import CLASSES, HIDDEN, IN
+
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    L.seed_everything(0, verbose=False)
+    model = PenaltyOnlyNet(in_features=IN, hidden=HIDDEN, classes=CLASSES)
+    cb = MHERegularizer(hidden_weight=HW, output_weight=OW, output_mode="labels", mode=mode)
+    t = trainer(tmp_path, max_steps=1, callbacks=[cb, FirstStepRecorder(tmp_path)], strategy="ddp_spawn", devices=2)
+    t.fit(model, loader())
+    starts = [torch.load(tmp_path / f"start{r}.pt") for r in (0, 1)]
+    end = torch.load(tmp_path / "end0.pt")
+    assert not torch.equal(starts[0]["labels"], starts[1]["labels"])  # each rank's own batch
+    before = {k: v.double().requires_grad_() for k, v in starts[0]["before"].items()}
+    grads = []
+    for start in starts:
+        hidden = sum(hyperspherical_energy(before[f"{n}.weight"]) for n in ("fc1", "fc2"))
+        penalty = HW * hidden + OW * output_energy_from_labels(before["out.weight"], start["labels"])
+        grads.append(dict(zip(before, torch.autograd.grad(penalty, list(before.values()), allow_unused=True))))
+    for name in ("fc1.weight", "fc2.weight", "out.weight"):
+        mean = (grads[0][name] + grads[1][name]) / 2
+        step = end[name].double() - before[name].detach()
+        assert not torch.allclose(grads[0][name], grads[1][name]) or name != "out.weight"
+        torch.testing.assert_close(step, -LR * mean, rtol=1e-4, atol=1e-7)

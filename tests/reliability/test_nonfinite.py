@@ -23,10 +23,10 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_hyper.callbacks import MHERegularizer
 from tests.callbacks.helpers import trainer
+from tests.distributed import free_port
 from tests.reliability.families import (
     PENALTY_FAMILIES,
     flat,
-    free_port,
     loader,
     make,
     penalty_callback,
@@ -186,6 +186,7 @@ class RankSteps(Callback):
 
 
 @pytest.mark.slow
+@pytest.mark.spawn
 @pytest.mark.timeout(120)
 def test_ddp_skip_on_one_rank_skips_on_all(tmp_path, monkeypatch):
     monkeypatch.setenv("MASTER_PORT", str(free_port()))

@@ -84,9 +84,9 @@ def _data_overrides(config: dict, tmp_path: Path) -> list[str]:
 
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("config", CONFIGS, ids=[Path(c).stem for c in CONFIGS])
+@pytest.mark.usefixtures("one_thread")  # tiny models: two threads only contend
 def test_every_config_trains_with_finite_weights(config, precision, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing may be written into the repository
-    torch.set_num_threads(1)  # tiny models: two threads only contend
     cfg = yaml.safe_load(open(config))
     args = [
         "--config", config,

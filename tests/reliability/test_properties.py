@@ -44,6 +44,7 @@ from lightning_hyper.functional.margin import additive_angular_margin, additive_
 from lightning_hyper.functional.orthogonal import ORTHOGONAL_MAPS, orthogonality_error, orthogonalize
 from lightning_hyper.nn import HEADS, HierarchicalLinear, Hierarchy, build_head
 from lightning_hyper.nn.opt import OPT_METHODS, apply_opt, get_opt
+from tests.memory import peak_rss_delta
 
 SETTINGS = dict(deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -251,8 +252,15 @@ def test_group_energy_finite_or_clear_error(m, width, aggregate):
     if m.nonfinite or bool(m.zero_rows().any()):
         _raises_naming("neurons", fn, m.x)
         return
-    # a row that is non-zero may still have an all-zero group (e.g. d=1 padded): finite or named error
-    _finite_or_named_error("neurons", fn, m.x, f"group_energy edits={m.edits}")
+    n, d = m.x.shape
+    groups = -(-d // width)
+    padded = torch.nn.functional.pad(m.x, (0, groups * width - d)).reshape(n, groups, width)
+    if bool((padded == 0).all(-1).any()):
+        # a non-zero row may still have an all-zero group (e.g. d=1 padded): finite or named error
+        _finite_or_named_error("neurons", fn, m.x, f"group_energy edits={m.edits}")
+        return
+    value, grad = _value_and_grad(fn, m.x)  # every group has a direction: no error allowed
+    _assert_finite(value, grad, f"group_energy edits={m.edits}")
 
 
 @settings(max_examples=50, **SETTINGS)
@@ -589,27 +597,6 @@ def test_hierarchy_with_missing_entries_is_named_everywhere():
 
 
 # ------------------------------------------------------------------------------ memory bound
-def _peak_rss_delta(fn) -> int:
-    """Peak resident memory (bytes) reached while running ``fn`` above the resident size before it.
-
-    Resets the kernel's high-water mark (``/proc/self/clear_refs`` = 5, Linux >= 4.0); torch's CPU
-    allocations are invisible to tracemalloc, so resident memory is what is measured.
-    """
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:  # pragma: no cover - non-Linux
-        pytest.skip("needs /proc/self/clear_refs (Linux) to reset the peak resident size")
-
-    def field(name: str) -> int:
-        with open("/proc/self/status") as f:
-            return int(re.search(rf"{name}:\s+(\d+) kB", f.read()).group(1)) * 1024
-
-    before = field("VmRSS")
-    fn()
-    return field("VmHWM") - before
-
-
 N_MEM, D_MEM = 2000, 64
 NND = N_MEM * N_MEM * D_MEM * 4  # bytes of one float32 N x N x d tensor (1.02 GB)
 NN = N_MEM * N_MEM * 4  # one float32 N x N matrix (16 MB)
@@ -644,7 +631,7 @@ def test_no_n_by_n_by_d_allocation(case, fn, budget):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        peak = _peak_rss_delta(fn)
+        peak = peak_rss_delta(fn)
     finally:
         torch.set_num_threads(threads)
     assert peak < budget, f"{case}: peak {peak / 1e6:.0f} MB >= budget {budget / 1e6:.0f} MB"
