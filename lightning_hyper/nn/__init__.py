@@ -48,3 +48,7 @@ __all__ += ["HierarchicalLinear", "Hierarchy", "register_hierarchy"]
 from lightning_hyper.nn.opt import StiefelCayleySGD, apply_opt, attach_ogd, remove_opt
 
 __all__ += ["StiefelCayleySGD", "apply_opt", "attach_ogd", "remove_opt"]
+# selection.py (the one neuron-selection core, DESIGN.md contract 1)
+from lightning_hyper.nn.selection import NeuronGroup, SkippedLayer, explain_selection, select_neurons, selection_table
+
+__all__ += ["NeuronGroup", "SkippedLayer", "explain_selection", "select_neurons", "selection_table"]
