@@ -24,13 +24,38 @@ from torch import Tensor, nn
 
 from lightning_hyper.functional.neurons import as_neurons, has_neurons
 
-__all__ = ["LayerRef", "LayerSelection", "PenaltyCallback", "default_labels", "check_strategy",
-           "destroy_gloo_process_group", "register_gloo_cleanup"]
+__all__ = ["LayerRef", "LayerSelection", "PenaltyCallback", "TrainingDivergedError", "default_labels",
+           "check_strategy", "destroy_gloo_process_group", "register_gloo_cleanup"]
 
 MODES = ("auto", "loss", "gradient")
 NONFINITE_POLICIES = ("error", "skip")
 _UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed")
 _SKIP_ATTR = "_lightning_hyper_skip_step"  # global step whose optimizer step a penalty asked to skip
+
+
+class TrainingDivergedError(FloatingPointError, ValueError):
+    """Training diverged: the model's loss, gradients or weights became NaN or Inf.
+
+    Raised by the penalty callbacks and monitors with the global step, where it was found (the loss, a
+    layer's gradient, a layer's weights) and what to change; a penalty that is itself the cause raises
+    a plain ``FloatingPointError`` naming the penalty instead. A ``ValueError`` too, as the non-finite
+    weights error it replaces."""
+
+
+_DIVERGENCE_FIXES = ("lower the learning rate (lr), clip gradients (Trainer(gradient_clip_val=1.0)), "
+                     "ramp the penalty in (MHERegularizer(warmup_steps=...)), or skip such steps "
+                     "(on_nonfinite='skip')")
+
+
+def _first_nonfinite(named: Iterable[tuple[str, Tensor | None]]) -> str | None:
+    """Name of the first tensor with a NaN/Inf entry (one host sync when all are finite)."""
+    items = [(n, t.detach()) for n, t in named if t is not None]
+    if not items:
+        return None
+    flags = torch.stack([torch.isfinite(t).all() for _, t in items])
+    if bool(flags.all()):
+        return None
+    return items[int((~flags).nonzero()[0])][0]
 
 
 @dataclass(frozen=True)
@@ -237,6 +262,7 @@ class PenaltyCallback(Callback):
         self._batch: Any = None
         self._trainer: L.Trainer | None = None
         self._losses_since_step = 0  # batches since the last optimizer step whose training_step returned a loss
+        self._names: dict[int, str] | None = None  # id(parameter) -> name, for error messages
 
     @property
     def state_key(self) -> str:
@@ -273,12 +299,14 @@ class PenaltyCallback(Callback):
                 try:
                     terms = self.layer_terms(layer, labels, step)
                 except ValueError as err:
+                    self._raise_if_weights_diverged(step)
                     raise ValueError(f"{type(self).__name__}: layer {layer.name!r} at global step {step}: {err}") from err
                 if terms is None:
                     continue
                 term = terms.get("penalty")
                 if term is not None:
                     if not bool(torch.isfinite(term.detach())):
+                        self._raise_if_weights_diverged(step)
                         if self.on_nonfinite == "error":
                             self._nonfinite(layer, term, step)
                         bad = bad or (layer, term)  # "skip": go on, so every DDP rank logs the same keys
@@ -305,13 +333,66 @@ class PenaltyCallback(Callback):
         return total
 
     def _nonfinite(self, layer: LayerRef, term: Tensor, step: int) -> None:
+        """The penalty itself is NaN/Inf while the weights are finite: blame the penalty."""
         msg = (f"{type(self).__name__}: the penalty of layer {layer.name!r} is {term.item()} at global step "
-               f"{step} (weights finite: {bool(torch.isfinite(layer.neurons().detach()).all())})")
+               f"{step} although its weights are finite (e.g. nearly identical or collapsing neurons)")
         if self.on_nonfinite == "error":
-            raise FloatingPointError(msg + "; pass on_nonfinite='skip' to skip such optimizer steps")
+            raise FloatingPointError(msg + "; pass on_nonfinite='skip' to skip such optimizer steps, or lower the "
+                                     "penalty's weight / ramp it in with warmup_steps")
         import warnings
 
         warnings.warn(msg + "; this optimizer step is skipped", RuntimeWarning, stacklevel=2)
+
+    def _raise_if_weights_diverged(self, step: int) -> None:
+        """Raise :class:`TrainingDivergedError` if a selected layer's weights are NaN/Inf (the model diverged
+        before the penalty saw it: the penalty is not the cause)."""
+        bad = _first_nonfinite((layer.name, layer.neurons()) for layer in self.layers)
+        if bad is not None:
+            raise TrainingDivergedError(
+                f"Training diverged before global step {step}: the weights of layer {bad!r} contain NaN or Inf, "
+                f"so {type(self).__name__} cannot compute its penalty (it is not the cause: the model's own loss "
+                f"or gradients blew up). To fix: {_DIVERGENCE_FIXES}")
+
+    def _check_loss(self, pl_module: L.LightningModule, loss: Any) -> None:
+        """A non-finite training loss: raise (``on_nonfinite="error"``) or skip this optimizer step."""
+        if not isinstance(loss, Tensor) or bool(torch.isfinite(loss.detach()).all()):
+            return
+        trainer = self._trainer
+        step = trainer.global_step if trainer is not None else 0
+        if self.on_nonfinite == "error":
+            bad = _first_nonfinite((layer.name, layer.neurons()) for layer in self.layers)
+            where = f"; the weights of layer {bad!r} are already NaN/Inf" if bad else " while every weight is finite"
+            raise TrainingDivergedError(
+                f"Training diverged at global step {step}: the loss returned by training_step is "
+                f"{float(loss.detach().float().sum())}{where} (the model's own loss, before {type(self).__name__} "
+                f"adds its penalty). To fix: {_DIVERGENCE_FIXES}")
+        import warnings
+
+        warnings.warn(f"{type(self).__name__}: the training loss is {float(loss.detach().float().sum())} at global "
+                      f"step {step}; this optimizer step is skipped", RuntimeWarning, stacklevel=2)
+        pl_module.__dict__[_SKIP_ATTR] = step
+
+    def _check_gradients(self, trainer: L.Trainer, params: list[Tensor], from_penalty: Sequence[Tensor | None],
+                         names: dict[int, str]) -> bool:
+        """True if every gradient about to be applied is finite; else raise (``"error"``) or return False
+        (``"skip"``). Under a GradScaler (fp16) non-finite gradients are the scaler's business."""
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            return True
+        bad = _first_nonfinite((names.get(id(p), "?"), p.grad) for p in params)
+        if bad is None:
+            return True
+        if self.on_nonfinite == "skip":
+            import warnings
+
+            warnings.warn(f"{type(self).__name__}: the gradient of {bad!r} is NaN/Inf at global step "
+                          f"{trainer.global_step}; this optimizer step is skipped", RuntimeWarning, stacklevel=2)
+            return False
+        penalty_bad = _first_nonfinite((names.get(id(p), "?"), g) for p, g in zip(params, from_penalty))
+        cause = (f"{type(self).__name__}'s penalty gradient is the cause (nearly identical neurons?): raise its eps, "
+                 "lower its weight, or ramp it in with warmup_steps" if penalty_bad is not None else
+                 f"the model's own loss gradient is the cause. To fix: {_DIVERGENCE_FIXES}")
+        raise TrainingDivergedError(f"Training diverged at global step {trainer.global_step}: the gradient of "
+                                    f"parameter {bad!r} contains NaN or Inf; {cause}")
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -328,6 +409,7 @@ class PenaltyCallback(Callback):
         self._active_mode = mode
         self.layers = []
         self._losses_since_step = 0
+        self._names = None
         pl_module.__dict__.pop(_SKIP_ATTR, None)
         if pl_module.automatic_optimization:
             # "loss": adds the penalty to the returned loss; "gradient": counts the batches that returned a
@@ -360,18 +442,33 @@ class PenaltyCallback(Callback):
         skip = pl_module.__dict__.get(_SKIP_ATTR) == trainer.global_step
         if self.on_nonfinite == "skip" and trainer.world_size > 1:
             skip = bool(trainer.strategy.reduce_boolean_decision(skip, all=False))  # skipped on one rank: on all
+        if not skip:
+            for p, g in zip(params, grads):
+                if g is None:
+                    continue
+                if p.grad is None:
+                    p.grad = g.to(p.dtype)
+                else:
+                    p.grad.add_(g.to(p.grad.dtype))
+            skip = not self._check_gradients(trainer, params, grads, self._param_names(pl_module))
         if skip:
             pl_module.__dict__[_SKIP_ATTR] = trainer.global_step
             for p in params:
                 p.grad = None
-            return
-        for p, g in zip(params, grads):
-            if g is None:
-                continue
-            if p.grad is None:
-                p.grad = g.to(p.dtype)
-            else:
-                p.grad.add_(g.to(p.grad.dtype))
+
+    def _param_names(self, pl_module: L.LightningModule) -> dict[int, str]:
+        if self._names is None:
+            self._names = {id(p): n for n, p in pl_module.named_parameters()}
+        return self._names
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        # after a penalized optimizer step every parameter must still be finite
+        bad = _first_nonfinite(pl_module.named_parameters())
+        if bad is not None:
+            raise TrainingDivergedError(
+                f"Training diverged at global step {trainer.global_step}: the optimizer step made parameter "
+                f"{bad!r} NaN or Inf (its gradient was finite: the step was too large). To fix: {_DIVERGENCE_FIXES}")
 
     def _mean_over_ranks(self, trainer: L.Trainer, params: list[Tensor],
                          grads: Sequence[Tensor | None]) -> list[Tensor | None]:
@@ -396,6 +493,7 @@ class PenaltyCallback(Callback):
         if out is None:
             return None
         self._losses_since_step += 1
+        self._check_loss(pl_module, out.get("loss") if isinstance(out, dict) else out)
         return self.penalty(pl_module, batch) if self._active_mode == "loss" else None
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_hyper.callbacks.base import LayerRef, LayerSelection, check_strategy
+from lightning_hyper.callbacks.base import LayerRef, LayerSelection, TrainingDivergedError, check_strategy
 from lightning_hyper.functional.energy import _validate, hyperspherical_energy, pairwise_angles
 
 __all__ = ["EnergyMonitor"]
@@ -101,6 +101,11 @@ class EnergyMonitor(Callback):
             neurons = layer.neurons().detach()
             if neurons.shape[0] < 2:
                 continue
+            if not bool(torch.isfinite(neurons).all()):
+                raise TrainingDivergedError(
+                    f"Training diverged: the weights of layer {layer.name!r} contain NaN or Inf, so EnergyMonitor "
+                    "cannot measure their energy (the monitor only reads them: the model's own loss or gradients "
+                    "blew up). To fix: lower the learning rate (lr) or clip gradients (Trainer(gradient_clip_val=1.0))")
             out[layer.name] = float(hyperspherical_energy(
                 neurons, s=self.s, metric=self.metric, half_space=self.half_space and layer.role == "hidden",
                 angle_unit=self.angle_unit, eps=self.eps, zero_norm="exclude"))

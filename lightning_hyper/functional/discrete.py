@@ -52,7 +52,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from lightning_hyper.functional.energy import hyperspherical_energy, normalize_neurons, pair_kernel
+from lightning_hyper.functional.energy import hyperspherical_energy, normalize_neurons, pair_kernel, warn_no_pairs
 
 __all__ = [
     "DH2L_METRICS",
@@ -316,7 +316,7 @@ def metric_energy(neurons: Tensor, metric: str = "AM", reduction: str = "mean", 
 
     ``N-euclidean2`` and ``angular2`` are computed by
     :func:`~lightning_hyper.functional.energy.hyperspherical_energy` (MHE with s=2, euclidean /
-    angular). N < 2 gives 0 with a zero gradient.
+    angular). N < 2 gives 0 with a zero gradient and a ``UserWarning``.
     """
     metric = canonical_metric(metric)
     if reduction not in REDUCTIONS:
@@ -327,6 +327,7 @@ def metric_energy(neurons: Tensor, metric: str = "AM", reduction: str = "mean", 
     x = _prepare(neurons, "neurons")
     with torch.autocast(device_type=x.device.type, enabled=False):
         if x.shape[0] < 2:
+            warn_no_pairs(x.shape[0], "metric_energy")
             return x.sum() * 0.0
         return _off_diagonal_mean(pairwise_term(x, None, metric, **kwargs), reduction)
 

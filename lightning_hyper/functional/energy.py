@@ -170,6 +170,14 @@ def _validate(s: float, metric: str, reduction: str, angle_unit: str, eps: float
         raise ValueError(f"eps={eps!r} is not supported; accepted values: 0 < eps < 1")
 
 
+def warn_no_pairs(n: int, owner: str) -> None:
+    """Warn that ``n`` < 2 neurons have no pair, so their energy is the documented value 0."""
+    import warnings
+
+    warnings.warn(f"{owner}: {n} neuron(s) form no pair; the energy is defined as 0 (with a zero gradient). "
+                  "Select layers with at least 2 neurons", UserWarning, stacklevel=3)
+
+
 def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -343,7 +351,8 @@ def hyperspherical_energy(
 
     Returns:
         scalar energy (``(B,)`` for batched input), float32 (float64 for float64 input), computed with autocast disabled.
-        N < 2 gives 0 (with a zero gradient).
+        N < 2 (no pair of neurons) gives 0 with a zero gradient, and a ``UserWarning``; half-space with N = 1
+        is the pair (w, -w) alone, the constant f(d_max).
     """
     _validate(s, metric, reduction, angle_unit, eps)
     with torch.autocast(device_type=neurons.device.type if isinstance(neurons, Tensor) else "cpu", enabled=False):
@@ -352,12 +361,15 @@ def hyperspherical_energy(
         if not batched:
             x, norms = x.unsqueeze(0), norms.unsqueeze(0)
         n = x.shape[1]
-        if n < 2:  # no pairs: energy 0, zero gradient (never NaN)
+        spec = _Kernel(float(s), metric, float(eps), angle_unit, bool(half_space))
+        if n < 2 and not (half_space and n == 1):  # no pairs: energy 0, zero gradient (never NaN)
+            warn_no_pairs(n, "hyperspherical_energy")
             total = x.sum(dim=(1, 2)) * 0.0
             return total if batched else total[0]
-        rows = _block_rows(n, chunk_size, x.shape[0])
-        spec = _Kernel(float(s), metric, float(eps), angle_unit, bool(half_space))
-        total = _GramEnergyFn.apply(x, norms, spec, rows)
+        if n == 1:  # half-space: only the pair (w, -w), a constant
+            total = x.sum(dim=(1, 2)) * 0.0
+        else:
+            total = _GramEnergyFn.apply(x, norms, spec, _block_rows(n, chunk_size, x.shape[0]))
         if not batched:
             total = total[0]
         if half_space:

@@ -60,7 +60,7 @@ class HypersphericalClassifier(L.LightningModule):
         head: str = "linear",
         head_kwargs: dict[str, Any] | None = None,
         optimizer: str = "sgd",
-        lr: float = 0.1,
+        lr: float = 0.01,
         momentum: float = 0.9,
         weight_decay: float = 1e-4,
         nesterov: bool = False,

@@ -7,7 +7,7 @@ import lightning as L
 import pytest
 import torch
 
-from lightning_hyper.callbacks import EnergyMonitor, MHERegularizer
+from lightning_hyper.callbacks import EnergyMonitor, MHERegularizer, TrainingDivergedError
 from lightning_hyper.callbacks.base import LayerSelection, check_strategy
 from lightning_hyper.functional import hyperspherical_energy, output_energy_from_labels
 from tests.callbacks.helpers import WeightsAtBatchStart, ManualNet, PlainNet, make_loader, trainer
@@ -205,7 +205,7 @@ def test_nan_weights_raise_naming_layer(tmp_path):
     model = PlainNet()
     with torch.no_grad():
         model.fc2.weight[0, 0] = float("nan")
-    with pytest.raises(ValueError, match="fc2.*NaN"):
+    with pytest.raises(TrainingDivergedError, match=r"(?s)Training diverged at global step 0.*'fc2'.*lr"):
         fit(model, tmp_path, [MHERegularizer()])
 
 

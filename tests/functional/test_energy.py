@@ -89,12 +89,28 @@ def test_gradient_matches_autograd_of_loop_formula():
     torch.testing.assert_close(ours, w.grad, rtol=1e-9, atol=1e-12)
 
 
-def test_single_neuron_is_zero_and_finite():
-    w = torch.randn(1, 8, requires_grad=True)
-    for hs in (False, True):
-        e = hyperspherical_energy(w, half_space=hs)
-        e.backward()
-        assert e.item() == 0.0 and torch.isfinite(w.grad).all()
+@pytest.mark.parametrize("n", [0, 1])
+def test_fewer_than_two_neurons_warn_and_give_zero(n):
+    w = torch.randn(n, 8, requires_grad=True)
+    with pytest.warns(UserWarning, match=f"{n} neuron\\(s\\) form no pair; the energy is defined as 0"):
+        e = hyperspherical_energy(w)
+    e.backward()
+    assert e.item() == 0.0 and torch.equal(w.grad, torch.zeros_like(w))
+
+
+@pytest.mark.parametrize("s", [0.0, 1.0, 2.0])
+def test_single_neuron_half_space_is_the_antipodal_pair(s):
+    """Half-space MHE of one neuron: the two points w, -w at chord 2 (mean over the 2 ordered pairs)."""
+    import warnings
+
+    w = torch.randn(1, 8, dtype=torch.float64, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        e = hyperspherical_energy(w, s=s, half_space=True)
+    r = np.sqrt(4.0 + 1e-6)
+    assert e.item() == pytest.approx(-np.log(r) if s == 0 else r ** -s, rel=1e-12)
+    e.backward()
+    assert torch.equal(w.grad, torch.zeros_like(w))
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "angular"])
