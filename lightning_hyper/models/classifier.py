@@ -128,7 +128,11 @@ class HypersphericalClassifier(L.LightningModule):
         features = self.backbone(x)
         logits = self.head(features, y) if self.head_needs_labels else self.head(features)
         loss = F.cross_entropy(logits, y)
-        self.train_acc(logits.detach(), y)
+        if self.head_needs_labels:  # accuracy of the plain logits: the margin is a training device only
+            with torch.no_grad():
+                self.train_acc(self.head(features.detach()), y)
+        else:
+            self.train_acc(logits.detach(), y)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=True, on_epoch=True, prog_bar=True)
         return loss

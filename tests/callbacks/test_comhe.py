@@ -351,7 +351,7 @@ class _SaveRank(Callback):
 
 @pytest.mark.slow
 @pytest.mark.spawn
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 def test_ddp_spawn_ranks_draw_identical_projections(tmp_path, monkeypatch):
     """gradient mode adds each rank's own penalty gradient after the all-reduce: the replicas stay
     identical only if every rank drew the same projections."""

@@ -95,7 +95,7 @@ assert sorted({f for f, _ in CASES}) == sorted(FAMILIES)
 
 @pytest.mark.slow
 @pytest.mark.spawn
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("family,mode", CASES)
 def test_ddp_spawn_replicas_identical_and_logs_synced(tmp_path, monkeypatch, family, mode):
     r0, r1 = run_ddp(tmp_path, monkeypatch, family, mode)
@@ -133,7 +133,7 @@ def test_ddp_spawn_replicas_identical_and_logs_synced(tmp_path, monkeypatch, fam
 
 @pytest.mark.slow
 @pytest.mark.spawn
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("name", ["opt_ogd_sopt", "sphereface"])
 def test_ddp_spawn_shipped_modules_stay_identical(tmp_path, monkeypatch, name):
     """Shipped modules with their own machinery: OPTClassifier with OGD (rotations stepped by a second
@@ -249,7 +249,7 @@ class FirstStepRecorder(Callback):
 
 @pytest.mark.slow
 @pytest.mark.spawn
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("mode", ["loss", "gradient"])
 def test_ddp_penalty_gradient_is_the_mean_over_ranks(tmp_path, monkeypatch, mode):
     """One SGD step under DDP with a penalty of each rank's labels (SphereFace+ output term): the step equals

@@ -187,7 +187,7 @@ class RankSteps(Callback):
 
 @pytest.mark.slow
 @pytest.mark.spawn
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 def test_ddp_skip_on_one_rank_skips_on_all(tmp_path, monkeypatch):
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
