@@ -86,6 +86,38 @@ class _Kernel:
             return f, (k1.sub_(k2).mul_(2.0) if need_slope else None)
         return _angular(c, self, need_slope)
 
+    def sum_and_slope_(self, c: Tensor, mask: Tensor | None, need_slope: bool) -> tuple[Tensor, Tensor | None]:
+        """Sum over the unmasked entries of the pair term, and the slope matrix, overwriting ``c``.
+
+        ``c``: (B, R, M) cosines whose masked entries (``mask``: (R', M') broadcast onto the leading
+        ``c[:, :R', :M']`` block, e.g. the diagonal and below of a Gram block) hold a safe value; returns
+        ``((B,) float64 sums, slope with zeros at the masked entries)``. Full-space euclidean energies
+        (the default) run in the one buffer without allocating: the Gram block becomes the slope matrix.
+        """
+        if self.metric == "euclidean" and not self.half_space and self.s > 0:
+            r2 = c.mul_(-2.0).add_(2.0 + self.eps)  # squared chord + eps
+            r2.clamp_min_(self.eps)
+            if self.s == 2:
+                f = r2.reciprocal_()
+            elif self.s == 1:
+                f = r2.rsqrt_()
+            else:
+                f = r2.log_().mul_(-self.s / 2).exp_()  # overflow-safe r2^(-s/2)
+            if mask is not None:
+                _masked_block(f, mask).masked_fill_(mask, 0.0)
+            total = f.sum(dim=(1, 2), dtype=torch.float64)
+            if not need_slope:
+                return total, None
+            # slope = s * r2^(-s/2 - 1) = s * f^((s + 2)/s): in place, masked entries stay 0
+            k = f.square_().mul_(2.0) if self.s == 2 else f.pow_((self.s + 2.0) / self.s).mul_(self.s)
+            return total, k
+        f, k = self.value_and_slope(c, need_slope, inplace=True)
+        if mask is not None:
+            _masked_block(f, mask).masked_fill_(mask, 0.0)
+            if k is not None:
+                _masked_block(k, mask).masked_fill_(mask, 0.0)
+        return f.sum(dim=(1, 2), dtype=torch.float64), k
+
     def antipodal_value(self) -> float:
         """f(d_max): the constant term of the pair (w, -w) in half-space energy."""
         if self.metric == "euclidean":
@@ -248,8 +280,31 @@ def _block_rows(n: int, chunk_size: int | None, batch: int = 1) -> int:
     return max(1, DEFAULT_BLOCK_ELEMENTS // max(n * batch, 1))
 
 
+#: below this many neurons one full Gram GEMM is faster than triangular blocks (fewer, larger kernels)
+SMALL_N = 384
+
+
+def _row_blocks(n: int, rows: int) -> list[tuple[int, int]]:
+    return [(a, min(a + rows, n)) for a in range(0, n, rows)]
+
+
+def _masked_block(t: Tensor, mask: Tensor) -> Tensor:
+    """The leading ``mask``-shaped block of the last two dims of ``t`` (a view)."""
+    return t[..., : mask.shape[0], : mask.shape[1]]
+
+
 class _GramEnergyFn(torch.autograd.Function):
-    """Sum over ordered pairs i != j of the pair term, from normalized rows (see module doc)."""
+    """Sum over ordered pairs i != j of the pair term, from normalized rows (see module doc).
+
+    Three schedules, all one Gram GEMM's worth of work per pass:
+
+    * N <= ``SMALL_N``: the full symmetric Gram, K kept for a one-GEMM backward.
+    * ``rows`` >= N (fits in memory): the strict upper triangle in row blocks of ~N/8 (half the forward
+      GEMM flops and half the elementwise work); the blocks' slopes are kept and the backward is
+      ``g_i += K_ij u_j, g_j += K_ijᵀ u_i`` block by block (one GEMM's flops).
+    * ``rows`` < N (chunked): the same upper blocks of ``rows`` rows, recomputed in the backward, so peak
+      memory is O(N · rows).
+    """
 
     @staticmethod
     def forward(ctx, x: Tensor, norms: Tensor, spec: _Kernel, rows: int) -> Tensor:  # type: ignore[override]
@@ -257,24 +312,28 @@ class _GramEnergyFn(torch.autograd.Function):
         n = x.shape[1]
         unit = x / norms.unsqueeze(-1)
         need = x.requires_grad
-        total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
-        keep = None
-        if rows >= n:  # one block: full symmetric Gram, keep K for a one-GEMM backward
+        keep: list[Tensor] = []
+        if n <= SMALL_N and rows >= n:
             c = unit @ unit.transpose(1, 2)
             c.diagonal(dim1=1, dim2=2).zero_()  # safe value before the kernel
-            f, k = spec.value_and_slope(c, need, inplace=True)
-            f.diagonal(dim1=1, dim2=2).zero_()
-            total += f.sum(dim=(1, 2)).double()
+            total, k = spec.sum_and_slope_(c, _eye_mask(n, c.device), need)
+            blocks: list[tuple[int, int]] = []
             if need:
-                k.diagonal(dim1=1, dim2=2).zero_()
-                keep = k
-        else:  # upper-triangle row blocks, recomputed in backward
-            for a in range(0, n, rows):
-                f, _ = _upper_block(unit, a, min(a + rows, n), spec, need_slope=False)
-                total += 2.0 * f.sum(dim=(1, 2)).double()
-        ctx.spec, ctx.rows = spec, rows
+                keep = [k]
+        else:
+            stored = rows >= n
+            blocks = _row_blocks(n, max(64, -(-n // 8)) if stored else rows)
+            total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+            for a, b in blocks:
+                t, k = _upper_block(unit, a, b, spec, need_slope=need and stored)
+                total += 2.0 * t
+                if need and stored:
+                    keep.append(k)
+            if not stored:
+                blocks = []  # recomputed in backward
+        ctx.spec, ctx.rows, ctx.blocks = spec, rows, blocks
         if need:
-            ctx.save_for_backward(unit, norms, keep if keep is not None else unit.new_zeros(0))
+            ctx.save_for_backward(unit, norms, *keep)
         return total.to(x.dtype)
 
     @staticmethod
@@ -285,38 +344,38 @@ class _GramEnergyFn(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_out: Tensor) -> tuple[Tensor, None, None, None]:
-        unit, norms, keep = ctx.saved_tensors
+        unit, norms, *keep = ctx.saved_tensors
         n = unit.shape[1]
-        if keep.numel():
-            g_unit = keep @ unit  # K symmetric: dE/dŵ = (K + Kᵀ) ŵ = 2 K ŵ
-            g_unit.mul_(2.0)
+        if keep and not ctx.blocks:  # one full symmetric K: dE/dû = (K + Kᵀ) û = 2 K û
+            g_unit = keep[0] @ unit
+            scale = 2.0
         else:
+            # each upper entry stands for the ordered pairs (i, j) and (j, i): factor 2
             g_unit = torch.zeros_like(unit)
-            for a in range(0, n, ctx.rows):
-                b = min(a + ctx.rows, n)
-                _, k = _upper_block(unit, a, b, ctx.spec, need_slope=True)
-                # each upper entry stands for the ordered pairs (i, j) and (j, i): factor 2
-                k.mul_(2.0)
+            scale = 2.0
+            pairs = zip(ctx.blocks, keep) if keep else (
+                ((a, b), _upper_block(unit, a, b, ctx.spec, need_slope=True)[1]) for a, b in _row_blocks(n, ctx.rows))
+            for (a, b), k in pairs:
                 g_unit[:, a:b] += k @ unit[:, a:]
                 g_unit[:, a:] += k.transpose(1, 2) @ unit[:, a:b]
-        g_unit.mul_(grad_out.view(-1, 1, 1))
+        g_unit.mul_(grad_out.view(-1, 1, 1) * scale)
         # normalization Jacobian: (I - ŵŵᵀ) g / ‖w‖
         radial = (g_unit * unit).sum(dim=-1, keepdim=True)
         g_x = (g_unit - radial * unit) / norms.unsqueeze(-1)
         return g_x, None, None, None
 
 
+def _eye_mask(n: int, device: torch.device) -> Tensor:
+    return torch.eye(n, dtype=torch.bool, device=device)
+
+
 def _upper_block(unit: Tensor, a: int, b: int, spec: _Kernel, need_slope: bool) -> tuple[Tensor, Tensor | None]:
-    """Pair terms of rows a:b against columns a:, strict upper triangle only (others zeroed)."""
+    """Sum of the pair terms of rows a:b against columns a:, strict upper triangle only, and their slopes
+    (zeros below and on the diagonal)."""
     c = unit[:, a:b] @ unit[:, a:].transpose(1, 2)
-    square = c[:, :, : b - a]
     lower = torch.ones(b - a, b - a, dtype=torch.bool, device=c.device).tril_()
-    square.masked_fill_(lower, 0.0)
-    f, k = spec.value_and_slope(c, need_slope, inplace=True)
-    f[:, :, : b - a].masked_fill_(lower, 0.0)
-    if k is not None:
-        k[:, :, : b - a].masked_fill_(lower, 0.0)
-    return f, k
+    _masked_block(c, lower).masked_fill_(lower, 0.0)  # safe value before the kernel
+    return spec.sum_and_slope_(c, lower, need_slope)
 
 
 def hyperspherical_energy(

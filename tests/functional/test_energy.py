@@ -9,7 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_hyper.functional import hyperspherical_energy, output_energy_from_labels, pairwise_angles
-from lightning_hyper.functional.energy import pair_kernel
+from lightning_hyper.functional.energy import SMALL_N, pair_kernel
 
 EPS = 1e-6
 
@@ -345,9 +345,13 @@ def test_chunked_memory_is_bounded(half_space):
         e.backward()
     assert e.item() == pytest.approx(full.item(), rel=1e-5)
     assert probe.largest <= n * chunk
-    with LargestTensor() as probe:  # default: a single block for small N, still never N x N x d
+    with LargestTensor() as probe:  # default above SMALL_N: upper-triangle blocks of N/8 rows, kept for backward
         hyperspherical_energy(w, half_space=half_space).backward()
-    assert n * n <= probe.largest < n * n * 2
+    assert n * (n // 8) <= probe.largest <= n * (n // 8 + 1)
+    small = torch.randn(SMALL_N, d, requires_grad=True)
+    with LargestTensor() as probe:  # small N: one full Gram (fewest kernels), never N x N x d
+        hyperspherical_energy(small, half_space=half_space).backward()
+    assert probe.largest == SMALL_N * SMALL_N
 
 
 @pytest.mark.parametrize("half_space", [False, True])
@@ -368,3 +372,45 @@ def test_batched_zero_norm_rows_raise():
     w[1, 2] = 0
     with pytest.raises(ValueError, match="norm"):
         hyperspherical_energy(w, zero_norm="exclude")
+
+
+def dense_autograd_energy(w: torch.Tensor, s: float, metric: str, half_space: bool) -> torch.Tensor:
+    """Independent float64 reference: normalize, full Gram, kernel of every ordered pair, plain autograd."""
+    u = w / w.norm(dim=1, keepdim=True)
+    c = u @ u.T
+    n = w.shape[0]
+    off = ~torch.eye(n, dtype=torch.bool)
+
+    def f(cos):
+        if metric == "euclidean":
+            r2 = (2 - 2 * cos).clamp_min(0) + EPS
+            return -0.5 * torch.log(r2) if s == 0 else r2 ** (-s / 2)
+        theta = torch.acos(cos.clamp(-1 + EPS, 1 - EPS))
+        return -torch.log(theta) if s == 0 else theta ** (-s)
+
+    total = f(c[off]).sum()
+    if half_space:
+        total = 2 * (total + f(-c[off]).sum())
+        d_max = torch.tensor(4.0 + EPS, dtype=w.dtype) if metric == "euclidean" else torch.tensor(math.pi, dtype=w.dtype)
+        const = (-0.5 * torch.log(d_max) if s == 0 else d_max ** (-s / 2)) if metric == "euclidean" else \
+            (-torch.log(d_max) if s == 0 else d_max ** (-s))
+        return (total + 2 * n * const) / (2 * n * (2 * n - 1))
+    return total / (n * (n - 1))
+
+
+@pytest.mark.parametrize("s", [0.0, 1.0, 2.0, 3.0])
+@pytest.mark.parametrize("metric,half_space", [("euclidean", False), ("euclidean", True), ("angular", False)])
+def test_triangular_block_schedule_matches_dense_autograd(s, metric, half_space):
+    """Above SMALL_N the default keeps upper-triangle blocks for the backward: value and gradient equal an
+    independent dense float64 autograd computation (and the chunked, recomputing schedule)."""
+    n = SMALL_N + 77  # blocks of N/8 rows, the last one shorter
+    w = (torch.randn(n, 6, dtype=torch.float64) * torch.rand(n, 1, dtype=torch.float64).add(0.2)).requires_grad_()
+    got = hyperspherical_energy(w, s=s, metric=metric, half_space=half_space)
+    (g_got,) = torch.autograd.grad(got, w)
+    ref = dense_autograd_energy(w, s, metric, half_space)
+    (g_ref,) = torch.autograd.grad(ref, w)
+    assert got.item() == pytest.approx(ref.item(), rel=1e-10)
+    torch.testing.assert_close(g_got, g_ref, rtol=1e-8, atol=1e-12)
+    chunked = hyperspherical_energy(w, s=s, metric=metric, half_space=half_space, chunk_size=50)
+    (g_chunk,) = torch.autograd.grad(chunked, w)
+    torch.testing.assert_close(g_chunk, g_ref, rtol=1e-8, atol=1e-12)
