@@ -958,17 +958,18 @@ def _take_verbose(argv: Sequence[str]) -> tuple[list[str], bool]:
 def main(args: list[str] | None = None) -> None:
     """Console-script entry point ``lightning-hyper`` (returns ``None`` so the exit status is 0).
 
-    ``energy`` is dispatched here, before LightningCLI; everything else goes to :func:`run_cli`, inside
-    :func:`quiet_third_party` unless verbose. A :class:`ConfigError` prints its few lines on stderr and
+    ``energy`` is dispatched here, before LightningCLI; everything else goes to :func:`run_cli`. Both run
+    inside :func:`quiet_third_party` unless verbose. A :class:`ConfigError` prints its few lines on stderr and
     exits with status 2.
     """
     argv, verbose = _take_verbose(sys.argv[1:] if args is None else list(args))
+    quiet = contextlib.nullcontext() if verbose else quiet_third_party()
     if argv and argv[0] == "energy":
-        energy_main(argv[1:], verbose=verbose)
+        with quiet:
+            energy_main(argv[1:], verbose=verbose)
         return None
     if args is None:  # LightningCLI reads sys.argv itself (passing args too would make it warn)
         sys.argv[1:] = argv
-    quiet = contextlib.nullcontext() if verbose else quiet_third_party()
     try:
         with quiet:
             run_cli(None if args is None else argv, verbose=verbose)

@@ -339,7 +339,12 @@ def test_fit_of_the_real_command_is_quiet_and_ends_with_a_summary(tmp_path):
     ckpt = out.split("fit: checkpoint: ")[1].splitlines()[0].split(" (")[0]
     assert (tmp_path / log_dir / "metrics.csv").is_file() and (tmp_path / ckpt).is_file()
     assert Path(ckpt).parent.parent == Path(log_dir)
-    torch.load(tmp_path / ckpt, map_location="cpu", weights_only=True)  # a safe-loadable checkpoint
+    # `energy` reads that checkpoint safely (no flag), quietly, and agrees with the summary's final column
+    proc = subprocess.run([*_cli_command(), "energy", ckpt, "--format", "json"], cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-3000:]
+    energies = [row["energy"] for row in json.loads(proc.stdout)["layers"]]
+    assert energies == pytest.approx([float(r[-2]) for r in rows], rel=1e-5)
 
 
 def test_init_energy_is_the_energy_before_training(tmp_path, monkeypatch, capsys):
