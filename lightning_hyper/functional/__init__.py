@@ -1,5 +1,6 @@
 """Stateless tensor math (no Lightning imports). Every function is float64-testable."""
-from lightning_hyper.functional.energy import hyperspherical_energy, pairwise_angles, output_energy_from_labels
+from lightning_hyper.functional.energy import (hyperspherical_energy, minimum_energy, output_energy_from_labels,
+                                               pairwise_angles)
 from lightning_hyper.functional.neurons import as_neurons
 from lightning_hyper.functional.projection import (
     adversarial_step,
@@ -51,6 +52,7 @@ from lightning_hyper.functional.verification import (
 __all__ = [
     "as_neurons",
     "hyperspherical_energy",
+    "minimum_energy",
     "output_energy_from_labels",
     "pairwise_angles",
     # margin.py / verification.py (SphereFace)

@@ -493,3 +493,65 @@ def pairwise_angles(neurons: Tensor, degrees: bool = False) -> Tensor:
         cos = (unit @ unit.T)[iu[0], iu[1]].clamp(-1.0, 1.0)
         ang = torch.acos(cos)
     return torch.rad2deg(ang) if degrees else ang
+
+
+def minimum_energy(n: int, d: int, s: float = 2.0, metric: str = "euclidean", half_space: bool = False,
+                   angle_unit: str = "radian", eps: float = 1e-6) -> float | None:
+    r"""Smallest possible :func:`hyperspherical_energy` (``reduction="mean"``) of ``n`` neurons in ``d``
+    dimensions, where it is known in closed form; ``None`` otherwise.
+
+    Same conventions as :func:`hyperspherical_energy` (mean over ordered pairs, ``s = 0`` the
+    logarithmic energy :math:`\log(1/\mathrm{dist})`, ``eps`` added to the squared chord, the
+    cosine clamp of the angular metric), so the value is the one that function returns on the
+    optimal configuration:
+
+    * full space, ``metric="euclidean"``, ``n <= d + 1``: the regular simplex, every pairwise cosine
+      :math:`-1/(n-1)`. Since :math:`\sum_{i\ne j}\|\hat w_i-\hat w_j\|^2 = 2n^2 - 2\|\sum_i \hat w_i\|^2
+      \le 2n^2` and :math:`f(r^2)` is convex and decreasing for every ``s >= 0``, Jensen's inequality
+      bounds the mean by :math:`f(2n/(n-1))`, which the simplex attains (it exists iff ``n <= d + 1``).
+      ``metric="angular"``: only ``n = 2`` (antipodal); for ``n >= 3`` the simplex is not always
+      optimal (e.g. ``s = 0``, n = 4, d = 3: two orthogonal antipodal pairs have lower energy) and
+      ``None`` is returned.
+    * half space (``n`` neurons and their negations), ``n <= d``: an orthonormal frame. Each pair
+      contributes :math:`g(t) = f(\mathrm{dist}(t)) + f(\mathrm{dist}(-t))` of its cosine t, which is
+      even in t and minimal at t = 0 (euclidean: :math:`f(2-2t)+f(2+2t)` with f convex; angular:
+      :math:`h(\theta)+h(\pi-\theta)` with h convex), and the antipodal pairs are constant.
+    * ``n < 2``: 0 (no pairs, as :func:`hyperspherical_energy`).
+
+    Args:
+        n: number of neurons (rows). d: their dimension.
+        s, metric, half_space, angle_unit, eps: as in :func:`hyperspherical_energy`.
+
+    Returns:
+        the minimum as a float, or ``None`` where no closed form is known (e.g. ``n > d + 1``).
+    """
+    _validate(s, metric, "mean", angle_unit, eps)
+    for name, value in (("n", n), ("d", d)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "n" else 1):
+            raise ValueError(f"{name}={value!r} is not supported; accepted values: an int >= "
+                             f"{0 if name == 'n' else 1}")
+    if n < 2:
+        return 0.0
+    s = float(s)
+
+    def riesz(r2: float) -> float:  # f of a squared chord (eps already added)
+        return -0.5 * math.log(r2) if s == 0 else r2 ** (-s / 2)
+
+    def geodesic(cos: float) -> float:  # f of the clamped angle, in the chosen unit
+        theta = math.acos(min(max(cos, -1.0 + eps), 1.0 - eps)) / (math.pi if angle_unit == "pi" else 1.0)
+        return -math.log(theta) if s == 0 else theta ** (-s)
+
+    if half_space:
+        if n > d:
+            return None
+        antipodal = _Kernel(s, metric, float(eps), angle_unit, True).antipodal_value()
+        pair = 2.0 * (riesz(2.0 + eps) if metric == "euclidean" else geodesic(0.0))  # f(dist(0)) + f(dist(-0))
+        return (2.0 * n * (n - 1) * pair + 2 * n * antipodal) / (2 * n * (2 * n - 1))
+    if n > d + 1:
+        return None
+    if metric == "euclidean":
+        return riesz(2.0 * n / (n - 1) + eps)
+    return geodesic(-1.0) if n == 2 else None
+
+
+__all__ += ["minimum_energy"]
