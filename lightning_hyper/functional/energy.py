@@ -516,7 +516,8 @@ def minimum_energy(n: int, d: int, s: float = 2.0, metric: str = "euclidean", ha
       contributes :math:`g(t) = f(\mathrm{dist}(t)) + f(\mathrm{dist}(-t))` of its cosine t, which is
       even in t and minimal at t = 0 (euclidean: :math:`f(2-2t)+f(2+2t)` with f convex; angular:
       :math:`h(\theta)+h(\pi-\theta)` with h convex), and the antipodal pairs are constant.
-    * ``n < 2``: 0 (no pairs, as :func:`hyperspherical_energy`).
+    * ``n < 2``: 0 (no pairs, as :func:`hyperspherical_energy`), except half space with ``n = 1``: the
+      pair (w, -w) alone, the constant f(d_max).
 
     Args:
         n: number of neurons (rows). d: their dimension.
@@ -530,7 +531,7 @@ def minimum_energy(n: int, d: int, s: float = 2.0, metric: str = "euclidean", ha
         if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "n" else 1):
             raise ValueError(f"{name}={value!r} is not supported; accepted values: an int >= "
                              f"{0 if name == 'n' else 1}")
-    if n < 2:
+    if n == 0 or (n == 1 and not half_space):
         return 0.0
     s = float(s)
 

@@ -121,9 +121,12 @@ def test_unknown_cases_return_none_and_tiny_layers_zero():
     assert minimum_energy(2, 5, metric="angular") == pytest.approx(
         float(hyperspherical_energy(torch.tensor([[1.0, 0.0], [-1.0, 0.0]], dtype=torch.float64),
                                     metric="angular")), rel=1e-12)
-    for half in (False, True):  # no pairs: 0, as hyperspherical_energy
-        assert minimum_energy(1, 3, half_space=half) == 0.0 == float(hyperspherical_energy(torch.ones(1, 3),
-                                                                                           half_space=half))
+    with pytest.warns(UserWarning, match="form no pair"):  # no pairs: 0, as hyperspherical_energy
+        assert minimum_energy(1, 3) == 0.0 == float(hyperspherical_energy(torch.ones(1, 3)))
+    # half space, one neuron: only the pair (w, -w) at chord 2
+    assert minimum_energy(1, 3, half_space=True) == pytest.approx((4.0 + 1e-6) ** -1, rel=1e-12)
+    assert minimum_energy(1, 3, half_space=True) == pytest.approx(
+        float(hyperspherical_energy(torch.ones(1, 3, dtype=torch.float64), half_space=True)), rel=1e-12)
 
 
 def test_angular_simplex_is_not_always_optimal():
