@@ -976,7 +976,29 @@ def main(args: list[str] | None = None) -> None:
     except ConfigError as err:
         print(err, file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    except (FloatingPointError, ValueError, TypeError) as err:
+        short = None if verbose else runtime_error_message(err, argv[0] if argv else "fit")
+        if short is None:
+            raise
+        print(short, file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     return None
+
+
+def runtime_error_message(err: BaseException, command: str) -> str | None:
+    """A few lines for an error the library raised while training (divergence, a selection that matches
+    nothing, a bad batch), or ``None`` for anything else (a bug shows its whole traceback)."""
+    import traceback
+
+    frames = traceback.extract_tb(err.__traceback__)
+    ours = bool(frames) and f"{os.sep}lightning_hyper{os.sep}" in frames[-1].filename
+    if not (ours or isinstance(err, FloatingPointError)):
+        return None
+    kind = "training diverged" if "diverged" in str(err) else f"{type(err).__name__} during {command}"
+    lines = [f"lightning-hyper {command}: error: {kind}", *textwrap.wrap(str(err), 110, initial_indent="  ",
+                                                                            subsequent_indent="  ")]
+    lines.append(f"  (full traceback: add --verbose or set {VERBOSE_ENV}=1)")
+    return "\n".join(lines[:14])
 
 
 if __name__ == "__main__":

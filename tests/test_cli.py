@@ -776,3 +776,28 @@ def test_energy_help(capsys):
     for option in ("--s", "--metric", "--half-space", "--format", "--unsafe-load", "checkpoint"):
         assert option in out
     assert "weights_only=True" in out
+
+
+FAST = ["--trainer.max_steps=3", "--trainer.limit_val_batches=1", "--trainer.logger=false",
+        "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false"]
+
+
+@pytest.mark.parametrize("edit,expected", [
+    (("        output_weight: 1.0", "        output_weight: 1.0\n        include: nothing.*"),
+     ["ValueError during fit", "include: pattern 'nothing.*' matches no"]),
+    (("    lr: 0.05", "    lr: 1.0e+12"), ["training diverged", "lower the learning rate"]),
+])
+def test_errors_raised_while_training_are_short(edit, expected, tmp_path, monkeypatch, capsys):
+    """An error the library raises once training runs (a selection that matches nothing, divergence) gets a
+    few lines and exit status 1, not a traceback; --verbose restores the traceback."""
+    monkeypatch.chdir(tmp_path)
+    config = _edited_config(tmp_path, *edit)
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", config, *FAST])
+    err = capsys.readouterr().err
+    assert exc.value.code == 1
+    assert len(err.strip().splitlines()) <= 15 and "Traceback" not in err, err
+    for piece in expected:
+        assert piece in err, (piece, err)
+    with pytest.raises((ValueError, FloatingPointError)):
+        main(["fit", "--config", config, *FAST, "--verbose"])
