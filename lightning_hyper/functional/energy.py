@@ -284,6 +284,16 @@ def _block_rows(n: int, chunk_size: int | None, batch: int = 1) -> int:
 SMALL_N = 384
 
 
+#: bytes of one row block of the triangular schedule: small enough that the elementwise passes over a
+#: block run in cache right after its GEMM, large enough for an efficient GEMM
+TRIANGLE_BLOCK_BYTES = 1 << 23
+
+
+def _triangle_rows(n: int, batch: int) -> int:
+    """Rows per block of the stored triangular schedule: ~``TRIANGLE_BLOCK_BYTES`` of Gram, 32..N/8 rows."""
+    return max(32, min(-(-n // 8), TRIANGLE_BLOCK_BYTES // (4 * n * batch)))
+
+
 def _row_blocks(n: int, rows: int) -> list[tuple[int, int]]:
     return [(a, min(a + rows, n)) for a in range(0, n, rows)]
 
@@ -322,7 +332,7 @@ class _GramEnergyFn(torch.autograd.Function):
                 keep = [k]
         else:
             stored = rows >= n
-            blocks = _row_blocks(n, max(64, -(-n // 8)) if stored else rows)
+            blocks = _row_blocks(n, _triangle_rows(n, x.shape[0]) if stored else rows)
             total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
             for a, b in blocks:
                 t, k = _upper_block(unit, a, b, spec, need_slope=need and stored)
