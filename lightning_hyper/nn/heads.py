@@ -262,11 +262,11 @@ class AngularMarginHead(nn.Module):
             raise TypeError(f"labels must be an integer tensor of class indices, got {getattr(labels, 'dtype', labels)}")
         if labels.dim() != 1 or labels.shape[0] != features.shape[0]:
             raise ValueError(f"labels must have shape ({features.shape[0]},), got {tuple(labels.shape)}")
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-            raise ValueError(
-                f"labels must lie in [0, num_classes - 1] = [0, {self.num_classes - 1}], got range "
-                f"[{int(labels.min())}, {int(labels.max())}]"
-            )
+        if labels.numel():
+            low, high = (int(v) for v in torch.stack(torch.aminmax(labels)).tolist())  # one host sync
+            if low < 0 or high >= self.num_classes:
+                raise ValueError(f"labels must lie in [0, num_classes - 1] = [0, {self.num_classes - 1}], got "
+                                 f"range [{low}, {high}]")
 
     def _target_function(self, cos: Tensor) -> Tensor:
         # unchecked forms: non-finite features give non-finite logits, which the training module detects
@@ -286,13 +286,20 @@ class AngularMarginHead(nn.Module):
         x = features
         if self.feature_scale is not None:
             x = self.feature_scale * F.normalize(x, dim=1)
-        w = self.class_weights()
         lam = float(self.lambda_)
         use_margin = labels is not None and self.margin_type != "none" and not math.isinf(lam)
         if use_margin and self.gradient_mode == "caffe_normalized":
+            w = self.class_weights()
             logits = _CaffeASoftmaxFn.apply(x, w, labels.long(), int(self.m), lam, self.eps)
         else:
-            logits = F.linear(x, w)  # W_j · x  (= ||x|| cos θ_j when ||W_j|| = 1)
+            if self.normalize_weight and self.weight_norm_mode == "reparam":
+                # x · W_j / ||W_j||: scale the (B, K) logits instead of normalizing the (K, D) weight, whose
+                # autograd backward would cost several passes over K x D
+                w = self.weight
+                logits = F.linear(x, w) * torch.linalg.vector_norm(w, dim=1).clamp_min(1e-12).reciprocal()
+            else:
+                w = self.class_weights()
+                logits = F.linear(x, w)  # W_j · x  (= ||x|| cos θ_j when ||W_j|| = 1)
             if use_margin:
                 idx = labels.long()[:, None]
                 wx_y = logits.gather(1, idx)
