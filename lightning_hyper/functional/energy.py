@@ -94,22 +94,23 @@ class _Kernel:
         ``((B,) float64 sums, slope with zeros at the masked entries)``. Full-space euclidean energies
         (the default) run in the one buffer without allocating: the Gram block becomes the slope matrix.
         """
-        if self.metric == "euclidean" and not self.half_space and self.s > 0:
-            r2 = c.mul_(-2.0).add_(2.0 + self.eps)  # squared chord + eps
-            r2.clamp_min_(self.eps)
-            if self.s == 2:
-                f = r2.reciprocal_()
-            elif self.s == 1:
-                f = r2.rsqrt_()
-            else:
-                f = r2.log_().mul_(-self.s / 2).exp_()  # overflow-safe r2^(-s/2)
+        if self.metric == "euclidean" and self.s > 0:
+            r2 = c.mul_(-2.0).add_(2.0 + self.eps).clamp_min_(self.eps)  # squared chord + eps
+            r2m = torch.rsub(r2, 4.0 + 2.0 * self.eps).clamp_min_(self.eps) if self.half_space else None
+            f = _riesz_(r2, self.s)
+            fm = _riesz_(r2m, self.s) if r2m is not None else None
             if mask is not None:
-                _masked_block(f, mask).masked_fill_(mask, 0.0)
+                for t in (f, fm):
+                    if t is not None:
+                        _masked_block(t, mask).masked_fill_(mask, 0.0)
             total = f.sum(dim=(1, 2), dtype=torch.float64)
+            if fm is not None:  # the four ordered pairs among ±w_i, ±w_j, counted once per (i, j)
+                total = 2.0 * (total + fm.sum(dim=(1, 2), dtype=torch.float64))
             if not need_slope:
                 return total, None
-            # slope = s * r2^(-s/2 - 1) = s * f^((s + 2)/s): in place, masked entries stay 0
-            k = f.square_().mul_(2.0) if self.s == 2 else f.pow_((self.s + 2.0) / self.s).mul_(self.s)
+            k = _riesz_slope_(f, self.s)  # in place, masked entries stay 0
+            if fm is not None:
+                k = k.sub_(_riesz_slope_(fm, self.s)).mul_(2.0)  # r2m = 2 + 2c + eps: the opposite slope
             return total, k
         f, k = self.value_and_slope(c, need_slope, inplace=True)
         if mask is not None:
@@ -125,6 +126,24 @@ class _Kernel:
             return -0.5 * math.log(r2) if self.s == 0 else r2 ** (-self.s / 2)
         theta = 1.0 if self.angle_unit == "pi" else math.pi
         return -math.log(theta) if self.s == 0 else theta ** (-self.s)
+
+
+def _riesz_(r2: Tensor, s: float) -> Tensor:
+    """``r2^(-s/2)`` in place (s > 0), overflow-safe."""
+    if s == 2:
+        return r2.reciprocal_()
+    if s == 1:
+        return r2.rsqrt_()
+    return r2.log_().mul_(-s / 2).exp_()
+
+
+def _riesz_slope_(f: Tensor, s: float) -> Tensor:
+    """d f / d c for ``f = r2^(-s/2)``, ``r2 = 2 - 2c + eps``, from ``f`` in place: ``s r2^(-s/2-1) = s f^((s+2)/s)``."""
+    if s == 2:
+        return f.square_().mul_(2.0)
+    if s == 1:
+        return f.pow_(3)
+    return f.pow_((s + 2.0) / s).mul_(s)
 
 
 def _riesz(r2: Tensor, s: float, need_slope: bool) -> tuple[Tensor, Tensor | None]:
