@@ -52,12 +52,12 @@ def test_sphere_conversion_copies_weights_and_keeps_classifier_and_1x1():
 
 
 def test_options_exclude_include_1x1_classifier():
-    net = convert(Net(), "sphere", convert_1x1=True, keep_classifier=False, exclude=["block.*"])
+    net = convert(Net(), "sphere", convert_1x1=True, output_layer="none", exclude=["block.*"])
     assert type(net.short) is SphereConv2d and type(net.classifier) is SphereLinear
     assert type(net.block[0]) is nn.Conv2d
     net = convert(Net(), "sphere", include=["fc", "conv*"])
     assert type(net.fc) is SphereLinear and type(net.conv1) is SphereConv2d and type(net.block[0]) is nn.Conv2d
-    net = convert(Net(), "sphere", classifier="fc")
+    net = convert(Net(), "sphere", output_layer="fc")
     assert type(net.fc) is nn.Linear and type(net.classifier) is SphereLinear
 
 

@@ -31,7 +31,7 @@ def _mlp(dtype=torch.float32) -> nn.Sequential:
 def test_conv_shape_mapping_and_identity_init():
     conv = nn.Conv2d(3, 8, 3)
     w0 = conv.weight.detach().clone()
-    apply_opt(conv, "cayley", exclude_output=False, r_init="identity")
+    apply_opt(conv, "cayley", output_layer="none", r_init="identity")
     P = conv.parametrizations.weight.original
     assert P.shape == (27, 27)
     assert get_opt(conv).V.shape == (27, 8)
@@ -45,14 +45,14 @@ def test_weight_is_R_times_V_with_neurons_as_rows():
     torch.manual_seed(0)
     conv = nn.Conv1d(4, 6, 3, groups=2).double()  # d = (4/2)·3 = 6
     w0 = conv.weight.detach().clone()
-    apply_opt(conv, "gram_schmidt", exclude_output=False, seed=1)
+    apply_opt(conv, "gram_schmidt", output_layer="none", seed=1)
     P = conv.parametrizations.weight.original.detach()
     V = w0.reshape(6, 6).T  # columns = neurons, fan-in flattened as (C_in, k)
     expected = (gram_schmidt(P) @ V).T.reshape(6, 2, 3)
     assert torch.allclose(conv.weight, expected, atol=1e-12)
     lin = nn.Linear(7, 3).double()
     v = lin.weight.detach().clone()
-    apply_opt(lin, "cayley", exclude_output=False, seed=2)
+    apply_opt(lin, "cayley", output_layer="none", seed=2)
     R = cayley(lin.parametrizations.weight.original.detach())
     assert torch.allclose(lin.weight, (R @ v.T).T, atol=1e-12)
 
@@ -144,12 +144,12 @@ def test_pe_opt_blocks_parameter_counts_and_channel_locality():
     counts = {}
     for blocks, shared in [(1, False), (2, True), (2, False), (64, True), (64, False)]:
         c = nn.Conv2d(64, 8, 3)
-        apply_opt(c, "cayley", exclude_output=False, blocks=blocks, shared_blocks=shared)
+        apply_opt(c, "cayley", output_layer="none", blocks=blocks, shared_blocks=shared)
         counts[(blocks, shared)] = c.parametrizations.weight.original.numel()
         assert orthogonality_errors(c)[""] < 1e-5
     assert counts == {(1, False): 331_776, (2, True): 82_944, (2, False): 165_888, (64, True): 81, (64, False): 5_184}
     conv = nn.Conv2d(4, 5, 3).double()
-    apply_opt(conv, "cayley", exclude_output=False, blocks=2)
+    apply_opt(conv, "cayley", output_layer="none", blocks=2)
     P = conv.parametrizations.weight.original
     w0 = conv.weight.detach().clone()
     with torch.no_grad():
@@ -212,7 +212,7 @@ def _np_hs_energy(neurons: np.ndarray, eps: float = 1e-6) -> float:
 def test_refinement_lowers_the_energy_of_v():
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 24, 3).double()
-    apply_opt(conv, "cayley", exclude_output=False, seed=0)
+    apply_opt(conv, "cayley", output_layer="none", seed=0)
     param = get_opt(conv)
     V0 = param.V.clone()
     before_ref = _np_hs_energy(V0.T.numpy())
@@ -225,7 +225,7 @@ def test_refinement_lowers_the_energy_of_v():
     assert a2 < b2
     # through apply_opt
     lin = nn.Linear(10, 20)
-    apply_opt(lin, "cayley", exclude_output=False, refine="hs_mhe", refine_steps=30, seed=0)
+    apply_opt(lin, "cayley", output_layer="none", refine="hs_mhe", refine_steps=30, seed=0)
     e_lin = hyperspherical_energy(lin.weight.detach(), half_space=True)
     e_ref = hyperspherical_energy(nn.Linear(10, 20).weight.detach(), half_space=True)
     assert e_lin < e_ref + 0.05
@@ -296,7 +296,7 @@ def test_relaxed_and_unconstrained_use_p_directly():
     for method in ("relaxed", "or", "unconstrained", "upt"):
         lin = nn.Linear(5, 4)
         v = lin.weight.detach().clone()
-        apply_opt(lin, method, exclude_output=False)
+        apply_opt(lin, method, output_layer="none")
         P = lin.parametrizations.weight.original.detach()
         assert orthogonality_error(P) < 1e-5  # orthogonal init by default
         assert torch.allclose(lin.weight, (P @ v.T).T, atol=1e-6)
@@ -306,17 +306,17 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="accepted values"):
         apply_opt(_mlp(), "givens")
     with pytest.raises(TypeError, match="cannot convert"):
-        apply_opt(nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 2)), "cayley", layers="0")
+        apply_opt(nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 2)), "cayley", include="0")
     with pytest.raises(TypeError, match="cannot convert"):
-        apply_opt(nn.Sequential(nn.ConvTranspose2d(3, 3, 2), nn.Linear(3, 2)), "cayley", layers="0")
+        apply_opt(nn.Sequential(nn.ConvTranspose2d(3, 3, 2), nn.Linear(3, 2)), "cayley", include="0")
     with pytest.raises(ValueError, match="matches no module"):
-        apply_opt(_mlp(), "cayley", layers="backbone.*")
+        apply_opt(_mlp(), "cayley", include="backbone.*")
     with pytest.raises(ValueError, match="does not divide"):
-        apply_opt(nn.Linear(6, 4), "cayley", exclude_output=False, blocks=4)
+        apply_opt(nn.Linear(6, 4), "cayley", output_layer="none", blocks=4)
     m = _mlp()
     apply_opt(m, "cayley")
     with pytest.raises(ValueError, match="already"):
-        apply_opt(m, "cayley", layers="0")
+        apply_opt(m, "cayley", include="0")
     with pytest.raises(ValueError, match="r_init"):
         apply_opt(_mlp(), "cayley", r_init="xavier")
     with pytest.raises(ValueError, match="orthogonal starting point"):
@@ -328,10 +328,10 @@ def test_bad_input_errors():
     zero = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
     nn.init.zeros_(zero[0].weight)
     with pytest.raises(ValueError, match="all-zero"):
-        apply_opt(zero, "cayley", layers="0")
+        apply_opt(zero, "cayley", include="0")
     # R dimension mismatch: a P of the wrong size (e.g. from another model's state)
     lin = nn.Linear(4, 3)
-    apply_opt(lin, "cayley", exclude_output=False)
+    apply_opt(lin, "cayley", output_layer="none")
     with pytest.raises(ValueError, match="R dimension mismatch"):
         get_opt(lin).rotation(torch.randn(5, 5))
     with pytest.raises(TypeError, match="OPT layer"):
