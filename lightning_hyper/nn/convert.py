@@ -161,8 +161,10 @@ def _new_layer(old: nn.Module, cls: type[nn.Module], kwargs: dict[str, Any]) -> 
     if bias is not None:
         new.bias = bias
     if not any(p.requires_grad for p in old.parameters(recurse=False)):
+        given = {id(v) for v in kwargs.values() if isinstance(v, nn.Parameter)}  # e.g. a network-wide shared_k
         for p in new.parameters(recurse=False):  # a frozen layer stays frozen, the new operator's own parameters too
-            p.requires_grad_(False)
+            if id(p) not in given:
+                p.requires_grad_(False)
     new.train(old.training)
     return new
 

@@ -412,20 +412,38 @@ def _drop_computed_weight(module: nn.Module, state_dict: dict, prefix: str, loca
         state_dict.pop(prefix + "weight", None)
 
 
-def _size_warning(model: nn.Module, built: list[tuple[Any, nn.Module, "OPTParametrization"]]) -> None:
-    """One :class:`OPTSizeWarning` naming the multipliers and the cheaper options, if a rotation is too big."""
-    big = []
-    for g, layer, param in built:
-        layer_params = param.n * param.d + (layer.bias.numel() if getattr(layer, "bias", None) is not None else 0)
-        rot = math.prod(param.p_shape)
-        if rot > SIZE_WARN_RATIO * layer_params or param.p_shape[-1] > SIZE_WARN_DIM:
-            shape = param.p_shape
+def _p_shape(d: int, blocks: int, shared_blocks: bool, sopt_dim: int | None) -> tuple[int, ...] | None:
+    """Shape of the learnable ``P`` of a layer with neurons of dimension ``d`` (``None``: invalid sizes,
+    which :class:`OPTParametrization` reports)."""
+    if sopt_dim is not None:
+        return (sopt_dim, sopt_dim)
+    if blocks > 1:
+        if d % blocks:
+            return None
+        b = d // blocks
+        return (b, b) if shared_blocks else (blocks, b, b)
+    return (d, d)
+
+
+def _size_warning(model: nn.Module, specs: list[tuple[str, nn.Module, int, int, tuple[int, ...] | None]]) -> None:
+    """One :class:`OPTSizeWarning` naming the multipliers and the cheaper options, if a rotation is too big.
+
+    ``specs``: ``(name, layer, n, d, P shape)`` of every layer about to be converted."""
+    big, added = [], 0
+    for name, layer, n, d, shape in specs:
+        if shape is None:
+            continue
+        bias = getattr(layer, "bias", None)
+        layer_params = n * d + (bias.numel() if isinstance(bias, Tensor) else 0)
+        rot = math.prod(shape)
+        added += rot - n * d
+        if rot > SIZE_WARN_RATIO * layer_params or shape[-1] > SIZE_WARN_DIM:
             what = f"{shape[0]} blocks of {shape[1]}x{shape[2]}" if len(shape) == 3 else f"a {shape[0]}x{shape[1]} rotation"
-            big.append((g.name, rot / layer_params, what, rot))
+            big.append((name, rot / layer_params, what, rot))
     if not big:
         return
     before = sum(p.numel() for p in model.parameters())
-    after = before + sum(math.prod(param.p_shape) - param.n * param.d for _, _, param in built)
+    after = before + added
     big.sort(key=lambda row: -row[3])
     listed = "; ".join(f"{name!r}: {what}, {ratio:.1f}x its layer's parameters" for name, ratio, what, _ in big[:4])
     more = f"; ... (+{len(big) - 4} more)" if len(big) > 4 else ""
@@ -558,9 +576,9 @@ def apply_opt(
                     trainable_only=trainable_only, example_input=example_input)
     owners = parameter_owners(model)
     pyg = _pyg_linear()
-    built: list[tuple[Any, nn.Module, OPTParametrization]] = []
+    specs: list[tuple[Any, nn.Module, Tensor, int | None, tuple[int, ...] | None]] = []
     done: set[int] = set()
-    for g in plan.groups:
+    for g in plan.groups:  # check every layer before changing any
         layer, label = g.module, g.name or type(g.module).__name__
         if id(layer) in done:
             continue
@@ -586,28 +604,32 @@ def apply_opt(
         d = int(math.prod(w.shape[1:]))
         layer_sopt = sopt and not any(fnmatch.fnmatchcase(g.name, p) for p in full_patterns)
         dim = (sopt_dim if sopt_dim is not None else max(1, round(sopt_fraction * d))) if layer_sopt else None
-        if dim is not None:
+        if isinstance(dim, int):
             dim = min(dim, d)
+        valid = isinstance(blocks, int) and blocks >= 1 and (dim is None or (isinstance(dim, int) and dim > 0))
+        specs.append((g, layer, w, dim, _p_shape(d, blocks, shared_blocks, dim) if valid else None))
+    if not specs:
+        raise nothing_selected("apply_opt", model, plan, f"layer OPT can convert ({OPT_SUPPORTED})")
+    _size_warning(model, [(g.name, layer, w.shape[0], w[0].numel(), shape) for g, layer, w, _, shape in specs])
+    built: list[tuple[nn.Module, OPTParametrization]] = []
+    for g, layer, w, dim, _ in specs:
         try:
             param = OPTParametrization(
-                w, method, r_init=r_init, blocks=blocks, shared_blocks=shared_blocks, sopt=layer_sopt,
+                w, method, r_init=r_init, blocks=blocks, shared_blocks=shared_blocks, sopt=dim is not None,
                 sopt_dim=dim, fix_v=fix_v, normalize_v=normalize_v, dtype=dtype, generator=generator,
                 method_kwargs=method_kwargs,
             )
         except ValueError as err:
-            raise ValueError(f"apply_opt: layer {label!r}: {err}") from None
-        built.append((g, layer, param))
-    if not built:
-        raise nothing_selected("apply_opt", model, plan, f"layer OPT can convert ({OPT_SUPPORTED})")
-    _size_warning(model, built)
-    for _, layer, param in built:
+            raise ValueError(f"apply_opt: layer {g.name or type(layer).__name__!r}: {err}") from None
+        built.append((layer, param))
+    for layer, param in built:
         parametrize.register_parametrization(layer, "weight", param)  # P re-uses the weight's Parameter object
         type(layer).__reduce_ex__ = _reduce_opt_layer  # picklable (ddp_spawn sends the model to its workers)
         if pyg is not None and isinstance(layer, pyg) and not getattr(layer, "_opt_state_hook", False):
             layer.register_state_dict_post_hook(_drop_computed_weight)
             layer._opt_state_hook = True
     if refine is not None:
-        for _, layer, _ in built:
+        for layer, _ in built:
             refine_v(layer, objective=refine, steps=refine_steps, lr=refine_lr, s=refine_s)
     return model
 
