@@ -1,4 +1,6 @@
 """OPT layers: the parametrization W = R·V, energy invariance, PE-OPT/S-OPT, refinement, OGD, errors."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +9,7 @@ from torch import nn
 from lightning_hyper.functional.energy import hyperspherical_energy
 from lightning_hyper.functional.orthogonal import cayley, gram_schmidt, orthogonality_error
 from lightning_hyper.nn.opt import (
+    OPTSizeWarning,
     StiefelCayleySGD,
     absorb_rotation,
     apply_opt,
@@ -337,3 +340,115 @@ def test_bad_input_errors():
     with pytest.raises(TypeError, match="OPT layer"):
         refine_v(nn.Linear(3, 3))
     assert rotation_parameters(nn.Linear(2, 2)) == []
+
+
+# ---------------------------------------------------------------------------------------------- selection (core)
+def test_deprecated_argument_names_still_work_and_map_to_the_new_ones():
+    with pytest.warns(DeprecationWarning, match=r"apply_opt\(layers='4'\) is deprecated; use include="):
+        m = apply_opt(_mlp(), "cayley", layers="4")
+    assert list(opt_layers(m)) == ["4"]  # as before: layers= converts what it names, the output layer too
+    with pytest.warns(DeprecationWarning, match=r"exclude_output=False.*output_layer='none'"):
+        m = apply_opt(_mlp(), "cayley", exclude_output=False)
+    assert list(opt_layers(m)) == ["0", "2", "4"]
+    with pytest.warns(DeprecationWarning, match="exclude_output"):
+        m = apply_opt(_mlp(), "cayley", exclude_output=True)
+    assert list(opt_layers(m)) == ["0", "2"]
+    with pytest.raises(ValueError, match=r"layers= \(deprecated\) and include= were both given; pass only include="):
+        apply_opt(_mlp(), "cayley", include="0", layers="2")
+    with pytest.raises(ValueError, match=r"exclude_output= .* output_layer="):
+        apply_opt(_mlp(), "cayley", exclude_output=False, output_layer="4")
+
+
+def test_new_argument_names_and_string_patterns():
+    m = apply_opt(_mlp(), "cayley", exclude="0")  # one pattern, not the characters of "0"
+    assert list(opt_layers(m)) == ["2"]
+    m = apply_opt(_mlp(), "cayley", include="[02]")
+    assert list(opt_layers(m)) == ["0", "2"]
+    m = apply_opt(_mlp(), "cayley", output_layer="none", layer_types="Linear")
+    assert list(opt_layers(m)) == ["0", "2", "4"]
+    m = apply_opt(_mlp(), "cayley", output_layer="2")  # the named layer stays standard instead of the last one
+    assert list(opt_layers(m)) == ["0", "4"]
+    with pytest.raises(ValueError, match=r"include='4' selects only the output layer '4'.*output_layer='none'"):
+        apply_opt(_mlp(), "cayley", include="4")
+    with pytest.raises(ValueError, match=r"output_layer='fc'.*available names"):
+        apply_opt(_mlp(), "cayley", output_layer="fc")
+
+
+def test_tied_weight_is_refused_by_name_before_anything_changes():
+    shared = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
+    shared[2].weight = shared[0].weight
+    with pytest.raises(ValueError, match=r"weight of '0' is tied to '2\.weight'.*exclude=\['0'\]"):
+        apply_opt(shared, "cayley")
+    assert not opt_layers(shared) and shared[2].weight is shared[0].weight
+    # a layer that fails late (blocks) leaves the earlier ones untouched too
+    m2 = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
+    with pytest.raises(ValueError, match=r"layer '2': blocks=4 does not divide the neuron dimension d=6"):
+        apply_opt(m2, "cayley", blocks=4)
+    assert not opt_layers(m2)
+
+
+def test_size_warning_names_the_multiplier_and_the_cheaper_options():
+    def wide() -> nn.Sequential:
+        return nn.Sequential(nn.Linear(100, 4), nn.ReLU(), nn.Linear(4, 3))  # d = 100, n = 4
+
+    before = 100 * 4 + 4 + 4 * 3 + 3
+    after = before - 400 + 100 * 100
+    with pytest.warns(UserWarning) as record:
+        apply_opt(wide(), "cayley")
+    size = [w for w in record if issubclass(w.category, OPTSizeWarning)]
+    assert len(size) == 1
+    msg = str(size[0].message)
+    assert f"{after / before:.1f}x the model's parameters ({before:,} -> {after:,})" in msg
+    assert "'0': a 100x100 rotation, 24.8x its layer's parameters" in msg  # 10,000 / 404
+    assert "blocks=k" in msg and "sopt=True" in msg
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OPTSizeWarning)
+        apply_opt(wide(), "cayley", sopt=True)  # (25)^2 = 625 parameters
+        apply_opt(wide(), "cayley", blocks=4)  # 4 * 25^2 = 2,500
+        apply_opt(nn.Sequential(nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8, 2)), "cayley")  # 3x3, C->C: 8.9x
+        with pytest.raises(OPTSizeWarning, match=r"'0': a 2100x2100 rotation, 1\.0x.*larger than 2048x2048"):
+            apply_opt(nn.Sequential(nn.Linear(2100, 2100), nn.Linear(2100, 2)), "cayley")
+
+
+@pytest.mark.parametrize("method,kwargs", [(m, {}) for m in EXACT] + [
+    ("ogd", {}), ("relaxed", {}), ("cayley", {"sopt": True}), ("gram_schmidt", {"sopt": True}),
+    ("cayley", {"blocks": 2}), ("lowdin", {"blocks": 2, "shared_blocks": True})])
+def test_no_graph_break_under_torch_compile(method, kwargs):
+    """The orthogonalization's data checks (scale of P, NaN, rank, S-OPT indices) read no value on the host
+    under torch.compile: one graph, no break, in every forward pass."""
+    model = _mlp()
+    apply_opt(model, method, seed=0, **kwargs)
+    explanation = torch._dynamo.explain(model)(torch.randn(5, 6))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+def test_checks_still_fire_inside_a_compiled_graph():
+    model = _mlp()
+    apply_opt(model, "cayley", seed=0)
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(compiled(x), model(x))
+    with torch.no_grad():
+        model[0].parametrizations.weight.original[0, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        model(x)
+    with pytest.raises(RuntimeError, match="NaN/Inf"):
+        compiled(x)
+
+
+@pytest.mark.slow
+def test_inductor_compiled_opt_model_matches_eager():
+    torch.manual_seed(0)
+    model = _mlp()
+    apply_opt(model, "cayley", seed=0)
+    x = torch.randn(5, 6)
+    compiled = torch.compile(model)
+    out = compiled(x)
+    out.pow(2).sum().backward()
+    grad = model[0].parametrizations.weight.original.grad.clone()
+    model.zero_grad()
+    ref = model(x)
+    ref.pow(2).sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, model[0].parametrizations.weight.original.grad, rtol=1e-4, atol=1e-6)
