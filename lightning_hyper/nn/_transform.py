@@ -124,7 +124,8 @@ def plan_transform(fn: str, model: nn.Module, args: _Args, cannot: Callable[[Neu
         raise
     includes, excludes = _patterns(args.include), _patterns(args.exclude)
     for s in skipped:
-        if s.reason.startswith("lazy") and not _matches(s.name, excludes) and (not includes or _matches(s.name, includes)):
+        wanted = not _matches(s.name, excludes) and (not includes or _matches(s.name, includes))
+        if s.reason.startswith("lazy") and wanted:
             raise ValueError(f"{fn}: layer {s.name!r} is lazy (its weight is not initialized yet); run one forward "
                              f"pass, or pass example_input=... (one batch) to {fn}, before transforming the model")
     chosen: list[NeuronGroup] = []
@@ -160,7 +161,8 @@ def plan_transform(fn: str, model: nn.Module, args: _Args, cannot: Callable[[Neu
         for r in cannot_rows:
             by_reason.setdefault(r.reason[len(CANNOT):], []).append(repr(r.name))
         items = list(by_reason.items())
-        listed = "; ".join(f"{', '.join(names[:6])}{' ...' if len(names) > 6 else ''} ({why})" for why, names in items[:6])
+        listed = "; ".join(f"{', '.join(names[:6])}{' ...' if len(names) > 6 else ''} ({why})"
+                           for why, names in items[:6])
         more = f"; ... (+{len(items) - 6} more reasons)" if len(items) > 6 else ""
         warnings.warn(f"{fn}: {len(cannot_rows)} layer(s) with neurons stay plain because {fn} cannot transform "
                       f"them: {listed}{more}. Supported: {supported}", UserWarning, stacklevel=4)

@@ -346,7 +346,8 @@ def orthogonality_errors(model: nn.Module, norm: str = "max") -> dict[str, float
 
 # ---------------------------------------------------------------------- conversion
 #: layers OPT reparameterizes (``as_neurons`` of their weight is ``(n, d)``)
-OPT_SUPPORTED = "nn.Linear (and subclasses such as MultiheadAttention.out_proj), nn.Conv1d/2d/3d, torch_geometric Linear"
+OPT_SUPPORTED = ("nn.Linear (and subclasses such as MultiheadAttention.out_proj), nn.Conv1d/2d/3d, "
+                 "torch_geometric Linear")
 #: a rotation above either limit triggers :class:`OPTSizeWarning`
 SIZE_WARN_RATIO = 10.0
 SIZE_WARN_DIM = 2048
@@ -438,7 +439,8 @@ def _size_warning(model: nn.Module, specs: list[tuple[str, nn.Module, int, int, 
         rot = math.prod(shape)
         added += rot - n * d
         if rot > SIZE_WARN_RATIO * layer_params or shape[-1] > SIZE_WARN_DIM:
-            what = f"{shape[0]} blocks of {shape[1]}x{shape[2]}" if len(shape) == 3 else f"a {shape[0]}x{shape[1]} rotation"
+            what = (f"{shape[0]} blocks of {shape[1]}x{shape[2]}" if len(shape) == 3
+                    else f"a {shape[0]}x{shape[1]} rotation")
             big.append((name, rot / layer_params, what, rot))
     if not big:
         return
