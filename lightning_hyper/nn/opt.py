@@ -556,6 +556,7 @@ def apply_opt(
         raise ValueError(f"sopt_fraction={sopt_fraction!r} is not supported; accepted values: a number in (0, 1]")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    explicit_output = output_layer is not None
     if exclude_output is not _UNSET:
         deprecated("apply_opt", "exclude_output", "output_layer=None (detect and keep it plain) or "
                    "output_layer='none' (convert every selected layer)", exclude_output)
@@ -570,7 +571,7 @@ def apply_opt(
         if include is not None:
             raise conflict("apply_opt", "layers", "include")
         include = layers
-        if exclude_output is _UNSET and output_layer is None and layers is not None:
+        if layers is not None and not explicit_output:
             output_layer = "none"  # layers= always converted what it named, the output layer included
     full_patterns = _as_patterns(sopt_full_layers, "sopt_full_layers")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
