@@ -56,7 +56,7 @@ def step_fn(layer: nn.Module, x: torch.Tensor, variant: str) -> Callable[[], Non
     else:
         method, _, option = variant.partition(":")
         kwargs = {"sopt": {"sopt": True}, "pe4": {"blocks": 4}, "id": {"r_init": "identity"}, "": {}}[option]
-        apply_opt(layer, method, exclude_output=False, seed=0, **kwargs)
+        apply_opt(layer, method, output_layer="none", seed=0, **kwargs)
         rot, rest = split_opt_parameters(layer)
         params = rest if method == "ogd" else list(layer.parameters())
         if method == "relaxed":
@@ -109,7 +109,7 @@ def construction_times(kind: str, d_linear: int, channels: int, repeats: int) ->
         for option, kwargs in (("full", {}), ("sopt", {"sopt": True}), ("pe4", {"blocks": 4})):
             torch.manual_seed(0)
             layer, _ = make_layer(kind, d_linear, channels)
-            apply_opt(layer, method, exclude_output=False, seed=0, **kwargs)
+            apply_opt(layer, method, output_layer="none", seed=0, **kwargs)
             grad = torch.randn(layer.weight.shape)
 
             def fn(layer=layer, grad=grad) -> None:

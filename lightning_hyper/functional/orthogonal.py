@@ -66,10 +66,23 @@ def _check_square(P: Tensor, name: str = "P") -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {P.dtype}")
 
 
+def _compiling() -> bool:
+    """True while ``torch.compile`` (dynamo) traces: data-dependent checks must not read a value on the host
+    there (``float(t)`` / ``bool(t)`` would break the graph on every forward pass)."""
+    fn = getattr(torch.compiler, "is_compiling", None)
+    return bool(fn()) if fn is not None else bool(torch._dynamo.is_compiling())
+
+
 def _check_finite(P: Tensor, name: str = "P") -> None:
-    """The orthogonalization maps would silently return NaN for a non-finite ``P``: refuse it."""
+    """The orthogonalization maps would silently return NaN for a non-finite ``P``: refuse it.
+
+    Under ``torch.compile`` the check stays in the graph as an asynchronous assert (no graph break)."""
+    msg = f"{name} contains NaN or Inf entries; an orthogonal matrix cannot be built from it"
+    if _compiling():
+        torch._assert_async(torch.isfinite(P).all(), msg)
+        return
     if not bool(torch.isfinite(P).all()):
-        raise ValueError(f"{name} contains NaN or Inf entries; an orthogonal matrix cannot be built from it")
+        raise ValueError(msg)
 
 
 def _eye_like(P: Tensor) -> Tensor:
@@ -112,11 +125,14 @@ def _q_plus(A: Tensor) -> Tensor:
     if A.requires_grad and torch.is_grad_enabled():
         mag = diag.detach().abs()
         tol = torch.finfo(A.dtype).eps  # exact rank loss only: ill-conditioned P still trains (PointNet S-OPT)
-        if bool((mag <= tol * mag.amax(dim=-1, keepdim=True)).any()):
-            raise ValueError(
-                f"P (shape {tuple(A.shape)}) is rank-deficient (a diagonal entry of its R factor is <= {tol:.1g} "
-                "x the largest): Gram-Schmidt / Householder orthogonalization has no gradient there; "
-                "re-initialize P or use method='lowdin', 'cayley' or 'matrix_exp'")
+        deficient = (mag <= tol * mag.amax(dim=-1, keepdim=True)).any()
+        msg = (f"P (shape {tuple(A.shape)}) is rank-deficient (a diagonal entry of its R factor is <= {tol:.1g} "
+               "x the largest): Gram-Schmidt / Householder orthogonalization has no gradient there; "
+               "re-initialize P or use method='lowdin', 'cayley' or 'matrix_exp'")
+        if _compiling():
+            torch._assert_async(deficient.logical_not(), msg)
+        elif bool(deficient):
+            raise ValueError(msg)
     return Q * _sign_no_zero(diag).detach().unsqueeze(-2)
 
 
@@ -277,6 +293,13 @@ def _check_skew_scale(S: Tensor, method: str) -> None:
     if S.numel() == 0:
         return
     limit = 1e-3 / torch.finfo(S.dtype).eps
+    if _compiling():  # no host sync under torch.compile: an asynchronous assert in the graph (no graph break)
+        big = S.detach().abs().amax()
+        torch._assert_async(torch.isfinite(big) & (big <= limit),
+                            f"P contains NaN/Inf entries or entries above {limit:.2g} in its skew part: no accurate "
+                            f"{method} map in {S.dtype}; keep P moderate (e.g. weight decay), use float64, or a "
+                            "scale-invariant method ('lowdin', 'gram_schmidt', 'householder')")
+        return
     biggest = float(S.detach().abs().amax())  # one host sync for both checks (NaN propagates through amax)
     if not math.isfinite(biggest):
         raise ValueError("P contains NaN or Inf entries (in its strict upper triangle, the part skew(P) uses); "
@@ -458,7 +481,9 @@ def _check_subset(R_sub: Tensor, indices: Tensor, d: int) -> None:
     _check_square(R_sub, "R_sub")
     if indices.dim() != 1 or indices.numel() != R_sub.shape[-1]:
         raise ValueError(f"indices of shape {tuple(indices.shape)} do not match R_sub of shape {tuple(R_sub.shape)}")
-    if indices.numel() and (int(indices.max()) >= d or int(indices.min()) < 0):
+    if indices.numel() and _compiling():
+        torch._assert_async(((indices >= 0) & (indices < d)).all(), f"indices must lie in [0, {d})")
+    elif indices.numel() and (int(indices.max()) >= d or int(indices.min()) < 0):
         raise ValueError(f"indices must lie in [0, {d})")
 
 

@@ -52,7 +52,7 @@ class GraphClassifier(OPTMixin, L.LightningModule):
         self.save_hyperparameters()
         self.gcn = GCN(num_features, hidden_channels, num_classes, num_layers=num_layers, dropout=dropout)
         self.output_layer_name = f"gcn.{self.gcn.output_layer_name}"
-        self._init_opt(self, opt_method, opt_kwargs, exclude_output=True, ogd_lr=ogd_lr, ogd_momentum=ogd_momentum)
+        self._init_opt(self, opt_method, opt_kwargs, output_layer=None, ogd_lr=ogd_lr, ogd_momentum=ogd_momentum)
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")

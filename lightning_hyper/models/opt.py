@@ -38,7 +38,9 @@ class OPTMixin:
     _pending_ogd_state: dict | None = None
 
     def _init_opt(self, target: nn.Module, method: str | None, opt_kwargs: dict[str, Any] | None,
-                  exclude_output: bool, ogd_lr: float, ogd_momentum: float) -> None:
+                  output_layer: str | None, ogd_lr: float, ogd_momentum: float) -> None:
+        """``apply_opt(target, method, output_layer=output_layer, **opt_kwargs)`` (``opt_kwargs`` may set
+        ``output_layer`` themselves, or the deprecated ``exclude_output`` / ``layers``)."""
         kwargs = dict(opt_kwargs or {})
         if method is None:
             if kwargs:
@@ -49,7 +51,8 @@ class OPTMixin:
         if not ogd_lr > 0:
             raise ValueError(f"ogd_lr must be > 0, got {ogd_lr!r}")
         self._ogd_lr, self._ogd_momentum = float(ogd_lr), float(ogd_momentum)
-        kwargs.setdefault("exclude_output", exclude_output)
+        if not {"output_layer", "exclude_output", "layers"} & kwargs.keys():
+            kwargs["output_layer"] = output_layer
         apply_opt(target, method, **kwargs)
 
     def _prepare_optimizers(self, result: Any) -> Any:
@@ -81,8 +84,9 @@ class OPTClassifier(OPTMixin, HypersphericalClassifier):
         opt_method: OPT method for every conv/linear layer of the backbone (``"cayley"``,
             ``"gram_schmidt"``, ``"householder"``, ``"lowdin"``, ``"matrix_exp"``, ``"ogd"``,
             ``"relaxed"``, ``"unconstrained"``) or ``None`` for the plain baseline.
-        opt_kwargs: further :func:`~lightning_hyper.nn.opt.apply_opt` options (``layers``,
-            ``r_init``, ``blocks``, ``sopt``, ``refine``, ``seed``, ...).
+        opt_kwargs: further :func:`~lightning_hyper.nn.opt.apply_opt` options (``include``, ``exclude``,
+            ``r_init``, ``blocks``, ``sopt``, ``refine``, ``seed``, ...); every selected backbone layer is
+            converted (``output_layer="none"`` on the backbone: the head is outside it).
         ogd_lr, ogd_momentum: the rotation optimizer of ``opt_method="ogd"`` (0.02, 0.9 in the thesis).
         The other arguments are those of :class:`HypersphericalClassifier` (defaults: CNN-6 with the
         thesis widths, SGD lr 0.1, momentum 0.9, weight decay 5e-4).
@@ -116,7 +120,7 @@ class OPTClassifier(OPTMixin, HypersphericalClassifier):
                          head_kwargs=head_kwargs, optimizer=optimizer, lr=lr, momentum=momentum,
                          weight_decay=weight_decay, nesterov=nesterov, scheduler=scheduler, milestones=milestones,
                          gamma=gamma, step_size=step_size, max_epochs_for_cosine=max_epochs_for_cosine)
-        self._init_opt(self.backbone, opt_method, opt_kwargs, exclude_output=False, ogd_lr=ogd_lr,
+        self._init_opt(self.backbone, opt_method, opt_kwargs, output_layer="none", ogd_lr=ogd_lr,
                        ogd_momentum=ogd_momentum)
 
     def configure_optimizers(self) -> Any:

@@ -69,7 +69,7 @@ class PointCloudClassifier(OPTMixin, HypersphericalClassifier):
             exclude = kwargs.get("exclude") or []
             exclude = [exclude] if isinstance(exclude, str) else list(exclude)
             kwargs["exclude"] = [*exclude, TNET_HEADS]
-        self._init_opt(self.backbone, opt_method, kwargs or None, exclude_output=False, ogd_lr=ogd_lr,
+        self._init_opt(self.backbone, opt_method, kwargs or None, output_layer="none", ogd_lr=ogd_lr,
                        ogd_momentum=ogd_momentum)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:

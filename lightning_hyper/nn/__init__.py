@@ -11,7 +11,7 @@ from lightning_hyper.nn.heads import (
 )
 from lightning_hyper.nn.sphere import SphereConv1d, SphereConv2d, SphereConv3d, SphereLinear, SphereNorm, make_shared_k
 from lightning_hyper.nn.decoupled import DecoupledConv1d, DecoupledConv2d, DecoupledConv3d, DecoupledLinear
-from lightning_hyper.nn.convert import convert
+from lightning_hyper.nn.convert import convert, plan_convert
 from lightning_hyper.nn.ga_softmax import GASoftmaxHead, WSoftmaxHead
 
 __all__ = ["HEADS", "build_head", "register_head"]
@@ -39,6 +39,7 @@ __all__ += [
     "WSoftmaxHead",
     "convert",
     "make_shared_k",
+    "plan_convert",
 ]
 # hierarchical.py (DH2L)
 from lightning_hyper.nn.hierarchical import HierarchicalLinear, Hierarchy, register_hierarchy

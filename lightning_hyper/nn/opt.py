@@ -52,10 +52,23 @@ from lightning_hyper.functional.orthogonal import (
     sample_subset,
     stiefel_cayley_step,
 )
+from lightning_hyper.nn._transform import (
+    CANNOT,
+    UNSET as _UNSET,
+    TransformPlan,
+    _Args,
+    conflict,
+    deprecated,
+    foreign_owners,
+    nothing_selected,
+    parameter_owners,
+    plan_transform,
+)
 
 __all__ = [
     "OPT_METHODS",
     "OPTParametrization",
+    "OPTSizeWarning",
     "StiefelCayleySGD",
     "absorb_rotation",
     "apply_opt",
@@ -63,6 +76,7 @@ __all__ = [
     "get_opt",
     "opt_layers",
     "orthogonality_errors",
+    "plan_opt",
     "refine_v",
     "remove_opt",
     "rotation_parameters",
@@ -331,51 +345,66 @@ def orthogonality_errors(model: nn.Module, norm: str = "max") -> dict[str, float
 
 
 # ---------------------------------------------------------------------- conversion
+#: layers OPT reparameterizes (``as_neurons`` of their weight is ``(n, d)``)
+OPT_SUPPORTED = ("nn.Linear (and subclasses such as MultiheadAttention.out_proj), nn.Conv1d/2d/3d, "
+                 "torch_geometric Linear")
+#: a rotation above either limit triggers :class:`OPTSizeWarning`
+SIZE_WARN_RATIO = 10.0
+SIZE_WARN_DIM = 2048
+
+
+class OPTSizeWarning(UserWarning):
+    """:func:`apply_opt` would build a rotation far larger than its layer (see :data:`SIZE_WARN_RATIO`,
+    :data:`SIZE_WARN_DIM`); the message names the multiplier and the cheaper ``blocks=`` / ``sopt=``."""
+
+
 def _as_patterns(value: str | Sequence[str] | None, arg: str) -> list[str]:
     if value is None:
         return []
     if isinstance(value, str):
         return [value]
     if not isinstance(value, Iterable) or not all(isinstance(v, str) for v in value):
-        raise TypeError(f"{arg}: expected a module-name glob or a list of them, got {value!r}")
+        raise TypeError(f"{arg}={value!r} is not supported: expected a module-name glob or a list of them")
     return list(value)
 
 
-def _select_layers(model: nn.Module, layers, exclude, exclude_output: bool) -> list[tuple[str, nn.Module]]:
-    named = [(n, m) for n, m in model.named_modules()]
-    supported = [(n, m) for n, m in named if _supported(m)]
-    include = _as_patterns(layers, "layers")
-    excl = _as_patterns(exclude, "exclude")
-    all_names = [n for n, _ in named if n]
-    for pattern in include + excl:
-        if not any(fnmatch.fnmatchcase(n, pattern) for n, _ in named):
-            arg = "layers" if pattern in include else "exclude"
-            raise ValueError(f"{arg}: pattern {pattern!r} matches no module of {type(model).__name__}; "
-                             f"modules: {all_names[:20]}{' ...' if len(all_names) > 20 else ''}")
-    if include:
-        chosen = []
-        for pattern in include:
-            hits = [(n, m) for n, m in named if fnmatch.fnmatchcase(n, pattern)]
-            ok = [(n, m) for n, m in hits if _supported(m)]
-            if not ok:
-                n, m = hits[0]
-                raise TypeError(
-                    f"layers: {pattern!r} selects {n!r} of type {type(m).__name__}, which OPT cannot convert; "
-                    "supported layers: nn.Linear, nn.Conv1d/2d/3d, torch_geometric.nn.Linear"
-                )
-            chosen += [h for h in ok if h not in chosen]
-        chosen = [c for c in supported if c in chosen]  # keep model order
-    else:
-        chosen = list(supported)
-        if exclude_output and chosen:
-            out_name = getattr(model, "output_layer_name", None)
-            out_name = out_name if out_name is not None else chosen[-1][0]
-            chosen = [c for c in chosen if c[0] != out_name]
-    chosen = [(n, m) for n, m in chosen if not any(fnmatch.fnmatchcase(n, p) for p in excl)]
-    if not chosen:
-        raise ValueError(f"no layer of {type(model).__name__} is selected for OPT (layers={layers!r}, "
-                         f"exclude={exclude!r}, exclude_output={exclude_output})")
-    return chosen
+def _opt_cannot(group: Any) -> str | None:
+    """Why OPT cannot reparameterize a group of :func:`select_neurons` (``None``: it can)."""
+    module = group.module
+    if isinstance(module, nn.MultiheadAttention):
+        return (CANNOT + "packed attention weight (q/k/v rows of one parameter); OPT reparameterizes whole "
+                "Linear/Conv weights, and the attention's out_proj is converted as a Linear")
+    if isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
+        return CANNOT + "recurrent gate weight (RNN/LSTM/GRU read their flat weights directly)"
+    if group.parameter_name != "weight":
+        return CANNOT + f"weight {group.parameter_name!r} is not the layer's 'weight'"
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return CANNOT + f"{type(module).__name__} (neurons are the weight's columns)"
+    if not _supported(module):
+        return CANNOT + f"type {type(module).__name__}"
+    return None
+
+
+def plan_opt(
+    model: nn.Module,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    *,
+    layer_types: str | type | Sequence[str | type] | None = None,
+    output_layer: str | None = None,
+    trainable_only: bool = True,
+    example_input: Any = None,
+) -> TransformPlan:
+    """What :func:`apply_opt` with the same selection arguments would reparameterize, without changing
+    ``model``: a plan with ``.groups`` (:class:`~lightning_hyper.nn.selection.NeuronGroup`, the core's names
+    and order), ``.names``, ``.skipped`` (``(name, reason)`` rows) and ``.table()``.
+
+    The layers come from :func:`~lightning_hyper.nn.selection.select_neurons` (same arguments); the output
+    group stays plain; packed attention (``in_proj_weight`` q/k/v), RNN/LSTM/GRU gates, ConvTranspose,
+    Bilinear, Embedding and unknown types are skipped with a ``"cannot transform: ..."`` reason.
+    """
+    args = _Args(include, exclude, layer_types, output_layer, trainable_only, example_input)
+    return plan_transform("apply_opt", model, args, _opt_cannot, OPT_SUPPORTED)
 
 
 def _drop_computed_weight(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
@@ -384,13 +413,61 @@ def _drop_computed_weight(module: nn.Module, state_dict: dict, prefix: str, loca
         state_dict.pop(prefix + "weight", None)
 
 
+def _p_shape(d: int, blocks: int, shared_blocks: bool, sopt_dim: int | None) -> tuple[int, ...] | None:
+    """Shape of the learnable ``P`` of a layer with neurons of dimension ``d`` (``None``: invalid sizes,
+    which :class:`OPTParametrization` reports)."""
+    if sopt_dim is not None:
+        return (sopt_dim, sopt_dim)
+    if blocks > 1:
+        if d % blocks:
+            return None
+        b = d // blocks
+        return (b, b) if shared_blocks else (blocks, b, b)
+    return (d, d)
+
+
+def _size_warning(model: nn.Module, specs: list[tuple[str, nn.Module, int, int, tuple[int, ...] | None]]) -> None:
+    """One :class:`OPTSizeWarning` naming the multipliers and the cheaper options, if a rotation is too big.
+
+    ``specs``: ``(name, layer, n, d, P shape)`` of every layer about to be converted."""
+    big, added = [], 0
+    for name, layer, n, d, shape in specs:
+        if shape is None:
+            continue
+        bias = getattr(layer, "bias", None)
+        layer_params = n * d + (bias.numel() if isinstance(bias, Tensor) else 0)
+        rot = math.prod(shape)
+        added += rot - n * d
+        if rot > SIZE_WARN_RATIO * layer_params or shape[-1] > SIZE_WARN_DIM:
+            what = (f"{shape[0]} blocks of {shape[1]}x{shape[2]}" if len(shape) == 3
+                    else f"a {shape[0]}x{shape[1]} rotation")
+            big.append((name, rot / layer_params, what, rot))
+    if not big:
+        return
+    before = sum(p.numel() for p in model.parameters())
+    after = before + added
+    big.sort(key=lambda row: -row[3])
+    listed = "; ".join(f"{name!r}: {what}, {ratio:.1f}x its layer's parameters" for name, ratio, what, _ in big[:4])
+    more = f"; ... (+{len(big) - 4} more)" if len(big) > 4 else ""
+    warnings.warn(
+        f"apply_opt: the rotations would hold {after / before:.1f}x the model's parameters ({before:,} -> {after:,}), "
+        f"and every forward pass orthogonalizes each rotation (O(d^3) for a d x d one). Largest: {listed}{more}. "
+        f"Cheaper: blocks=k (PE-OPT, k blocks of (d/k)^2 parameters, k must divide each layer's d; "
+        f"shared_blocks=True keeps one (d/k)^2 block) or sopt=True (S-OPT, a (d/4)^2 rotation, sopt_fraction= "
+        f"sets d'/d). Warned when a rotation holds more than {SIZE_WARN_RATIO:g}x its layer's parameters or is "
+        f"larger than {SIZE_WARN_DIM}x{SIZE_WARN_DIM}.", OPTSizeWarning, stacklevel=3)
+
+
 def apply_opt(
     model: nn.Module,
     method: str = "cayley",
-    layers: str | Sequence[str] | None = None,
+    include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
     *,
-    exclude_output: bool = True,
+    layer_types: str | type | Sequence[str | type] | None = None,
+    output_layer: str | None = None,
+    trainable_only: bool = True,
+    example_input: Any = None,
     r_init: str | None = None,
     blocks: int = 1,
     shared_blocks: bool = False,
@@ -406,31 +483,71 @@ def apply_opt(
     fix_v: bool = True,
     dtype: torch.dtype | None = None,
     seed: int | None = None,
+    layers: Any = _UNSET,
+    exclude_output: Any = _UNSET,
     **method_kwargs: Any,
 ) -> nn.Module:
     """Convert ``model``'s layers to OPT in place (``weight = R·V``) and return ``model``.
 
+    **Which layers.** :func:`~lightning_hyper.nn.selection.select_neurons` chooses them (``include``,
+    ``exclude``, ``layer_types``, ``output_layer``, ``trainable_only``, ``example_input`` mean what they mean
+    there, and group names are the core's). Of its groups, OPT reparameterizes ``nn.Linear`` (subclasses
+    too: ``MultiheadAttention.out_proj``), ``nn.Conv1d/2d/3d`` and torch-geometric ``Linear`` (e.g.
+    ``GCNConv.lin``). It **skips, with a reported reason** (one warning per call, and in
+    :func:`plan_opt`): packed attention weights (``in_proj_weight`` q/k/v, ``q_proj_weight``...),
+    RNN/LSTM/GRU gate weights, ConvTranspose, Bilinear, Embedding and unknown types. The core also leaves
+    out depthwise convolutions, frozen layers and tie duplicates.
+
+    **What is kept.**
+
+    - *The output layer* (role ``"output"``: ``output_layer=``, else ``model.output_layer_name``, else the
+      last layer the forward pass on ``example_input`` runs, else the last Linear-like layer) stays
+      standard: the thesis never reparameterizes the classifier. ``output_layer="none"`` converts every
+      selected layer (feature extractors without a classifier).
+    - *Frozen layers* are not converted (``trainable_only=True``). With ``trainable_only=False`` they are,
+      and stay frozen: ``P`` is the layer's former weight Parameter object (``parametrize`` re-uses it),
+      so it keeps ``requires_grad=False``.
+    - *Parameter ties*: a weight shared with another module (a language model's decoder tied to its
+      embedding) cannot be reparameterized in place without breaking the tie (``parametrize`` turns the
+      shared Parameter into ``P``), so it is refused with a ``ValueError`` naming both users.
+    - *Module reuse*: a module registered under several names is converted once and serves every use.
+    - *Predictions*: with ``r_init="identity"`` (``R = I``, the default of ``ogd`` and S-OPT) the model
+      computes exactly what it did; torch's fused ``TransformerEncoderLayer`` kernel reads the
+      parametrized (effective) weights, so eval/no-grad predictions follow the OPT weights there too.
+    - *Size*: a rotation holding more than :data:`SIZE_WARN_RATIO` (10)x its layer's parameters or larger
+      than :data:`SIZE_WARN_DIM` (2048) x 2048 triggers one :class:`OPTSizeWarning` with the model's size
+      multiplier and the cheaper ``blocks=`` / ``sopt=`` (ResNet-18: 8.9x the parameters with full OPT).
+    - *torch.compile*: the orthogonalization's data checks run as in-graph asserts under compile, so an
+      OPT forward pass has no graph break.
+
+    The model is checked completely (lazy, all-zero, tied, already-OPT layers, ``blocks``/``sopt_dim``
+    sizes) before any layer is changed.
+
     Args:
-        model: any module; ``nn.Linear``, ``nn.Conv1d/2d/3d`` and torch-geometric ``Linear`` (e.g.
-            ``GCNConv.lin``) layers can be converted.
+        model: any module.
         method: ``"cayley"``, ``"gram_schmidt"``, ``"householder"``, ``"lowdin"``, ``"matrix_exp"``,
             ``"ogd"``, ``"relaxed"``, ``"unconstrained"`` (aliases cp, gs, hr, ls, exp, or, upt).
-        layers: module-name glob(s) to convert; ``None`` converts every supported layer.
-        exclude: module-name glob(s) left standard.
-        exclude_output: with ``layers=None``, leave the output layer standard (the thesis never
-            reparameterizes the classifier): ``model.output_layer_name`` if set, else the last
-            supported layer. Pass ``False`` for feature extractors without a classifier.
+        include, exclude: group/module-name glob(s) (``fnmatch``); a string is one pattern.
+        layer_types: class names or types to keep (base classes match, e.g. ``"Conv2d"``).
+        output_layer: the output layer's name, or ``"none"`` for no output layer (convert it too).
+        trainable_only: leave frozen layers standard (default) or convert them too (they stay frozen).
+        example_input: one batch; the output layer is then the last layer the forward pass runs (needed
+            for a convolutional classifier such as SqueezeNet's); lazy layers are materialized by it.
         r_init, blocks, shared_blocks, normalize_v, fix_v, dtype: see :class:`OPTParametrization`.
         sopt, sopt_fraction, sopt_dim: S-OPT with ``d' = sopt_dim`` or ``round(sopt_fraction·d)``
             rotated coordinates; ``sopt_full_layers`` (globs) keep full OPT (the spec's first conv).
         refine, refine_steps, refine_lr, refine_s: refine ``V`` before training (see :func:`refine_v`).
         seed: seeds the random ``P`` and S-OPT subsets (default: torch's global RNG).
+        layers: deprecated name of ``include`` (``DeprecationWarning``); as before, a layer it names is
+            converted even if it is the output layer (it implies ``output_layer="none"``).
+        exclude_output: deprecated; ``False`` is ``output_layer="none"``, ``True`` the default detection.
         method_kwargs: passed to the orthogonalization map (e.g. ``full=False`` for householder).
 
     Raises:
         ValueError: unknown ``method``/``r_init``/``refine``, a pattern matching nothing, a lazy or
-            already-parametrized layer, ``blocks`` not dividing ``d``.
-        TypeError: a selected layer OPT cannot convert.
+            already-parametrized layer, a tied weight, an all-zero layer named by ``include``, ``blocks``
+            not dividing ``d``, nothing to convert (the message holds the selection table).
+        TypeError: ``include`` names only layers OPT cannot convert.
     """
     _canonical_method(method)
     if refine is not None and refine not in REFINE_OBJECTIVES:
@@ -439,47 +556,83 @@ def apply_opt(
         raise ValueError(f"sopt_fraction={sopt_fraction!r} is not supported; accepted values: a number in (0, 1]")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    chosen = _select_layers(model, layers, exclude, exclude_output)
+    explicit_output = output_layer is not None
+    if exclude_output is not _UNSET:
+        deprecated("apply_opt", "exclude_output", "output_layer=None (detect and keep it plain) or "
+                   "output_layer='none' (convert every selected layer)", exclude_output)
+        if output_layer is not None:
+            raise conflict("apply_opt", "exclude_output", "output_layer")
+        if not isinstance(exclude_output, bool):
+            raise TypeError(f"exclude_output={exclude_output!r} is not supported: expected True or False "
+                            "(or use output_layer=)")
+        output_layer = None if exclude_output else "none"
+    if layers is not _UNSET:
+        deprecated("apply_opt", "layers", "include=", layers)
+        if include is not None:
+            raise conflict("apply_opt", "layers", "include")
+        include = layers
+        if layers is not None and not explicit_output:
+            output_layer = "none"  # layers= always converted what it named, the output layer included
     full_patterns = _as_patterns(sopt_full_layers, "sopt_full_layers")
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    plan = plan_opt(model, include, exclude, layer_types=layer_types, output_layer=output_layer,
+                    trainable_only=trainable_only, example_input=example_input)
+    owners = parameter_owners(model)
     pyg = _pyg_linear()
-    converted: list[nn.Module] = []
-    for name, layer in chosen:
-        label = name or type(layer).__name__
-        w = layer.weight if not parametrize.is_parametrized(layer, "weight") else None
-        if w is None:
-            raise ValueError(f"layer {label!r} already has a parametrization on its weight (OPT applied twice?)")
-        if isinstance(w, nn.parameter.UninitializedParameter):
-            raise ValueError(f"layer {label!r} is lazy (uninitialized weight); run one forward pass before apply_opt")
+    specs: list[tuple[Any, nn.Module, Tensor, int | None, tuple[int, ...] | None]] = []
+    done: set[int] = set()
+    for g in plan.groups:  # check every layer before changing any
+        layer, label = g.module, g.name or type(g.module).__name__
+        if id(layer) in done:
+            continue
+        done.add(id(layer))
+        if parametrize.is_parametrized(layer, "weight"):
+            raise ValueError(f"apply_opt: layer {label!r} already has a parametrization on its weight (OPT applied "
+                             f"twice?); exclude it (exclude=[{label!r}]) or remove_opt(model) first")
+        w = layer.weight
+        tied = foreign_owners(owners, layer)
+        if tied:
+            raise ValueError(
+                f"apply_opt: the weight of {label!r} is tied to {', '.join(repr(t) for t in tied)} (one Parameter, "
+                "several users). OPT reparameterizes a weight in place, which would break the tie (the other user "
+                f"would read the rotation parameter). Fix: exclude it (exclude=[{label!r}]), or untie the weights "
+                "before apply_opt")
         if not bool(w.detach().abs().sum() > 0):
-            if layers is None:
-                warnings.warn(f"apply_opt: skipping layer {label!r}, its weight is all zeros", stacklevel=2)
+            if include is None:
+                warnings.warn(f"apply_opt: skipping layer {label!r}, its weight is all zeros (W = R·V would stay 0)",
+                              stacklevel=2)
                 continue
-            raise ValueError(f"layer {label!r} has an all-zero weight: OPT would keep W = R·V = 0 forever; "
-                             "exclude it")
+            raise ValueError(f"apply_opt: layer {label!r} has an all-zero weight: OPT would keep W = R·V = 0 forever; "
+                             f"exclude it (exclude=[{label!r}])")
         d = int(math.prod(w.shape[1:]))
-        layer_sopt = sopt and not any(fnmatch.fnmatchcase(name, p) for p in full_patterns)
+        layer_sopt = sopt and not any(fnmatch.fnmatchcase(g.name, p) for p in full_patterns)
         dim = (sopt_dim if sopt_dim is not None else max(1, round(sopt_fraction * d))) if layer_sopt else None
-        if dim is not None:
+        if isinstance(dim, int):
             dim = min(dim, d)
+        valid = isinstance(blocks, int) and blocks >= 1 and (dim is None or (isinstance(dim, int) and dim > 0))
+        specs.append((g, layer, w, dim, _p_shape(d, blocks, shared_blocks, dim) if valid else None))
+    if not specs:
+        raise nothing_selected("apply_opt", model, plan, f"layer OPT can convert ({OPT_SUPPORTED})")
+    _size_warning(model, [(g.name, layer, w.shape[0], w[0].numel(), shape) for g, layer, w, _, shape in specs])
+    built: list[tuple[nn.Module, OPTParametrization]] = []
+    for g, layer, w, dim, _ in specs:
         try:
             param = OPTParametrization(
-                w, method, r_init=r_init, blocks=blocks, shared_blocks=shared_blocks, sopt=layer_sopt,
+                w, method, r_init=r_init, blocks=blocks, shared_blocks=shared_blocks, sopt=dim is not None,
                 sopt_dim=dim, fix_v=fix_v, normalize_v=normalize_v, dtype=dtype, generator=generator,
                 method_kwargs=method_kwargs,
             )
         except ValueError as err:
-            raise ValueError(f"layer {label!r}: {err}") from None
-        parametrize.register_parametrization(layer, "weight", param)
+            raise ValueError(f"apply_opt: layer {g.name or type(layer).__name__!r}: {err}") from None
+        built.append((layer, param))
+    for layer, param in built:
+        parametrize.register_parametrization(layer, "weight", param)  # P re-uses the weight's Parameter object
         type(layer).__reduce_ex__ = _reduce_opt_layer  # picklable (ddp_spawn sends the model to its workers)
         if pyg is not None and isinstance(layer, pyg) and not getattr(layer, "_opt_state_hook", False):
             layer.register_state_dict_post_hook(_drop_computed_weight)
             layer._opt_state_hook = True
-        converted.append(layer)
-    if not converted:
-        raise ValueError(f"no layer of {type(model).__name__} could be converted to OPT")
     if refine is not None:
-        for layer in converted:
+        for layer, _ in built:
             refine_v(layer, objective=refine, steps=refine_steps, lr=refine_lr, s=refine_s)
     return model
 

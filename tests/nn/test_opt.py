@@ -1,4 +1,6 @@
 """OPT layers: the parametrization W = R·V, energy invariance, PE-OPT/S-OPT, refinement, OGD, errors."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +9,7 @@ from torch import nn
 from lightning_hyper.functional.energy import hyperspherical_energy
 from lightning_hyper.functional.orthogonal import cayley, gram_schmidt, orthogonality_error
 from lightning_hyper.nn.opt import (
+    OPTSizeWarning,
     StiefelCayleySGD,
     absorb_rotation,
     apply_opt,
@@ -31,7 +34,7 @@ def _mlp(dtype=torch.float32) -> nn.Sequential:
 def test_conv_shape_mapping_and_identity_init():
     conv = nn.Conv2d(3, 8, 3)
     w0 = conv.weight.detach().clone()
-    apply_opt(conv, "cayley", exclude_output=False, r_init="identity")
+    apply_opt(conv, "cayley", output_layer="none", r_init="identity")
     P = conv.parametrizations.weight.original
     assert P.shape == (27, 27)
     assert get_opt(conv).V.shape == (27, 8)
@@ -45,14 +48,14 @@ def test_weight_is_R_times_V_with_neurons_as_rows():
     torch.manual_seed(0)
     conv = nn.Conv1d(4, 6, 3, groups=2).double()  # d = (4/2)·3 = 6
     w0 = conv.weight.detach().clone()
-    apply_opt(conv, "gram_schmidt", exclude_output=False, seed=1)
+    apply_opt(conv, "gram_schmidt", output_layer="none", seed=1)
     P = conv.parametrizations.weight.original.detach()
     V = w0.reshape(6, 6).T  # columns = neurons, fan-in flattened as (C_in, k)
     expected = (gram_schmidt(P) @ V).T.reshape(6, 2, 3)
     assert torch.allclose(conv.weight, expected, atol=1e-12)
     lin = nn.Linear(7, 3).double()
     v = lin.weight.detach().clone()
-    apply_opt(lin, "cayley", exclude_output=False, seed=2)
+    apply_opt(lin, "cayley", output_layer="none", seed=2)
     R = cayley(lin.parametrizations.weight.original.detach())
     assert torch.allclose(lin.weight, (R @ v.T).T, atol=1e-12)
 
@@ -144,12 +147,12 @@ def test_pe_opt_blocks_parameter_counts_and_channel_locality():
     counts = {}
     for blocks, shared in [(1, False), (2, True), (2, False), (64, True), (64, False)]:
         c = nn.Conv2d(64, 8, 3)
-        apply_opt(c, "cayley", exclude_output=False, blocks=blocks, shared_blocks=shared)
+        apply_opt(c, "cayley", output_layer="none", blocks=blocks, shared_blocks=shared)
         counts[(blocks, shared)] = c.parametrizations.weight.original.numel()
         assert orthogonality_errors(c)[""] < 1e-5
     assert counts == {(1, False): 331_776, (2, True): 82_944, (2, False): 165_888, (64, True): 81, (64, False): 5_184}
     conv = nn.Conv2d(4, 5, 3).double()
-    apply_opt(conv, "cayley", exclude_output=False, blocks=2)
+    apply_opt(conv, "cayley", output_layer="none", blocks=2)
     P = conv.parametrizations.weight.original
     w0 = conv.weight.detach().clone()
     with torch.no_grad():
@@ -212,7 +215,7 @@ def _np_hs_energy(neurons: np.ndarray, eps: float = 1e-6) -> float:
 def test_refinement_lowers_the_energy_of_v():
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 24, 3).double()
-    apply_opt(conv, "cayley", exclude_output=False, seed=0)
+    apply_opt(conv, "cayley", output_layer="none", seed=0)
     param = get_opt(conv)
     V0 = param.V.clone()
     before_ref = _np_hs_energy(V0.T.numpy())
@@ -225,7 +228,7 @@ def test_refinement_lowers_the_energy_of_v():
     assert a2 < b2
     # through apply_opt
     lin = nn.Linear(10, 20)
-    apply_opt(lin, "cayley", exclude_output=False, refine="hs_mhe", refine_steps=30, seed=0)
+    apply_opt(lin, "cayley", output_layer="none", refine="hs_mhe", refine_steps=30, seed=0)
     e_lin = hyperspherical_energy(lin.weight.detach(), half_space=True)
     e_ref = hyperspherical_energy(nn.Linear(10, 20).weight.detach(), half_space=True)
     assert e_lin < e_ref + 0.05
@@ -296,7 +299,7 @@ def test_relaxed_and_unconstrained_use_p_directly():
     for method in ("relaxed", "or", "unconstrained", "upt"):
         lin = nn.Linear(5, 4)
         v = lin.weight.detach().clone()
-        apply_opt(lin, method, exclude_output=False)
+        apply_opt(lin, method, output_layer="none")
         P = lin.parametrizations.weight.original.detach()
         assert orthogonality_error(P) < 1e-5  # orthogonal init by default
         assert torch.allclose(lin.weight, (P @ v.T).T, atol=1e-6)
@@ -306,17 +309,17 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="accepted values"):
         apply_opt(_mlp(), "givens")
     with pytest.raises(TypeError, match="cannot convert"):
-        apply_opt(nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 2)), "cayley", layers="0")
+        apply_opt(nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 2)), "cayley", include="0")
     with pytest.raises(TypeError, match="cannot convert"):
-        apply_opt(nn.Sequential(nn.ConvTranspose2d(3, 3, 2), nn.Linear(3, 2)), "cayley", layers="0")
+        apply_opt(nn.Sequential(nn.ConvTranspose2d(3, 3, 2), nn.Linear(3, 2)), "cayley", include="0")
     with pytest.raises(ValueError, match="matches no module"):
-        apply_opt(_mlp(), "cayley", layers="backbone.*")
+        apply_opt(_mlp(), "cayley", include="backbone.*")
     with pytest.raises(ValueError, match="does not divide"):
-        apply_opt(nn.Linear(6, 4), "cayley", exclude_output=False, blocks=4)
+        apply_opt(nn.Linear(6, 4), "cayley", output_layer="none", blocks=4)
     m = _mlp()
     apply_opt(m, "cayley")
     with pytest.raises(ValueError, match="already"):
-        apply_opt(m, "cayley", layers="0")
+        apply_opt(m, "cayley", include="0")
     with pytest.raises(ValueError, match="r_init"):
         apply_opt(_mlp(), "cayley", r_init="xavier")
     with pytest.raises(ValueError, match="orthogonal starting point"):
@@ -328,12 +331,124 @@ def test_bad_input_errors():
     zero = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
     nn.init.zeros_(zero[0].weight)
     with pytest.raises(ValueError, match="all-zero"):
-        apply_opt(zero, "cayley", layers="0")
+        apply_opt(zero, "cayley", include="0")
     # R dimension mismatch: a P of the wrong size (e.g. from another model's state)
     lin = nn.Linear(4, 3)
-    apply_opt(lin, "cayley", exclude_output=False)
+    apply_opt(lin, "cayley", output_layer="none")
     with pytest.raises(ValueError, match="R dimension mismatch"):
         get_opt(lin).rotation(torch.randn(5, 5))
     with pytest.raises(TypeError, match="OPT layer"):
         refine_v(nn.Linear(3, 3))
     assert rotation_parameters(nn.Linear(2, 2)) == []
+
+
+# ---------------------------------------------------------------------------------------------- selection (core)
+def test_deprecated_argument_names_still_work_and_map_to_the_new_ones():
+    with pytest.warns(DeprecationWarning, match=r"apply_opt\(layers='4'\) is deprecated; use include="):
+        m = apply_opt(_mlp(), "cayley", layers="4")
+    assert list(opt_layers(m)) == ["4"]  # as before: layers= converts what it names, the output layer too
+    with pytest.warns(DeprecationWarning, match=r"exclude_output=False.*output_layer='none'"):
+        m = apply_opt(_mlp(), "cayley", exclude_output=False)
+    assert list(opt_layers(m)) == ["0", "2", "4"]
+    with pytest.warns(DeprecationWarning, match="exclude_output"):
+        m = apply_opt(_mlp(), "cayley", exclude_output=True)
+    assert list(opt_layers(m)) == ["0", "2"]
+    with pytest.raises(ValueError, match=r"layers= \(deprecated\) and include= were both given; pass only include="):
+        apply_opt(_mlp(), "cayley", include="0", layers="2")
+    with pytest.raises(ValueError, match=r"exclude_output= .* output_layer="):
+        apply_opt(_mlp(), "cayley", exclude_output=False, output_layer="4")
+
+
+def test_new_argument_names_and_string_patterns():
+    m = apply_opt(_mlp(), "cayley", exclude="0")  # one pattern, not the characters of "0"
+    assert list(opt_layers(m)) == ["2"]
+    m = apply_opt(_mlp(), "cayley", include="[02]")
+    assert list(opt_layers(m)) == ["0", "2"]
+    m = apply_opt(_mlp(), "cayley", output_layer="none", layer_types="Linear")
+    assert list(opt_layers(m)) == ["0", "2", "4"]
+    m = apply_opt(_mlp(), "cayley", output_layer="2")  # the named layer stays standard instead of the last one
+    assert list(opt_layers(m)) == ["0", "4"]
+    with pytest.raises(ValueError, match=r"include='4' selects only the output layer '4'.*output_layer='none'"):
+        apply_opt(_mlp(), "cayley", include="4")
+    with pytest.raises(ValueError, match=r"output_layer='fc'.*available names"):
+        apply_opt(_mlp(), "cayley", output_layer="fc")
+
+
+def test_tied_weight_is_refused_by_name_before_anything_changes():
+    shared = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
+    shared[2].weight = shared[0].weight
+    with pytest.raises(ValueError, match=r"weight of '0' is tied to '2\.weight'.*exclude=\['0'\]"):
+        apply_opt(shared, "cayley")
+    assert not opt_layers(shared) and shared[2].weight is shared[0].weight
+    # a layer that fails late (blocks) leaves the earlier ones untouched too
+    m2 = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
+    with pytest.raises(ValueError, match=r"layer '2': blocks=4 does not divide the neuron dimension d=6"):
+        apply_opt(m2, "cayley", blocks=4)
+    assert not opt_layers(m2)
+
+
+def test_size_warning_names_the_multiplier_and_the_cheaper_options():
+    def wide() -> nn.Sequential:
+        return nn.Sequential(nn.Linear(100, 4), nn.ReLU(), nn.Linear(4, 3))  # d = 100, n = 4
+
+    before = 100 * 4 + 4 + 4 * 3 + 3
+    after = before - 400 + 100 * 100
+    with pytest.warns(UserWarning) as record:
+        apply_opt(wide(), "cayley")
+    size = [w for w in record if issubclass(w.category, OPTSizeWarning)]
+    assert len(size) == 1
+    msg = str(size[0].message)
+    assert f"{after / before:.1f}x the model's parameters ({before:,} -> {after:,})" in msg
+    assert "'0': a 100x100 rotation, 24.8x its layer's parameters" in msg  # 10,000 / 404
+    assert "blocks=k" in msg and "sopt=True" in msg
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OPTSizeWarning)
+        apply_opt(wide(), "cayley", sopt=True)  # (25)^2 = 625 parameters
+        apply_opt(wide(), "cayley", blocks=4)  # 4 * 25^2 = 2,500
+        apply_opt(nn.Sequential(nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8, 2)), "cayley")  # 3x3, C->C: 8.9x
+        with pytest.raises(OPTSizeWarning, match=r"'0': a 2100x2100 rotation, 1\.0x.*larger than 2048x2048"):
+            apply_opt(nn.Sequential(nn.Linear(2100, 2100), nn.Linear(2100, 2)), "cayley")
+
+
+@pytest.mark.parametrize("method,kwargs", [(m, {}) for m in EXACT] + [
+    ("ogd", {}), ("relaxed", {}), ("cayley", {"sopt": True}), ("gram_schmidt", {"sopt": True}),
+    ("cayley", {"blocks": 2}), ("lowdin", {"blocks": 2, "shared_blocks": True})])
+def test_no_graph_break_under_torch_compile(method, kwargs):
+    """The orthogonalization's data checks (scale of P, NaN, rank, S-OPT indices) read no value on the host
+    under torch.compile: one graph, no break, in every forward pass."""
+    model = _mlp()
+    apply_opt(model, method, seed=0, **kwargs)
+    explanation = torch._dynamo.explain(model)(torch.randn(5, 6))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+def test_checks_still_fire_inside_a_compiled_graph():
+    model = _mlp()
+    apply_opt(model, "cayley", seed=0)
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(compiled(x), model(x))
+    with torch.no_grad():
+        model[0].parametrizations.weight.original[0, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        model(x)
+    with pytest.raises(RuntimeError, match="NaN/Inf"):
+        compiled(x)
+
+
+@pytest.mark.slow
+def test_inductor_compiled_opt_model_matches_eager():
+    torch.manual_seed(0)
+    model = _mlp()
+    apply_opt(model, "cayley", seed=0)
+    x = torch.randn(5, 6)
+    compiled = torch.compile(model)
+    out = compiled(x)
+    out.pow(2).sum().backward()
+    grad = model[0].parametrizations.weight.original.grad.clone()
+    model.zero_grad()
+    ref = model(x)
+    ref.pow(2).sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, model[0].parametrizations.weight.original.grad, rtol=1e-4, atol=1e-6)

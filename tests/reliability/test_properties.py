@@ -520,7 +520,7 @@ def test_apply_opt_rectangular_layers(out_f, in_f, method, conv, seed):
     layer = nn.Conv2d(in_f, out_f, 2) if conv else nn.Linear(in_f, out_f)
     v = as_neurons(layer).detach().clone().double()
     model = nn.Sequential(layer)
-    apply_opt(model, method, exclude_output=False, seed=seed)
+    apply_opt(model, method, output_layer="none", seed=seed)
     param = get_opt(layer)
     assert param is not None and tuple(layer.weight.shape) == tuple(param.weight_shape)
     w = as_neurons(layer)
@@ -535,10 +535,10 @@ def test_apply_opt_rectangular_layers(out_f, in_f, method, conv, seed):
 
 
 def test_apply_opt_bad_block_and_subset_sizes_are_named():
-    _raises_naming("blocks", apply_opt, nn.Sequential(nn.Linear(5, 3)), "cayley", exclude_output=False, blocks=2)
-    _raises_naming("sopt_dim", apply_opt, nn.Sequential(nn.Linear(5, 3)), "cayley", exclude_output=False,
+    _raises_naming("blocks", apply_opt, nn.Sequential(nn.Linear(5, 3)), "cayley", output_layer="none", blocks=2)
+    _raises_naming("sopt_dim", apply_opt, nn.Sequential(nn.Linear(5, 3)), "cayley", output_layer="none",
                    sopt=True, sopt_dim=0)
-    _raises_naming("method", apply_opt, nn.Sequential(nn.Linear(5, 3)), "qr", exclude_output=False)
+    _raises_naming("method", apply_opt, nn.Sequential(nn.Linear(5, 3)), "qr", output_layer="none")
 
 
 # ---------------------------------------------------------------------------------------- DH2L
