@@ -40,11 +40,12 @@ NONFINITE_POLICIES = ("error", "skip")
 ZERO_NORM_POLICIES = ("warn", "exclude", "error")
 #: rows of a smaller norm have no direction (the energy core's ``min_norm``)
 MIN_NORM = 1e-6
-#: default ``max_grad_norm`` of the penalty callbacks: the largest Frobenius norm of one layer's penalty
-#: gradient (w.r.t. its neurons) per optimizer step. Measured typical values (docs/energy_and_mhe.md,
-#: "Safeguards"): <= 0.35 on the digits CNN-9 and <= 0.6 on a tiny ViT with MHERegularizer() defaults;
-#: 10x the largest, so it never binds in normal training and stops nearly identical neurons.
-DEFAULT_MAX_GRAD_NORM = 10.0
+#: default ``max_grad_norm`` of the penalty callbacks: the largest Frobenius norm of one group's penalty
+#: gradient (w.r.t. its neurons) per optimizer step. Largest norms measured in normal training
+#: (benchmarks/penalty_grad_norms.py): digits CNN-9 0.34 (MHE) / 1.8 (CoMHE), tiny ViT 1.6 (MHE) / 2.4
+#: (CoMHE); ~10x the largest, so it does not bind there. Nearly identical rows of a zero-initialized
+#: ViT head reach 7.5e6 without it.
+DEFAULT_MAX_GRAD_NORM = 25.0
 _UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed")
 _SKIP_ATTR = "_lightning_hyper_skip_step"  # global step whose optimizer step a penalty asked to skip
 
@@ -427,8 +428,8 @@ class PenaltyCallback(NeuronCallback):
         max_grad_norm: safeguard: the Frobenius norm of one group's penalty gradient (w.r.t. its neurons,
             per optimizer step) is scaled down to at most this value (:func:`~lightning_hyper.functional.
             safeguards.bound_gradient_norm`), so nearly identical neurons cannot send a huge step into the
-            weights. The default (:data:`DEFAULT_MAX_GRAD_NORM` = 10) is 10x the largest norm measured in
-            normal training; ``None`` disables it. Applies to what subclasses read through :meth:`neurons`.
+            weights. The default (:data:`DEFAULT_MAX_GRAD_NORM` = 25) is ~10x the largest norm measured in
+            normal training (``benchmarks/penalty_grad_norms.py``); ``None`` disables it. Applies to what subclasses read through :meth:`neurons`.
         prefix: metric-name prefix.
     """
 

@@ -70,14 +70,15 @@ class OrthogonalRegularizer(PenaltyCallback):
         return {"penalty": self.beta * penalty, "error": orthogonality_error(R.detach())}
 
 
-class SOPTResampler(Callback):
+class SOPTResampler(InstanceStateKey, Callback):
     """Stochastic OPT episodes (spec §4): every ``every_n_steps`` optimizer steps, absorb ``V ← R'V``,
     reset ``P' ← I`` and its optimizer state, and draw a new coordinate subset in every S-OPT layer
     (``apply_opt(..., sopt=True)``). 750 steps per episode in the official code. The subsets live in
     buffers, so checkpoints restore them. The draw of step ``t`` comes from a generator seeded with
     ``(seed, t)``; ``seed=None`` draws the seed once at the start of ``fit`` (from the global RNG, so
     ``seed_everything`` fixes it; rank 0's under DDP, so every rank draws the same subsets) and keeps it
-    in the callback state, so a resumed run draws what the uninterrupted one draws."""
+    in the callback state (``state_key`` ``"SOPTResampler"``, ``"SOPTResampler#k"`` for the k-th instance in
+    one Trainer), so a resumed run draws what the uninterrupted one draws."""
 
     def __init__(self, every_n_steps: int = 750, seed: int | None = None) -> None:
         super().__init__()
@@ -88,6 +89,9 @@ class SOPTResampler(Callback):
         self._seed = seed  # the seed in force (drawn in on_fit_start if seed is None)
         self.episodes = 0
         self._last_step = -1
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:  # noqa: D102
+        self._assign_state_key(trainer)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         check_strategy(trainer, type(self).__name__)
