@@ -343,7 +343,9 @@ class NeuronCallback(InstanceStateKey, Callback):
         self.layers, self.skipped, self._resolved = groups, skipped, True
         self._output_how = how
         if self.verbose and (trainer is None or getattr(trainer, "is_global_zero", True)):
-            rank_zero_info(self.selection_report())
+            # a progress bar is drawing its line at the first batch: start the table on a line of its own
+            bar = getattr(trainer, "progress_bar_callback", None) is not None
+            rank_zero_info(("\n" if bar else "") + self.selection_report())
         return groups
 
     def _output_source(self, pl_module: nn.Module) -> str | None:
@@ -574,14 +576,13 @@ class PenaltyCallback(NeuronCallback):
         sync for all groups); ``"warn"`` warns once per fit when some rows have none."""
         if not self.layers:
             return
-        small = [(torch.linalg.vector_norm(self.neurons(g).detach().float(), dim=-1) < MIN_NORM).sum()
-                 for g in self.layers]
+        neurons = [self.neurons(g).detach() for g in self.layers]
+        small = [(torch.linalg.vector_norm(n.float(), dim=-1) < MIN_NORM).sum() for n in neurons]
         counts = torch.stack(small).tolist()
         self._directions = {}
         zero = []
-        for g, c in zip(self.layers, counts):
-            shape = g.shape
-            rows = shape[-2] * (shape[0] if len(shape) == 3 else 1)
+        for g, n, c in zip(self.layers, neurons, counts):
+            rows = n.shape[-2] * (n.shape[0] if n.dim() == 3 else 1)
             self._directions[g.name] = rows - int(c)
             if c:
                 zero.append(f"{g.name!r} ({int(c)} of {rows})")
