@@ -314,27 +314,30 @@ class NeuronCallback(InstanceStateKey, Callback):
         """Select the groups of ``pl_module`` (running it on ``inputs(batch)`` when needed), keep them in
         :attr:`layers` / :attr:`skipped` and validate them. Called on the first training batch."""
         how, example = self._output_source(pl_module), None
-        if how is None and batch is not None or _has_lazy(pl_module):
-            example = self.input_getter(batch) if batch is not None else None
+        if batch is not None and (how is None or _has_lazy(pl_module)):
+            example = self.input_getter(batch)
         result = None
-        if example is not None:
-            try:
-                with _example_forward_context(trainer, pl_module):
-                    result = self.selection.resolve(pl_module, example_input=example, return_skipped=True)
-                how = how or "the last neuron layer of the forward pass on the first training batch"
-            except RuntimeError as err:
-                if not str(err).startswith("example_input"):
-                    raise
-                cause = err.__cause__ if err.__cause__ is not None else err
-                rank_zero_warn(
-                    f"{type(self).__name__}: running {type(pl_module).__name__} on the first training batch to find "
-                    f"its output layer failed ({type(cause).__name__}: {cause}); the output layer is the last "
-                    "Linear-like layer in named_modules() order instead. Fix: pass output_layer='<name>' (or set "
-                    f"{type(pl_module).__name__}.output_layer_name), or inputs=<batch -> model input>",
-                    category=UserWarning)
-        if result is None:
-            result = self.selection.resolve(pl_module, return_skipped=True)
-            how = how or "the last Linear-like layer in named_modules() order (no forward pass)"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if example is not None:
+                try:
+                    with _example_forward_context(trainer, pl_module):
+                        result = self.selection.resolve(pl_module, example_input=example, return_skipped=True)
+                    how = how or "the last neuron layer of the forward pass on the first training batch"
+                except RuntimeError as err:
+                    if not str(err).startswith("example_input"):
+                        raise
+                    cause = err.__cause__ if err.__cause__ is not None else err
+                    rank_zero_warn(
+                        f"{type(self).__name__}: running {type(pl_module).__name__} on the first training batch to "
+                        f"find its output layer failed ({type(cause).__name__}: {cause}); the output layer is the "
+                        "last Linear-like layer in named_modules() order instead. Fix: pass output_layer='<name>' "
+                        f"(or set {type(pl_module).__name__}.output_layer_name), or inputs=<batch -> model input>",
+                        category=UserWarning)
+            if result is None:
+                result = self.selection.resolve(pl_module, return_skipped=True)
+                how = how or "the last Linear-like layer in named_modules() order (no forward pass)"
+        _reemit(caught, trainer)
         groups, skipped = result
         if not groups:
             raise ValueError(f"{type(self).__name__} selected no layer with neurons in {type(pl_module).__name__} "
@@ -382,6 +385,23 @@ class NeuronCallback(InstanceStateKey, Callback):
                              batch_idx: int) -> None:
         if not self._resolved:
             self.resolve(pl_module, batch, trainer)
+
+
+_WARNED_ATTR = "_lightning_hyper_selection_warnings"
+
+
+def _reemit(caught: list[warnings.WarningMessage], trainer: Any) -> None:
+    """Re-issue the warnings caught while resolving: the selection core's own (e.g. a weight it cannot read)
+    once per Trainer and on rank zero only, however many callbacks resolve their groups; others as they were."""
+    seen = trainer.__dict__.setdefault(_WARNED_ATTR, set()) if trainer is not None else set()
+    for w in caught:
+        text = str(w.message)
+        if text.startswith("select_neurons:"):
+            if text not in seen:
+                seen.add(text)
+                rank_zero_warn(text, category=w.category)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def _has_lazy(module: nn.Module) -> bool:

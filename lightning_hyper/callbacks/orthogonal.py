@@ -12,8 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from lightning_hyper.callbacks.base import (DEFAULT_MAX_GRAD_NORM, InstanceStateKey, PenaltyCallback,
-                                           check_strategy, finite_or_raise)
+from lightning_hyper.callbacks.base import InstanceStateKey, PenaltyCallback, check_strategy, finite_or_raise
 from lightning_hyper.functional.orthogonal import orthogonality_error, relaxed_orthogonality_penalty
 from lightning_hyper.nn.opt import get_opt, opt_layers, orthogonality_errors, sopt_resample
 from lightning_hyper.nn.selection import NeuronGroup

@@ -219,3 +219,31 @@ def test_deprecated_names_still_work():
 
     with pytest.warns(DeprecationWarning, match="LayerRef is deprecated"):
         assert base.LayerRef is NeuronGroup
+
+
+def test_an_unreadable_layer_is_reported_once_per_fit(tmp_path):
+    """A weight-holding module of an unknown type: one warning for the whole fit (two callbacks, four steps)
+    and a skipped row in each callback's table."""
+
+    class Gate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(16, 16) * 0.1)
+
+        def forward(self, x):
+            return x @ self.weight
+
+    class WithGate(PlainNet):
+        def __init__(self):
+            super().__init__()
+            self.gate = Gate()
+
+        def forward(self, x):
+            return self.out(torch.relu(self.fc2(self.gate(torch.relu(self.fc1(x))))))
+
+    mhe, mon = MHERegularizer(), EnergyMonitor(every_n_steps=1)
+    with pytest.warns(UserWarning, match=r"cannot read the neurons of 'gate' \(Gate\)") as record:
+        _fit(tmp_path, WithGate(), [mhe, mon], max_steps=4)
+    assert sum("cannot read the neurons" in str(w.message) for w in record) == 1
+    assert ("gate", "unreadable weight type Gate") in mhe.skipped and ("gate", "unreadable weight type Gate") in mon.skipped
+    assert "unreadable weight type Gate" in mhe.selection_report()
