@@ -312,10 +312,14 @@ def _named_neurons(source: Any, include: Any, exclude: Any, layer_types: Any,
     from lightning_hyper.functional.neurons import as_neurons
 
     if isinstance(source, nn.Module):
-        from lightning_hyper.callbacks.base import LayerSelection
+        from lightning_hyper.nn.selection import select_neurons
 
-        refs = LayerSelection(include, exclude, layer_types, output_layer).resolve(source)
-        return [(r.name, r.neurons().detach()) for r in refs]
+        out = []
+        for g in select_neurons(source, include=include, exclude=exclude, layer_types=layer_types,
+                                output_layer=output_layer):
+            n = g.neurons().detach()
+            out += [(f"{g.name}[{i}]", part) for i, part in enumerate(n)] if n.dim() == 3 else [(g.name, n)]
+        return out
     if any(v is not None for v in (include, exclude, layer_types, output_layer)):
         raise ValueError("include / exclude / layer_types / output_layer select layers of an nn.Module; "
                          f"they do not apply to a {type(source).__name__}")
@@ -346,10 +350,10 @@ def plot_angle_histograms(model: Any, *, include: str | Sequence[str] | None = N
     :func:`uniform_angle_density` for the layer's neuron dimension d is drawn over it.
 
     Args:
-        model: an ``nn.Module`` (layers found with
-            :class:`~lightning_hyper.callbacks.base.LayerSelection`, as the callbacks do), a dict
+        model: an ``nn.Module`` (layers found with :func:`~lightning_hyper.nn.select_neurons`, as the
+            callbacks do; a grouped convolution gives one entry per channel group, ``<name>[g]``), a dict
             ``{name: weight or layer}``, or one weight tensor.
-        include, exclude, layer_types, output_layer: layer selection of a module (see ``LayerSelection``).
+        include, exclude, layer_types, output_layer: layer selection of a module (see ``select_neurons``).
         bins: histogram bins over [0°, 180°] (or [0, π]).
         degrees: angles in degrees (else radians).
         reference: draw the uniform-on-sphere density.

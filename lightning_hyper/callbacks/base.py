@@ -1,34 +1,51 @@
 """The shared machinery of every hyperspherical callback (DESIGN.md, contract 3).
 
-* :class:`LayerSelection` finds the layers whose neurons a callback looks at: layers that own
-  neurons (:func:`~lightning_hyper.functional.neurons.has_neurons`: Linear, ConvNd, torch-geometric
-  ``Linear``, margin heads), filtered by type names and module-name globs, split into hidden layers
-  and the output layer. A pattern that matches nothing is an error.
+* :class:`NeuronCallback` (base of :class:`PenaltyCallback` and ``EnergyMonitor``) selects the neuron
+  groups a callback reads with :func:`lightning_hyper.nn.select_neurons` (``include`` / ``exclude`` /
+  ``layer_types`` / ``output_layer``). The groups are resolved once per fit, on the first training
+  batch: the model is run once on that batch's inputs (``inputs=`` getter) so lazy layers exist and the
+  output layer is the last neuron layer the forward pass executes. What was selected and skipped is
+  printed once, on rank zero (``verbose=True``). It also gives each instance its own checkpoint
+  ``state_key`` and warns when a checkpoint holds no state for it.
 * :class:`PenaltyCallback` adds ``sum_l penalty_l`` to the training objective. ``mode="loss"`` wraps
   ``pl_module.training_step`` and adds the penalty to the returned loss (so AMP scaling, gradient
   accumulation, DDP and clipping apply to it); ``mode="gradient"`` adds ``d penalty / d params`` to
   ``.grad`` in ``on_before_optimizer_step`` (once per optimizer step, after AMP unscaling, before
-  clipping), which also serves manual optimization. Subclasses only define :meth:`layer_terms`.
+  clipping), which also serves manual optimization. Subclasses only define :meth:`layer_terms` and read
+  neurons through :meth:`PenaltyCallback.neurons`, which applies the safeguards (bounded gradient,
+  zero-norm rows).
 """
 from __future__ import annotations
 
-import fnmatch
+import contextlib
 import math
-from dataclasses import dataclass
+import warnings
 from typing import Any, Callable, Iterable, Sequence
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
-from lightning_hyper.functional.neurons import as_neurons, has_neurons
+from lightning_hyper.functional.safeguards import bound_gradient_norm
+from lightning_hyper.nn.selection import NeuronGroup, SkippedLayer, _as_patterns, select_neurons, selection_table
 
-__all__ = ["LayerRef", "LayerSelection", "PenaltyCallback", "TrainingDivergedError", "default_labels",
-           "check_strategy", "destroy_gloo_process_group", "register_gloo_cleanup"]
+__all__ = ["NeuronCallback", "NeuronSelection", "PenaltyCallback", "TrainingDivergedError", "default_inputs",
+           "default_labels", "check_strategy", "destroy_gloo_process_group", "register_gloo_cleanup"]
 
 MODES = ("auto", "loss", "gradient")
 NONFINITE_POLICIES = ("error", "skip")
+ZERO_NORM_POLICIES = ("warn", "exclude", "error")
+#: rows of a smaller norm have no direction (the energy core's ``min_norm``)
+MIN_NORM = 1e-6
+#: default ``max_grad_norm`` of the penalty callbacks: the largest Frobenius norm of one group's penalty
+#: gradient (w.r.t. its neurons) per optimizer step. Largest norms measured in normal training
+#: (benchmarks/penalty_grad_norms.py): digits CNN-9 0.34 (MHE) / 1.8 (CoMHE), tiny ViT 1.6 (MHE) / 2.4
+#: (CoMHE); ~10x the largest, so it does not bind there. Nearly identical rows of a zero-initialized
+#: ViT head reach 7.5e6 without it.
+DEFAULT_MAX_GRAD_NORM = 25.0
 _UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed")
 _SKIP_ATTR = "_lightning_hyper_skip_step"  # global step whose optimizer step a penalty asked to skip
 
@@ -58,19 +75,6 @@ def _first_nonfinite(named: Iterable[tuple[str, Tensor | None]]) -> str | None:
     return items[int((~flags).nonzero()[0])][0]
 
 
-@dataclass(frozen=True)
-class LayerRef:
-    """A selected layer: its module name, the module, and its role ``"hidden"`` or ``"output"``."""
-
-    name: str
-    module: nn.Module
-    role: str
-
-    def neurons(self) -> Tensor:
-        """The layer's effective neurons, (N, d) (read at call time: parametrizations apply)."""
-        return as_neurons(self.module)
-
-
 def default_labels(batch: Any) -> Tensor | None:
     """Labels of a batch: ``batch[1]`` of a tuple/list, ``batch.y`` (torch-geometric), ``batch["y"]``."""
     if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[1], Tensor):
@@ -82,6 +86,30 @@ def default_labels(batch: Any) -> Tensor | None:
         return None
     y = getattr(batch, "y", None)
     return y if isinstance(y, Tensor) else None
+
+
+_INPUT_KEYS = ("x", "input", "inputs", "input_ids", "image", "images")
+
+
+def default_inputs(batch: Any) -> Any:
+    """The model input of a batch, to run ``pl_module(input)`` once when the groups are resolved.
+
+    ``batch[0]`` of a tuple/list; ``batch["x"]`` (or ``"input"``, ``"inputs"``, ``"input_ids"``,
+    ``"image"``, ``"images"``) of a dict; ``(batch.x, batch.edge_index)`` of a torch-geometric
+    ``Data``/``Batch`` (passed as two positional arguments, as ``GraphClassifier`` and torch-geometric's
+    GNN models are called); a tensor as it is; else ``None`` (no forward pass).
+    A tuple is passed as positional arguments, a dict as keyword arguments.
+    """
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)):
+        return batch[0] if batch else None
+    if isinstance(batch, dict):
+        return next((batch[k] for k in _INPUT_KEYS if k in batch), None)
+    x, edge_index = getattr(batch, "x", None), getattr(batch, "edge_index", None)
+    if isinstance(x, Tensor) and isinstance(edge_index, Tensor):
+        return (x, edge_index)
+    return None
 
 
 def check_strategy(trainer: L.Trainer, owner: str) -> None:
@@ -126,106 +154,292 @@ def register_gloo_cleanup() -> None:
         _GLOO_CLEANUP_REGISTERED = True
 
 
-def _as_list(value: str | Sequence[str] | None, arg: str) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    if not all(isinstance(v, str) for v in value):
-        raise TypeError(f"{arg}: expected a string or a list of strings, got {value!r}")
-    return list(value)
-
-
-class LayerSelection:
-    """Which layers a callback acts on.
+class NeuronSelection:
+    """The selection arguments of a callback, resolved with :func:`~lightning_hyper.nn.select_neurons`.
 
     Args:
-        include: module-name glob(s) (``fnmatch``, e.g. ``"backbone.*"``) of hidden layers to keep;
-            default: every layer with neurons.
-        exclude: module-name glob(s) to leave out (hidden or output).
-        layer_types: class names of hidden layers to keep (e.g. ``["Conv2d", "Linear"]``).
-        output_layer: module name of the output (classifier) layer; default: the module's
-            ``output_layer_name`` attribute if it has one, else the last ``Linear``-like layer
-            (2-D weight) in ``named_modules()`` order. ``"none"`` means no output layer.
+        include: glob(s) (``fnmatch``) of group or module names to keep (every group, the output layer
+            included); default: every group.
+        exclude: glob(s) of groups to leave out.
+        layer_types: class names (or ``nn.Module`` subclasses) to keep, base classes included.
+        output_layer: name of the output layer, or ``"none"``; default: the model's ``output_layer_name``,
+            else the last neuron layer of the forward pass on the first training batch.
     """
 
     def __init__(self, include: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None,
-                 layer_types: str | Sequence[str] | None = None, output_layer: str | None = None) -> None:
-        self.include = _as_list(include, "include")
-        self.exclude = _as_list(exclude, "exclude")
-        self.layer_types = _as_list(layer_types, "layer_types")
+                 layer_types: str | type | Sequence[str | type] | None = None,
+                 output_layer: str | None = None) -> None:
+        _as_patterns(include, "include")  # type errors now, not at the first batch
+        _as_patterns(exclude, "exclude")
+        _as_patterns(layer_types, "layer_types", allow_types=True)
         if output_layer is not None and not isinstance(output_layer, str):
-            raise TypeError(f"output_layer: expected a module name (str) or None, got {output_layer!r}")
-        self.output_layer = output_layer
+            raise TypeError(f"output_layer={output_layer!r} is not supported: expected a layer name (str), 'none' "
+                            "or None (detect it)")
+        self.include, self.exclude, self.layer_types, self.output_layer = include, exclude, layer_types, output_layer
 
-    def resolve(self, model: nn.Module) -> list[LayerRef]:
-        """Select layers of ``model``; raises if a pattern or name matches nothing."""
-        candidates = [(n, m) for n, m in model.named_modules() if n and has_neurons(m)]
-        if not candidates:
-            raise ValueError(f"{type(model).__name__} has no layer with neurons (Linear, ConvNd, "
-                             "torch_geometric Linear or a hyperspherical head)")
-        names = [n for n, _ in candidates]
-        for pattern in self.include + self.exclude:
-            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-                arg = "include" if pattern in self.include else "exclude"
-                raise ValueError(f"{arg}: pattern {pattern!r} matches no layer; layers with neurons are: "
-                                 f"{_preview(names)}")
-        known_types = sorted({type(m).__name__ for _, m in candidates})
-        for t in self.layer_types:
-            if t not in known_types:
-                raise ValueError(f"layer_types: {t!r} matches no layer; types present: {known_types}")
-        output_name = self._output_name(model, candidates)
-        selected = []
-        for name, module in candidates:
-            if self.include and not any(fnmatch.fnmatchcase(name, p) for p in self.include):
-                if name != output_name:
-                    continue
-            if any(fnmatch.fnmatchcase(name, p) for p in self.exclude):
-                continue
-            if self.layer_types and type(module).__name__ not in self.layer_types and name != output_name:
-                continue
-            selected.append(LayerRef(name, module, "output" if name == output_name else "hidden"))
-        return selected
+    def kwargs(self) -> dict[str, Any]:
+        return dict(include=self.include, exclude=self.exclude, layer_types=self.layer_types,
+                    output_layer=self.output_layer)
 
-    def _output_name(self, model: nn.Module, candidates: list[tuple[str, nn.Module]]) -> str | None:
-        names = [n for n, _ in candidates]
-        wanted = self.output_layer if self.output_layer is not None else getattr(model, "output_layer_name", None)
-        if wanted == "none":
-            return None
-        if wanted is not None:
-            if wanted not in names:
-                raise ValueError(f"output_layer: {wanted!r} is not a layer with neurons of "
-                                 f"{type(model).__name__}; candidates: {_preview(names)}")
-            return wanted
-        flat = [n for n, m in candidates if getattr(m, "weight", None) is not None and
-                (isinstance(m, nn.Linear) or as_neurons_ndim(m) == 2)]
-        return flat[-1] if flat else None
+    def resolve(self, model: nn.Module, example_input: Any = None, return_skipped: bool = False
+                ) -> list[NeuronGroup] | tuple[list[NeuronGroup], list[SkippedLayer]]:
+        """``select_neurons(model, ...)`` with these arguments (see there)."""
+        return select_neurons(model, example_input=example_input, return_skipped=return_skipped, **self.kwargs())
 
 
-def as_neurons_ndim(module: nn.Module) -> int:
-    w = getattr(module, "weight", None)
-    return w.dim() if isinstance(w, Tensor) and not isinstance(w, nn.parameter.UninitializedParameter) else 2
+class LayerSelection(NeuronSelection):
+    """Deprecated alias of :class:`NeuronSelection` (``resolve`` returns :class:`NeuronGroup` objects)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        warnings.warn("LayerSelection is deprecated: use lightning_hyper.nn.select_neurons(model, include=..., "
+                      "exclude=..., layer_types=..., output_layer=...) (or NeuronSelection)", DeprecationWarning,
+                      stacklevel=2)
+        super().__init__(*args, **kwargs)
 
 
-def _preview(names: Iterable[str], k: int = 12) -> str:
-    names = list(names)
-    more = f" ... (+{len(names) - k} more)" if len(names) > k else ""
-    return ", ".join(names[:k]) + more
+def __getattr__(name: str) -> Any:
+    if name == "LayerRef":
+        warnings.warn("LayerRef is deprecated: selected layers are lightning_hyper.nn.NeuronGroup objects",
+                      DeprecationWarning, stacklevel=2)
+        return NeuronGroup
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-class PenaltyCallback(Callback):
-    """Base class: adds ``sum_l penalty_l(layer)`` to the training objective and logs it.
+class InstanceStateKey:
+    """Mixin: distinct checkpoint ``state_key`` for several instances of one callback class in a Trainer.
 
-    Subclasses implement :meth:`layer_terms`. Logged (``pl_module.log``, visible in
-    ``trainer.callback_metrics`` even with ``logger=False``): ``<prefix>/penalty`` and, per layer,
-    ``<prefix>/<key>/<layer name>`` for every key :meth:`layer_terms` returns besides ``"penalty"``.
+    The key is the class name plus :meth:`_state_key_fields` (e.g. ``MHERegularizer{'prefix': 'mhe'}``, as
+    before). When a Trainer holds several instances with the same key, ``setup`` numbers them in the
+    order of ``trainer.callbacks``: the first keeps the key, the k-th gets ``...#k``, so each is saved
+    and restored separately (and a resumed run, built in the same order, finds its own state). Before
+    ``setup`` the key carries the instance's id, so Lightning's check of duplicate keys at
+    ``Trainer(...)`` passes. A checkpoint that holds no state for this instance gives a warning on load.
+    """
+
+    _state_ordinal: int | None = None
+
+    def _state_key_fields(self) -> dict[str, Any] | None:
+        return None
+
+    def _base_state_key(self) -> str:
+        fields = self._state_key_fields()
+        return self._generate_state_key(**fields) if fields else type(self).__qualname__  # type: ignore[attr-defined]
+
+    @property
+    def state_key(self) -> str:
+        base = self._base_state_key()
+        ordinal = self._state_ordinal
+        if ordinal is None:
+            return f"{base}#unassigned-{id(self):x}"
+        return base if ordinal == 0 else f"{base}#{ordinal + 1}"
+
+    def _assign_state_key(self, trainer: Any) -> None:
+        callbacks = list(getattr(trainer, "callbacks", None) or [self])
+        base = self._base_state_key()
+        same = [cb for cb in callbacks if type(cb) is type(self) and cb._base_state_key() == base]
+        self._state_ordinal = next((i for i, cb in enumerate(same) if cb is self), 0)
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("callbacks") or {}
+        if not self.state_dict() or self.state_key in states:  # type: ignore[attr-defined]
+            return  # nothing to restore (a stateless callback saves nothing), or Lightning restores it
+        rank_zero_warn(f"{type(self).__name__}: the checkpoint holds no state for this callback (state key "
+                       f"{self.state_key!r}; callback keys in the checkpoint: {sorted(map(str, states))}); it starts "
+                       "from fresh state. (Was it added after the checkpoint was written, or configured "
+                       "differently, e.g. another prefix?)", category=UserWarning)
+
+
+@contextlib.contextmanager
+def _example_forward_context(trainer: Any, module: nn.Module):
+    """Around the selection's forward pass: the global RNGs are restored afterwards (the extra forward
+    pass changes no random draw of training), ``torch.compile``d code runs eagerly (no recompilation for
+    the hooks), and the precision plugin's context (autocast, default dtype) applies."""
+    with contextlib.ExitStack() as stack:
+        devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
+        stack.enter_context(torch.random.fork_rng(devices=devices))
+        set_stance = getattr(torch.compiler, "set_stance", None)
+        if set_stance is not None:
+            stack.enter_context(set_stance("force_eager"))
+        plugin = getattr(trainer, "precision_plugin", None)
+        if plugin is not None and hasattr(plugin, "forward_context"):
+            stack.enter_context(plugin.forward_context())
+        yield
+
+
+class NeuronCallback(InstanceStateKey, Callback):
+    """Base of the callbacks that read a model's neurons (penalties and ``EnergyMonitor``).
 
     Args:
+        include, exclude, layer_types, output_layer: the selection (:class:`NeuronSelection`,
+            :func:`~lightning_hyper.nn.select_neurons`).
+        inputs: ``batch -> model input`` getter for the forward pass that resolves the groups on the
+            first training batch (default :func:`default_inputs`). The pass runs only when the output
+            layer is not named (``output_layer=`` or the model's ``output_layer_name``) or the model has
+            lazy layers; if it fails, the static rule (last Linear-like layer) is used, with one warning.
+        verbose: print the selection table once per fit, on rank zero.
+    """
+
+    prefix: str = "neurons"
+
+    def _init_selection(self, include: Any, exclude: Any, layer_types: Any, output_layer: Any,
+                        inputs: Callable[[Any], Any] | None, verbose: bool) -> None:
+        self.selection = NeuronSelection(include, exclude, layer_types, output_layer)
+        if inputs is not None and not callable(inputs):
+            raise TypeError(f"inputs={inputs!r} is not supported: expected a callable batch -> model input "
+                            "(a tensor, a tuple of positional arguments or a dict of keyword arguments), or None")
+        if not isinstance(verbose, bool):
+            raise TypeError(f"verbose={verbose!r} is not supported: expected True or False")
+        self.input_getter = inputs or default_inputs
+        self.verbose = verbose
+        self.layers: list[NeuronGroup] = []
+        self.skipped: list[SkippedLayer] = []
+        self._resolved = False
+
+    def _state_key_fields(self) -> dict[str, Any] | None:
+        return {"prefix": self.prefix}
+
+    @property
+    def log_prefix(self) -> str:
+        """The metric-name prefix: ``prefix``, or ``prefix_<k>`` for the k-th instance of this class with
+        the same prefix in one Trainer (so their metrics do not overwrite each other)."""
+        ordinal = self._state_ordinal or 0
+        return self.prefix if ordinal == 0 else f"{self.prefix}_{ordinal + 1}"
+
+    # ------------------------------------------------------------------ resolution
+    def validate_layers(self, layers: list[NeuronGroup]) -> None:
+        """Hook for subclasses to reject a selection (e.g. no output layer when one is needed)."""
+
+    def resolve(self, pl_module: nn.Module, batch: Any = None, trainer: Any = None) -> list[NeuronGroup]:
+        """Select the groups of ``pl_module`` (running it on ``inputs(batch)`` when needed), keep them in
+        :attr:`layers` / :attr:`skipped` and validate them. Called on the first training batch."""
+        how, example = self._output_source(pl_module), None
+        if batch is not None and (how is None or _has_lazy(pl_module)):
+            example = self.input_getter(batch)
+        result = None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if example is not None:
+                try:
+                    with _example_forward_context(trainer, pl_module):
+                        result = self.selection.resolve(pl_module, example_input=example, return_skipped=True)
+                    how = how or "the last neuron layer of the forward pass on the first training batch"
+                except RuntimeError as err:
+                    if not str(err).startswith("example_input"):
+                        raise
+                    cause = err.__cause__ if err.__cause__ is not None else err
+                    rank_zero_warn(
+                        f"{type(self).__name__}: running {type(pl_module).__name__} on the first training batch to "
+                        f"find its output layer failed ({type(cause).__name__}: {cause}); the output layer is the "
+                        "last Linear-like layer in named_modules() order instead. Fix: pass output_layer='<name>' "
+                        f"(or set {type(pl_module).__name__}.output_layer_name), or inputs=<batch -> model input>",
+                        category=UserWarning)
+            if result is None:
+                result = self.selection.resolve(pl_module, return_skipped=True)
+                how = how or "the last Linear-like layer in named_modules() order (no forward pass)"
+        _reemit(caught, trainer)
+        groups, skipped = result
+        if not groups:
+            raise ValueError(f"{type(self).__name__} selected no layer with neurons in {type(pl_module).__name__} "
+                             f"({self._args_text()}). What was found:\n{selection_table(groups, skipped)}")
+        self.validate_layers(groups)
+        self.layers, self.skipped, self._resolved = groups, skipped, True
+        self._output_how = how
+        if self.verbose and (trainer is None or getattr(trainer, "is_global_zero", True)):
+            # a progress bar is drawing its line at the first batch: start the table on a line of its own
+            bar = getattr(trainer, "progress_bar_callback", None) is not None
+            rank_zero_info(("\n" if bar else "") + self.selection_report())
+        return groups
+
+    def _output_source(self, pl_module: nn.Module) -> str | None:
+        if self.selection.output_layer is not None:
+            return f"output_layer={self.selection.output_layer!r}"
+        if getattr(pl_module, "output_layer_name", None) is not None:
+            return f"{type(pl_module).__name__}.output_layer_name"
+        return None
+
+    def _args_text(self) -> str:
+        args = {k: v for k, v in self.selection.kwargs().items() if v is not None}
+        return ", ".join(f"{k}={v!r}" for k, v in args.items()) or "default selection"
+
+    def selection_report(self) -> str:
+        """The text printed at the start of fit: a header, then :func:`selection_table`."""
+        outputs = [g.name for g in self.layers if g.role == "output"]
+        out = f"output layer {', '.join(repr(n) for n in outputs)}" if outputs else "no output layer"
+        how = getattr(self, "_output_how", None)
+        prefix = f", logs under '{self.log_prefix}/'" if self.log_prefix != self.prefix else ""
+        head = (f"{type(self).__name__}{prefix}: {len(self.layers)} neuron group(s), {out}"
+                + (f" (from {how})" if how and outputs else "") + f"; {self._args_text()}")
+        return head + "\n" + selection_table(self.layers, self.skipped)
+
+    def _precheck(self, pl_module: nn.Module) -> None:
+        """Argument errors (a pattern or name that matches nothing) before training starts."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.selection.resolve(pl_module)
+
+    def _start_fit(self, trainer: Any, pl_module: nn.Module) -> None:
+        self.layers, self.skipped, self._resolved = [], [], False
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if not self._resolved:
+            self.resolve(pl_module, batch, trainer)
+
+
+_WARNED_ATTR = "_lightning_hyper_selection_warnings"
+
+
+def _reemit(caught: list[warnings.WarningMessage], trainer: Any) -> None:
+    """Re-issue the warnings caught while resolving: the selection core's own (e.g. a weight it cannot read)
+    once per Trainer and on rank zero only, however many callbacks resolve their groups; others as they were."""
+    seen = trainer.__dict__.setdefault(_WARNED_ATTR, set()) if trainer is not None else set()
+    for w in caught:
+        text = str(w.message)
+        if text.startswith("select_neurons:"):
+            if text not in seen:
+                seen.add(text)
+                rank_zero_warn(text, category=w.category)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def _has_lazy(module: nn.Module) -> bool:
+    return any(is_lazy(p) for p in module.parameters())
+
+
+def finite_or_raise(value: float, arg: str, minimum: float | None = None) -> float:
+    """Validate a numeric constructor argument."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{arg}={value!r} is not supported; accepted values: a finite number"
+                         + (f" >= {minimum}" if minimum is not None else ""))
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{arg}={value!r} is not supported; accepted values: a finite number >= {minimum}")
+    return float(value)
+
+
+class PenaltyCallback(NeuronCallback):
+    """Base class: adds ``sum_l penalty_l(layer)`` to the training objective and logs it.
+
+    Subclasses implement :meth:`layer_terms` and read a group's neurons with :meth:`neurons`. Logged
+    (``pl_module.log``, visible in ``trainer.callback_metrics`` even with ``logger=False``):
+    ``<prefix>/penalty`` and, per group, ``<prefix>/<key>/<group name>`` for every key :meth:`layer_terms`
+    returns besides ``"penalty"``.
+
+    Grouped neurons: a grouped convolution's neurons are ``(G, N/G, d)`` (one sphere per channel group);
+    the penalties compute every group's term in one batched call and a layer's term is the **mean over
+    its groups**.
+
+    Args:
+        include, exclude, layer_types, output_layer: which neuron groups (:func:`~lightning_hyper.nn.select_neurons`);
+            resolved on the first training batch, printed once (see :class:`NeuronCallback`).
+        inputs: ``batch -> model input`` for that first-batch forward pass (default :func:`default_inputs`).
+        verbose: print the selection table at the start of fit (rank zero).
         mode: ``"loss"`` (wrap ``training_step``), ``"gradient"`` (add to ``.grad`` before the
             optimizer step), or ``"auto"`` ("loss" for automatic, "gradient" for manual optimization).
             Under DDP, ``"gradient"`` averages the penalty gradient over the ranks (one all-reduce of
-            the selected layers' gradients per step), as DDP does for the loss: a penalty that uses
-            each rank's labels would otherwise move the replicas apart.
+            the selected groups' leaf parameters' gradients per step), as DDP does for the loss: a penalty
+            that uses each rank's labels would otherwise move the replicas apart.
         labels: ``batch -> labels`` getter for penalties that use the batch's classes
             (default :func:`default_labels`).
         on_nonfinite: ``"error"`` (stop with the layer and step named) or ``"skip"`` (skip that
@@ -233,16 +447,23 @@ class PenaltyCallback(Callback):
             parameters are cleared before ``optimizer.step()``, so parameters and optimizer state stay
             unchanged; the step counter advances, as with an AMP overflow. Under DDP the ranks agree:
             a step is skipped on every rank if one rank found a non-finite penalty).
+        max_grad_norm: safeguard: the Frobenius norm of one group's penalty gradient (w.r.t. its neurons,
+            per optimizer step) is scaled down to at most this value (:func:`~lightning_hyper.functional.
+            safeguards.bound_gradient_norm`), so nearly identical neurons cannot send a huge step into the
+            weights. The default (:data:`DEFAULT_MAX_GRAD_NORM` = 25) is ~10x the largest norm measured in
+            normal training (``benchmarks/penalty_grad_norms.py``); ``None`` disables it. Applies to what subclasses read through :meth:`neurons`.
         prefix: metric-name prefix.
-        include, exclude, layer_types, output_layer: see :class:`LayerSelection`.
     """
 
     prefix: str = "penalty"
+    #: zero-norm policy of penalties that normalize neurons (``None``: the penalty does not normalize)
+    zero_norm: str | None = None
 
     def __init__(self, *, include: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None,
-                 layer_types: str | Sequence[str] | None = None, output_layer: str | None = None,
-                 mode: str = "auto", labels: Callable[[Any], Tensor | None] | None = None,
-                 on_nonfinite: str = "error", prefix: str | None = None) -> None:
+                 layer_types: str | type | Sequence[str | type] | None = None, output_layer: str | None = None,
+                 inputs: Callable[[Any], Any] | None = None, verbose: bool = True, mode: str = "auto",
+                 labels: Callable[[Any], Tensor | None] | None = None, on_nonfinite: str = "error",
+                 max_grad_norm: float | None = DEFAULT_MAX_GRAD_NORM, prefix: str | None = None) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not supported; accepted values: {list(MODES)}")
@@ -251,32 +472,60 @@ class PenaltyCallback(Callback):
                              f"{list(NONFINITE_POLICIES)}")
         if labels is not None and not callable(labels):
             raise TypeError(f"labels: expected a callable batch -> labels, got {labels!r}")
-        self.selection = LayerSelection(include, exclude, layer_types, output_layer)
+        if max_grad_norm is not None and (isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float))
+                                          or not math.isfinite(max_grad_norm) or max_grad_norm <= 0):
+            raise ValueError(f"max_grad_norm={max_grad_norm!r} is not supported; accepted values: a finite number "
+                             f"> 0 (default {DEFAULT_MAX_GRAD_NORM}), or None to disable the bound")
+        if prefix is not None:
+            self.prefix = prefix
+        self._init_selection(include, exclude, layer_types, output_layer, inputs, verbose)
         self.mode = mode
         self.label_getter = labels or default_labels
         self.on_nonfinite = on_nonfinite
-        if prefix is not None:
-            self.prefix = prefix
-        self.layers: list[LayerRef] = []
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self._active_mode: str | None = None
         self._batch: Any = None
         self._trainer: L.Trainer | None = None
         self._losses_since_step = 0  # batches since the last optimizer step whose training_step returned a loss
         self._names: dict[int, str] | None = None  # id(parameter) -> name, for error messages
-
-    @property
-    def state_key(self) -> str:
-        # several instances (e.g. two MHERegularizers on different layers) must checkpoint separately
-        return self._generate_state_key(prefix=self.prefix)
+        self._cache: dict[str, Tensor] | None = None  # group name -> neurons, during one penalty() call
+        self._limit: float | None = None  # max_grad_norm in the units of the gradient that will arrive
+        self._directions: dict[str, int] = {}  # group name -> rows with a direction (zero-norm policies)
+        self._warned_zero_norm = False
 
     # ------------------------------------------------------------------ subclass API
-    def layer_terms(self, layer: LayerRef, labels: Tensor | None, step: int) -> dict[str, Tensor] | None:
-        """Return ``{"penalty": weighted term (with grad), <log key>: value, ...}`` for one layer,
-        or ``None`` to skip the layer this step."""
+    def layer_terms(self, layer: NeuronGroup, labels: Tensor | None, step: int) -> dict[str, Tensor] | None:
+        """Return ``{"penalty": weighted term (with grad), <log key>: value, ...}`` for one group,
+        or ``None`` to skip the group this step."""
         raise NotImplementedError
 
-    def validate_layers(self, layers: list[LayerRef]) -> None:
-        """Hook for subclasses to reject a selection (e.g. no output layer when one is needed)."""
+    def neurons(self, group: NeuronGroup) -> Tensor:
+        """The group's effective neurons, ``(N, d)`` or ``(G, N/G, d)``, read now, with the gradient
+        bound of ``max_grad_norm`` attached (within one :meth:`penalty` call: computed once per group)."""
+        cache = self._cache
+        if cache is not None and group.name in cache:
+            return cache[group.name]
+        n = group.neurons()
+        limit = self._limit if cache is not None else self.max_grad_norm
+        if limit is not None and n.requires_grad and torch.is_grad_enabled():
+            n = bound_gradient_norm(n, limit)
+        if cache is not None:
+            cache[group.name] = n
+        return n
+
+    def directions(self, group: NeuronGroup) -> int:
+        """Rows of ``group`` with a direction (norm >= 1e-6) in this :meth:`penalty` call (all rows when the
+        zero-norm policy is ``"error"``)."""
+        n = self._directions.get(group.name)
+        if n is None:
+            shape = group.shape
+            return shape[-2] * (shape[0] if len(shape) == 3 else 1)
+        return n
+
+    @property
+    def energy_zero_norm(self) -> str:
+        """The ``zero_norm`` argument to give the energy core: ``"error"`` or ``"exclude"``."""
+        return "error" if self.zero_norm in (None, "error") else "exclude"
 
     # ------------------------------------------------------------------ the penalty
     def penalty(self, pl_module: L.LightningModule, batch: Any = None, log: bool = True) -> Tensor:
@@ -284,37 +533,47 @@ class PenaltyCallback(Callback):
 
         Public so that manual-optimization users can also add it to their own loss.
         """
+        return self._penalty(pl_module, batch, log, self.max_grad_norm)
+
+    def _penalty(self, pl_module: L.LightningModule, batch: Any, log: bool, limit: float | None) -> Tensor:
         if not self.layers:
-            self.layers = self.selection.resolve(pl_module)
-            self.validate_layers(self.layers)
+            self.resolve(pl_module, None, self._trainer)
         trainer = self._trainer
         step = trainer.global_step if trainer is not None else 0
         labels = self.label_getter(batch) if batch is not None else None
         total: Tensor | None = None
         logs: dict[str, Tensor] = {}
-        bad: tuple[LayerRef, Tensor] | None = None
+        bad: tuple[NeuronGroup, Tensor] | None = None
         device_type = _device_type(pl_module)
-        with torch.autocast(device_type=device_type, enabled=False):
-            for layer in self.layers:
-                try:
-                    terms = self.layer_terms(layer, labels, step)
-                except ValueError as err:
-                    self._raise_if_weights_diverged(step)
-                    raise ValueError(f"{type(self).__name__}: layer {layer.name!r} at global step {step}: {err}") from err
-                if terms is None:
-                    continue
-                term = terms.get("penalty")
-                if term is not None:
-                    if not bool(torch.isfinite(term.detach())):
+        prefix = self.log_prefix
+        self._cache, self._limit = {}, limit
+        try:
+            with torch.autocast(device_type=device_type, enabled=False):
+                if self.zero_norm in ("warn", "exclude"):
+                    self._count_directions(step)
+                for layer in self.layers:
+                    try:
+                        terms = self.layer_terms(layer, labels, step)
+                    except ValueError as err:
                         self._raise_if_weights_diverged(step)
-                        if self.on_nonfinite == "error":
-                            self._nonfinite(layer, term, step)
-                        bad = bad or (layer, term)  # "skip": go on, so every DDP rank logs the same keys
-                    else:
-                        total = term if total is None else total + term
-                for key, value in terms.items():
-                    if key != "penalty":
-                        logs[f"{self.prefix}/{key}/{layer.name}"] = value.detach()
+                        raise ValueError(f"{type(self).__name__}: layer {layer.name!r} at global step {step}: "
+                                         f"{err}") from err
+                    if terms is None:
+                        continue
+                    term = terms.get("penalty")
+                    if term is not None:
+                        if not bool(torch.isfinite(term.detach())):
+                            self._raise_if_weights_diverged(step)
+                            if self.on_nonfinite == "error":
+                                self._nonfinite(layer, term, step)
+                            bad = bad or (layer, term)  # "skip": go on, so every DDP rank logs the same keys
+                        else:
+                            total = term if total is None else total + term
+                    for key, value in terms.items():
+                        if key != "penalty":
+                            logs[f"{prefix}/{key}/{layer.name}"] = value.detach()
+        finally:
+            self._cache, self._limit = None, None
         if bad is not None:
             self._nonfinite(*bad, step=step)
             pl_module.__dict__[_SKIP_ATTR] = step
@@ -326,21 +585,43 @@ class PenaltyCallback(Callback):
             logged_total = total
         if log and trainer is not None:
             sync = trainer.world_size > 1
-            pl_module.log(f"{self.prefix}/penalty", logged_total.detach().float(), on_step=True, on_epoch=False,
+            pl_module.log(f"{prefix}/penalty", logged_total.detach().float(), on_step=True, on_epoch=False,
                           sync_dist=sync, batch_size=1)
             for key, value in logs.items():
                 pl_module.log(key, value.float(), on_step=True, on_epoch=False, sync_dist=sync, batch_size=1)
         return total
 
-    def _nonfinite(self, layer: LayerRef, term: Tensor, step: int) -> None:
+    def _count_directions(self, step: int) -> None:
+        """Zero-norm policies ``"warn"``/``"exclude"``: count each group's rows with a direction (one host
+        sync for all groups); ``"warn"`` warns once per fit when some rows have none."""
+        if not self.layers:
+            return
+        neurons = [self.neurons(g).detach() for g in self.layers]
+        small = [(torch.linalg.vector_norm(n.float(), dim=-1) < MIN_NORM).sum() for n in neurons]
+        counts = torch.stack(small).tolist()
+        self._directions = {}
+        zero = []
+        for g, n, c in zip(self.layers, neurons, counts):
+            rows = n.shape[-2] * (n.shape[0] if n.dim() == 3 else 1)
+            self._directions[g.name] = rows - int(c)
+            if c:
+                zero.append(f"{g.name!r} ({int(c)} of {rows})")
+        if zero and self.zero_norm == "warn" and not self._warned_zero_norm:
+            self._warned_zero_norm = True
+            rank_zero_warn(
+                f"{type(self).__name__}: neurons of zero norm (no direction) at global step {step}: "
+                f"{', '.join(zero)}. They are left out of the penalty until they have a direction (e.g. a "
+                "zero-initialized classifier after its first steps); this warning is given once per fit. "
+                "zero_norm='exclude' does the same silently, zero_norm='error' stops instead",
+                category=UserWarning)
+
+    def _nonfinite(self, layer: NeuronGroup, term: Tensor, step: int) -> None:
         """The penalty itself is NaN/Inf while the weights are finite: blame the penalty."""
         msg = (f"{type(self).__name__}: the penalty of layer {layer.name!r} is {term.item()} at global step "
                f"{step} although its weights are finite (e.g. nearly identical or collapsing neurons)")
         if self.on_nonfinite == "error":
             raise FloatingPointError(msg + "; pass on_nonfinite='skip' to skip such optimizer steps, or lower the "
                                      "penalty's weight / ramp it in with warmup_steps")
-        import warnings
-
         warnings.warn(msg + "; this optimizer step is skipped", RuntimeWarning, stacklevel=2)
 
     def _raise_if_weights_diverged(self, step: int) -> None:
@@ -366,8 +647,6 @@ class PenaltyCallback(Callback):
                 f"Training diverged at global step {step}: the loss returned by training_step is "
                 f"{float(loss.detach().float().sum())}{where} (the model's own loss, before {type(self).__name__} "
                 f"adds its penalty). To fix: {_DIVERGENCE_FIXES}")
-        import warnings
-
         warnings.warn(f"{type(self).__name__}: the training loss is {float(loss.detach().float().sum())} at global "
                       f"step {step}; this optimizer step is skipped", RuntimeWarning, stacklevel=2)
         pl_module.__dict__[_SKIP_ATTR] = step
@@ -382,8 +661,6 @@ class PenaltyCallback(Callback):
         if bad is None:
             return True
         if self.on_nonfinite == "skip":
-            import warnings
-
             warnings.warn(f"{type(self).__name__}: the gradient of {bad!r} is NaN/Inf at global step "
                           f"{trainer.global_step}; this optimizer step is skipped", RuntimeWarning, stacklevel=2)
             return False
@@ -396,6 +673,7 @@ class PenaltyCallback(Callback):
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._assign_state_key(trainer)
         if stage != "fit":
             return
         check_strategy(trainer, type(self).__name__)
@@ -407,7 +685,8 @@ class PenaltyCallback(Callback):
             raise ValueError(f"{type(self).__name__}(mode='loss') needs automatic optimization; the module uses "
                              "manual optimization: use mode='gradient' (or 'auto')")
         self._active_mode = mode
-        self.layers = []
+        self._start_fit(trainer, pl_module)
+        self._directions, self._warned_zero_norm = {}, False
         self._losses_since_step = 0
         self._names = None
         pl_module.__dict__.pop(_SKIP_ATTR, None)
@@ -417,13 +696,14 @@ class PenaltyCallback(Callback):
             _TrainingStepWrapper.attach(pl_module, self, keep=trainer.callbacks)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # layers may be created in configure_model, which runs after setup: resolve here
-        self.layers = self.selection.resolve(pl_module)
-        self.validate_layers(self.layers)
+        # layers may be created in configure_model, which runs after setup: argument errors show here,
+        # the groups are resolved on the first training batch
+        self._precheck(pl_module)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         self._batch = batch
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
@@ -474,7 +754,7 @@ class PenaltyCallback(Callback):
                          grads: Sequence[Tensor | None]) -> list[Tensor | None]:
         """Average the penalty gradients of the selected layers' parameters over the DDP ranks
         (one flat all-reduce; the same parameters on every rank, zeros where a rank has no gradient)."""
-        owned = {id(p) for layer in self.layers for p in layer.module.parameters()}
+        owned = {id(p) for layer in self.layers for p in layer.parameters()}
         index = [i for i, p in enumerate(params) if id(p) in owned]
         if not index:
             return list(grads)
@@ -494,7 +774,23 @@ class PenaltyCallback(Callback):
             return None
         self._losses_since_step += 1
         self._check_loss(pl_module, out.get("loss") if isinstance(out, dict) else out)
-        return self.penalty(pl_module, batch) if self._active_mode == "loss" else None
+        if self._active_mode != "loss":
+            return None
+        return self._penalty(pl_module, batch, True, self._loss_mode_limit())
+
+    def _loss_mode_limit(self) -> float | None:
+        """``max_grad_norm`` in the units of the gradient that reaches the neurons in ``mode="loss"``: Lightning
+        divides the loss by ``accumulate_grad_batches`` (so the bound is per optimizer step) and an fp16
+        GradScaler multiplies it by its scale."""
+        limit = self.max_grad_norm
+        trainer = self._trainer
+        if limit is None or trainer is None:
+            return limit
+        limit = limit / max(1, int(getattr(trainer, "accumulate_grad_batches", 1) or 1))
+        scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+        if scaler is not None and getattr(scaler, "is_enabled", lambda: True)():
+            limit = limit * float(scaler.get_scale())
+        return limit
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
@@ -572,13 +868,3 @@ class _TrainingStepWrapper:
         if not callbacks:
             pl_module.__dict__.pop("training_step", None)
             pl_module.__dict__.pop(cls.ATTR, None)
-
-
-def finite_or_raise(value: float, arg: str, minimum: float | None = None) -> float:
-    """Validate a numeric constructor argument."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise ValueError(f"{arg}={value!r} is not supported; accepted values: a finite number"
-                         + (f" >= {minimum}" if minimum is not None else ""))
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{arg}={value!r} is not supported; accepted values: a finite number >= {minimum}")
-    return float(value)

@@ -29,7 +29,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from lightning_hyper.callbacks.base import LayerRef, PenaltyCallback, finite_or_raise
+from lightning_hyper.callbacks.base import (DEFAULT_MAX_GRAD_NORM, MIN_NORM, ZERO_NORM_POLICIES, PenaltyCallback,
+                                           finite_or_raise)
 from lightning_hyper.functional.energy import _validate, hyperspherical_energy
 from lightning_hyper.functional.projection import (
     AGGREGATES,
@@ -43,6 +44,7 @@ from lightning_hyper.functional.projection import (
     unrolled_adversarial_projection,
     unrolled_angle_projection,
 )
+from lightning_hyper.nn.selection import NeuronGroup
 
 __all__ = ["CoMHERegularizer", "PROJECTIONS", "PROJECTION_MODES", "GROUP_MODES", "SMALL_LAYER_FALLBACKS"]
 
@@ -114,12 +116,16 @@ class CoMHERegularizer(PenaltyCallback):
             (random / learned projections; ``"group"`` falls back when a layer has at most one group).
         full_energy_every: compute the unprojected energy for logging every this many steps;
             ``None`` = the Trainer's ``log_every_n_steps``; ``0`` = never.
-        chunk_size, zero_norm: see :class:`~lightning_hyper.callbacks.MHERegularizer`.
+        chunk_size, zero_norm: see :class:`~lightning_hyper.callbacks.MHERegularizer` (``zero_norm="warn"``
+            by default: rows without a direction are left out, with one warning per fit).
         seed: seed of every random draw; the generator of a draw is seeded from
             ``(seed, global_step // refresh_every, D or layer)`` on the weights' device, so every DDP rank
             draws the same projections and a resumed run continues identically.
-        include, exclude, layer_types, output_layer, mode, labels, on_nonfinite, prefix:
-            see :class:`~lightning_hyper.callbacks.base.PenaltyCallback`.
+        include, exclude, layer_types, output_layer, inputs, verbose, mode, labels, on_nonfinite,
+            max_grad_norm, prefix: see :class:`~lightning_hyper.callbacks.base.PenaltyCallback`.
+
+    A grouped convolution's term is the mean over its channel groups (each group's neurons are
+    projected and their energy computed on their own).
 
     Logs ``comhe/penalty``, per layer ``comhe/energy/<layer>`` (the compressed energy the penalty
     uses, unweighted) and ``comhe/full_energy/<layer>`` (the energy of the original, unprojected
@@ -145,13 +151,16 @@ class CoMHERegularizer(PenaltyCallback):
                  angle_loss: str = "cos_fro", reinit_every: int | None = None, group_size: int = 8,
                  group_mode: str = "consecutive", small_layer_fallback: str = "mhe",
                  full_energy_every: int | None = None, eps: float = 1e-6, chunk_size: int | None = None,
-                 zero_norm: str = "error", seed: int = 0,
+                 zero_norm: str = "warn", seed: int = 0,
                  include: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None,
-                 layer_types: str | Sequence[str] | None = None, output_layer: str | None = None,
+                 layer_types: str | type | Sequence[str | type] | None = None, output_layer: str | None = None,
+                 inputs: Callable[[Any], Any] | None = None, verbose: bool = True,
                  mode: str = "auto", labels: Callable[[Any], Tensor | None] | None = None,
-                 on_nonfinite: str = "error", prefix: str | None = None) -> None:
+                 on_nonfinite: str = "error", max_grad_norm: float | None = DEFAULT_MAX_GRAD_NORM,
+                 prefix: str | None = None) -> None:
         super().__init__(include=include, exclude=exclude, layer_types=layer_types, output_layer=output_layer,
-                         mode=mode, labels=labels, on_nonfinite=on_nonfinite, prefix=prefix)
+                         inputs=inputs, verbose=verbose, mode=mode, labels=labels, on_nonfinite=on_nonfinite,
+                         max_grad_norm=max_grad_norm, prefix=prefix)
         projection = _ALIASES.get(projection, projection) if isinstance(projection, str) else projection
         if projection not in PROJECTIONS:
             raise ValueError(f"projection={projection!r} is not supported; accepted values: {list(PROJECTIONS)} "
@@ -184,8 +193,8 @@ class CoMHERegularizer(PenaltyCallback):
             raise ValueError(f"small_layer_fallback={small_layer_fallback!r} is not supported; accepted values: "
                              f"{list(SMALL_LAYER_FALLBACKS)}")
         _opt_int(full_energy_every, "full_energy_every", 0, "the Trainer's log_every_n_steps")
-        if zero_norm not in ("error", "exclude"):
-            raise ValueError(f"zero_norm={zero_norm!r} is not supported; accepted values: ['error', 'exclude']")
+        if zero_norm not in ZERO_NORM_POLICIES:
+            raise ValueError(f"zero_norm={zero_norm!r} is not supported; accepted values: {list(ZERO_NORM_POLICIES)}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed={seed!r} is not supported; accepted values: an int")
         learned = projection in ("angle_preserving", "adversarial")
@@ -228,7 +237,7 @@ class CoMHERegularizer(PenaltyCallback):
         self._prepared_step: int | None = None
 
     # ------------------------------------------------------------------ keys and draws
-    def _key(self, layer: LayerRef, dim: int) -> str:
+    def _key(self, layer: NeuronGroup, dim: int) -> str:
         return f"dim={dim}" if self.share_projection else layer.name
 
     def _key_ints(self, key: str, dim: int) -> tuple[int, int]:
@@ -237,7 +246,7 @@ class CoMHERegularizer(PenaltyCallback):
     def _period(self, step: int, every: int | None) -> int:
         return 0 if every is None else step // every
 
-    def _projected(self, layer: LayerRef, dim: int) -> bool:
+    def _projected(self, layer: NeuronGroup, dim: int) -> bool:
         """Whether a hidden layer of neuron dimension ``dim`` is projected (else plain MHE)."""
         return dim > self.projection_dim or self.small_layer_fallback == "project"
 
@@ -308,12 +317,16 @@ class CoMHERegularizer(PenaltyCallback):
         return float(optimizers[0].param_groups[0]["lr"])
 
     # ------------------------------------------------------------------ per-step preparation
-    def _hidden_neurons(self, layer: LayerRef) -> Tensor:
-        neurons = layer.neurons()
-        if self.zero_norm == "exclude" and neurons.shape[0]:
-            keep = torch.linalg.vector_norm(neurons.detach(), dim=1) >= 1e-6
-            neurons = neurons[keep]
-        return neurons
+    def _hidden_sets(self, layer: NeuronGroup) -> list[Tensor]:
+        """The layer's neuron sets ``(N, d)``: one, or one per channel group of a grouped convolution; rows
+        without a direction are dropped under the ``"warn"``/``"exclude"`` zero-norm policies."""
+        neurons = self.neurons(layer)
+        sets = list(neurons) if neurons.dim() == 3 else [neurons]
+        rows = sum(n.shape[0] for n in sets)
+        # inside penalty() the rows without a direction were counted for all layers at once (one sync)
+        if self.energy_zero_norm == "exclude" and rows and (self._cache is None or self.directions(layer) < rows):
+            sets = [n[torch.linalg.vector_norm(n.detach(), dim=1) >= MIN_NORM] for n in sets]
+        return sets
 
     def _prepare_step(self, step: int) -> None:
         """Once per optimizer step: update the learned projections (angle-preserving / adversarial)."""
@@ -326,10 +339,11 @@ class CoMHERegularizer(PenaltyCallback):
         for layer in self.layers:
             if layer.role != "hidden":
                 continue
-            w = self._hidden_neurons(layer).detach()
-            if w.shape[0] < 2 or not self._projected(layer, w.shape[1]):
-                continue
-            groups.setdefault(self._key(layer, w.shape[1]), []).append(w)
+            for w in self._hidden_sets(layer):
+                w = w.detach()
+                if w.shape[0] < 2 or not self._projected(layer, w.shape[1]):
+                    continue
+                groups.setdefault(self._key(layer, w.shape[1]), []).append(w)
         due = step % self.projection_update_every == 0 and self._last_update_step != step
         for key, ws in groups.items():
             dtype = torch.float64 if ws[0].dtype == torch.float64 else torch.float32
@@ -356,16 +370,17 @@ class CoMHERegularizer(PenaltyCallback):
     # ------------------------------------------------------------------ the penalty of one layer
     def energy(self, neurons: Tensor, role: str = "hidden") -> Tensor:
         """Unprojected mean pairwise energy (half-space on hidden layers), as logged in ``full_energy``."""
-        return hyperspherical_energy(neurons, s=self.s, metric=self.metric,
-                                     half_space=self.half_space and role == "hidden", eps=self.eps,
-                                     chunk_size=self.chunk_size, zero_norm=self.zero_norm)
+        e = hyperspherical_energy(neurons, s=self.s, metric=self.metric,
+                                  half_space=self.half_space and role == "hidden", eps=self.eps,
+                                  chunk_size=self.chunk_size, zero_norm=self.energy_zero_norm)
+        return e.mean() if e.dim() else e  # a grouped convolution: the mean over its groups
 
-    def compressed_energy(self, layer: LayerRef, neurons: Tensor, step: int) -> Tensor:
+    def compressed_energy(self, layer: NeuronGroup, neurons: Tensor, step: int) -> Tensor:
         """The layer's CoMHE energy at ``step`` (with autograd graph to the weights)."""
         dim = neurons.shape[1]
         kw = dict(s=self.s, half_space=self.half_space, metric=self.metric, eps=self.eps, chunk_size=self.chunk_size)
         if self.projection == "group":
-            weight = getattr(layer.module, "weight", None)
+            weight = layer.weight()
             kernel = math.prod(weight.shape[2:]) if isinstance(weight, Tensor) and weight.dim() > 2 else 1
             width = self.group_size * kernel
             if width >= dim:  # fewer channels than one group: plain (HS-)MHE
@@ -389,26 +404,30 @@ class CoMHERegularizer(PenaltyCallback):
                                                         metric=self.metric, eps=self.eps)
         return compressive_energy(neurons, p, aggregate=self.aggregate, **kw)
 
-    def layer_terms(self, layer: LayerRef, labels: Tensor | None, step: int) -> dict[str, Tensor] | None:
+    def layer_terms(self, layer: NeuronGroup, labels: Tensor | None, step: int) -> dict[str, Tensor] | None:
+        if self.directions(layer) < 2:
+            return None
         if layer.role == "output":
             if self.output_weight == 0:
                 return None
-            neurons = layer.neurons()
-            if neurons.shape[0] < 2:
+            neurons = self.neurons(layer)
+            if neurons.shape[-2] < 2:
                 return None
             full = self.energy(neurons, "output")
             return {"penalty": self.output_weight * full, "energy": full.detach(), "full_energy": full.detach()}
         if self.hidden_weight == 0:
             return None
         self._prepare_step(step)
-        neurons = self._hidden_neurons(layer)
-        if neurons.shape[0] < 2:
+        sets = [n for n in self._hidden_sets(layer) if n.shape[0] >= 2]
+        if not sets:
             return None
-        energy = self.compressed_energy(layer, neurons, step)
+        energies = [self.compressed_energy(layer, n, step) for n in sets]
+        energy = energies[0] if len(energies) == 1 else torch.stack(energies).mean()
         terms = {"penalty": self.hidden_weight * energy, "energy": energy.detach()}
         if self._full_energy_due(step):
             with torch.no_grad():
-                terms["full_energy"] = self.energy(neurons.detach(), "hidden")
+                full = [self.energy(n.detach(), "hidden") for n in sets]
+                terms["full_energy"] = full[0] if len(full) == 1 else torch.stack(full).mean()
         return terms
 
     # ------------------------------------------------------------------ checkpoint state

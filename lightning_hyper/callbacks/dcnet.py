@@ -23,7 +23,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
-from lightning_hyper.callbacks.base import check_strategy
+from lightning_hyper.callbacks.base import InstanceStateKey, check_strategy
 from lightning_hyper.nn.decoupled import _DecoupledMixin
 from lightning_hyper.nn.sphere import _SphereMixin
 
@@ -86,13 +86,14 @@ def _positive(name: str, value: Any, integer: bool = False) -> None:
         raise ValueError(f"{name} must be a positive {'integer' if integer else 'number'}, got {value!r}")
 
 
-class WeightProjection(Callback):
+class WeightProjection(InstanceStateKey, Callback):
     """Project the kernels of standard decoupled / Sphere layers onto the sphere of radius ``scale``.
 
     Fires after the optimizer step that makes ``trainer.global_step`` a multiple of ``every_n_steps``
     (steps ``n, 2n, ...``; the reference code uses ``n = 100``, ``s = 1``); optimizer state is kept.
     The network's output is unchanged by a projection (up to the layers' ``eps``). Raises in ``setup``
-    if the model has no such layer.
+    if the model has no such layer. State (steps and count of projections) under the ``state_key``
+    ``"WeightProjection"`` (``"WeightProjection#k"`` for the k-th instance in one Trainer).
     """
 
     def __init__(self, every_n_steps: int = 100, scale: float = 1.0, include_sphere: bool = True) -> None:
@@ -106,6 +107,7 @@ class WeightProjection(Callback):
         self._layers: list[nn.Module] = []
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:  # noqa: D102
+        self._assign_state_key(trainer)
         check_strategy(trainer, type(self).__name__)  # per-kernel norms need whole (unsharded) weights
         self._layers = [m for _, m in standard_layers(pl_module, self.include_sphere)]
         if not self._layers:
@@ -231,7 +233,7 @@ def warmup_patch_norms(model: nn.Module, inputs: Iterable[Any], forward: Any = N
     return n
 
 
-class PretrainedInit(Callback):
+class PretrainedInit(InstanceStateKey, Callback):
     """Lightning wrapper of :func:`init_from_cnn` (+ optional :func:`warmup_patch_norms`).
 
     Args:
@@ -243,7 +245,8 @@ class PretrainedInit(Callback):
             training to set the decoupled layers' running patch-norm means.
 
     The weights are copied in ``setup("fit")`` (before a checkpoint restore, which then wins); warm-up
-    runs once in ``on_train_start`` and is recorded in the callback state, so a resumed run skips it.
+    runs once in ``on_train_start`` and is recorded in the callback state (``state_key``
+    ``"PretrainedInit"``, ``"PretrainedInit#k"`` for the k-th instance), so a resumed run skips it.
     """
 
     def __init__(self, source: Any, submodule: str = "", warmup_batches: int = 0, strict: bool = True) -> None:
@@ -264,6 +267,7 @@ class PretrainedInit(Callback):
             raise ValueError(f"submodule={self.submodule!r} is not a submodule of {type(pl_module).__name__}") from err
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:  # noqa: D102
+        self._assign_state_key(trainer)
         if stage == "fit" and not self.done:
             init_from_cnn(self._target(pl_module), self.source, self.strict)
 

@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from lightning_hyper.callbacks.base import LayerRef, PenaltyCallback, finite_or_raise
+from lightning_hyper.callbacks.base import DEFAULT_MAX_GRAD_NORM, PenaltyCallback, finite_or_raise
 from lightning_hyper.functional.discrete import (
     DISCRETE_MODES,
     GM_FORMS,
@@ -48,6 +48,7 @@ from lightning_hyper.nn.hierarchical import (
     safe_norm,
     sibling_margin_violations,
 )
+from lightning_hyper.nn.selection import NeuronGroup
 
 __all__ = ["CONSTRAINTS", "PAIR_SCOPES", "HierarchicalRegularizer", "hierarchical_penalty", "parse_constraints"]
 
@@ -180,8 +181,10 @@ class HierarchicalRegularizer(PenaltyCallback):
             default) or ``"full"`` (the whole hierarchy every step).
         discrete, clamp, gm, threshold: options of the metric (see
             :func:`~lightning_hyper.functional.discrete.pairwise_metric`).
-        include, exclude, layer_types, output_layer, mode, labels, on_nonfinite, prefix: see
-            :class:`~lightning_hyper.callbacks.base.PenaltyCallback`.
+        include, exclude, layer_types, output_layer, inputs, verbose, mode, labels, on_nonfinite,
+            max_grad_norm, prefix: see :class:`~lightning_hyper.callbacks.base.PenaltyCallback`
+            (``max_grad_norm`` bounds the gradient through a plain output layer's rows; a
+            ``HierarchicalLinear``'s geometry is read from the layer itself).
 
     Logs ``dh2l/penalty`` and per layer ``dh2l/within/<layer>``, ``dh2l/between/<layer>`` (and the
     enabled constraints / ``orthogonality``).
@@ -194,11 +197,14 @@ class HierarchicalRegularizer(PenaltyCallback):
                  center_orthogonality: float = 0.0, hierarchy: Any = None, pairs: str = "batch",
                  discrete: str = "binary", clamp: float = 0.99, gm: str = "product", threshold: float = 0.0,
                  include: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None,
-                 layer_types: str | Sequence[str] | None = None, output_layer: str | None = None,
+                 layer_types: str | type | Sequence[str | type] | None = None, output_layer: str | None = None,
+                 inputs: Callable[[Any], Any] | None = None, verbose: bool = True,
                  mode: str = "auto", labels: Callable[[Any], Tensor | None] | None = None,
-                 on_nonfinite: str = "error", prefix: str | None = None) -> None:
+                 on_nonfinite: str = "error", max_grad_norm: float | None = DEFAULT_MAX_GRAD_NORM,
+                 prefix: str | None = None) -> None:
         super().__init__(include=include, exclude=exclude, layer_types=layer_types, output_layer=output_layer,
-                         mode=mode, labels=labels, on_nonfinite=on_nonfinite, prefix=prefix)
+                         inputs=inputs, verbose=verbose, mode=mode, labels=labels, on_nonfinite=on_nonfinite,
+                         max_grad_norm=max_grad_norm, prefix=prefix)
         self.metric = canonical_metric(metric)
         if pairs not in PAIR_SCOPES:
             raise ValueError(f"pairs={pairs!r} is not supported; accepted values: {list(PAIR_SCOPES)}")
@@ -218,10 +224,10 @@ class HierarchicalRegularizer(PenaltyCallback):
         self._warned_no_labels = False
 
     # ------------------------------------------------------------------ helpers
-    def _applies(self, layer: LayerRef) -> bool:
+    def _applies(self, layer: NeuronGroup) -> bool:
         return isinstance(layer.module, HierarchicalLinear) or (layer.role == "output" and self.hierarchy is not None)
 
-    def validate_layers(self, layers: list[LayerRef]) -> None:
+    def validate_layers(self, layers: list[NeuronGroup]) -> None:
         if not any(self._applies(layer) for layer in layers):
             names = [f"{layer.name} ({type(layer.module).__name__}, {layer.role})" for layer in layers]
             raise ValueError("HierarchicalRegularizer found no hierarchical layer: use a HierarchicalLinear head "
@@ -233,18 +239,18 @@ class HierarchicalRegularizer(PenaltyCallback):
                 raise ValueError(f"hierarchy: the regularizer's {self.hierarchy} differs from layer {layer.name!r}'s "
                                  f"{layer.module.hierarchy}")
 
-    def geometry(self, layer: LayerRef) -> HierarchyGeometry:
+    def geometry(self, layer: NeuronGroup) -> HierarchyGeometry:
         """The layer's current hierarchical geometry (with autograd graph)."""
         if isinstance(layer.module, HierarchicalLinear):
             return layer.module.geometry()
-        rows = layer.neurons()
-        if rows.shape[0] != self.hierarchy.num_classes:
+        rows = self.neurons(layer)
+        if rows.dim() != 2 or rows.shape[0] != self.hierarchy.num_classes:
             raise ValueError(f"hierarchy covers {self.hierarchy.num_classes} classes but layer {layer.name!r} has "
                              f"{rows.shape[0]} rows")
         return mean_geometry(rows, self.hierarchy)
 
     # ------------------------------------------------------------------ PenaltyCallback API
-    def layer_terms(self, layer: LayerRef, labels: Tensor | None, step: int) -> dict[str, Tensor] | None:
+    def layer_terms(self, layer: NeuronGroup, labels: Tensor | None, step: int) -> dict[str, Tensor] | None:
         if not self._applies(layer):
             return None
         geo = self.geometry(layer)

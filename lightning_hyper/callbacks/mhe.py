@@ -5,7 +5,8 @@
 
 with :math:`\\bar E` the per-layer *mean pairwise* energy (each layer divided by its number of
 ordered pairs). Half-space MHE applies to hidden layers only; the output layer is always
-full-space (thesis D.1).
+full-space (thesis D.1). A grouped convolution's energy is the mean over its channel groups (each
+group is its own sphere).
 """
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from lightning_hyper.callbacks.base import LayerRef, PenaltyCallback, finite_or_raise
+from lightning_hyper.callbacks.base import (DEFAULT_MAX_GRAD_NORM, MIN_NORM, ZERO_NORM_POLICIES, PenaltyCallback,
+                                           finite_or_raise)
 from lightning_hyper.functional.energy import hyperspherical_energy, output_energy_from_labels, _validate
 from lightning_hyper.functional import discrete as _dh2l
+from lightning_hyper.nn.selection import NeuronGroup
 
 __all__ = ["MHERegularizer", "OUTPUT_MODES", "HIDDEN_REDUCTIONS"]
 
@@ -49,11 +52,13 @@ class MHERegularizer(PenaltyCallback):
         neuron_batch_size: if set, each hidden layer's energy uses a random subset of this many neurons
             per step (§5.3.6; unbiased for the mean pairwise energy). Drawn from ``(seed, step)``.
         warmup_steps: λ ramps linearly from 0 over this many optimizer steps (stability, spec §5.8).
-        zero_norm: ``"error"`` or ``"exclude"`` for neurons of (near) zero norm.
+        zero_norm: neurons of (near) zero norm have no direction: ``"warn"`` (default: left out of the
+            energy until they have one, with one warning per fit; e.g. a zero-initialized classifier),
+            ``"exclude"`` (the same, silently) or ``"error"`` (stop, naming the layer).
         chunk_size: Gram row-block size for very large layers.
         seed: seed of the neuron subsets.
-        include, exclude, layer_types, output_layer, mode, labels, on_nonfinite, prefix:
-            see :class:`~lightning_hyper.callbacks.base.PenaltyCallback`.
+        include, exclude, layer_types, output_layer, inputs, verbose, mode, labels, on_nonfinite,
+            max_grad_norm, prefix: see :class:`~lightning_hyper.callbacks.base.PenaltyCallback`.
 
     Logs ``mhe/penalty`` and ``mhe/energy/<layer>`` (the layer's mean pairwise energy of the
     configured variant, on all neurons).
@@ -64,14 +69,17 @@ class MHERegularizer(PenaltyCallback):
     def __init__(self, s: float = 2.0, metric: str = "euclidean", half_space: bool = False,
                  hidden_weight: float | None = None, output_weight: float = 1.0, output_mode: str = "full",
                  hidden_reduction: str = "sum", angle_unit: str = "radian", eps: float = 1e-6,
-                 neuron_batch_size: int | None = None, warmup_steps: int = 0, zero_norm: str = "error",
+                 neuron_batch_size: int | None = None, warmup_steps: int = 0, zero_norm: str = "warn",
                  chunk_size: int | None = None, seed: int = 0,
                  include: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None,
-                 layer_types: str | Sequence[str] | None = None, output_layer: str | None = None,
+                 layer_types: str | type | Sequence[str | type] | None = None, output_layer: str | None = None,
+                 inputs: Callable[[Any], Any] | None = None, verbose: bool = True,
                  mode: str = "auto", labels: Callable[[Any], Tensor | None] | None = None,
-                 on_nonfinite: str = "error", prefix: str | None = None) -> None:
+                 on_nonfinite: str = "error", max_grad_norm: float | None = DEFAULT_MAX_GRAD_NORM,
+                 prefix: str | None = None) -> None:
         super().__init__(include=include, exclude=exclude, layer_types=layer_types, output_layer=output_layer,
-                         mode=mode, labels=labels, on_nonfinite=on_nonfinite, prefix=prefix)
+                         inputs=inputs, verbose=verbose, mode=mode, labels=labels, on_nonfinite=on_nonfinite,
+                         max_grad_norm=max_grad_norm, prefix=prefix)
         # DH2L names (functional/discrete.py), the baselines included; "angular" keeps its MHE meaning (A-MHE,
         # thesis §5.3.3): DH2L's continuous-angle metric of that name is not reachable from here
         dh2l_names = [m for m in _dh2l.METRICS if m != "angular"]
@@ -89,8 +97,8 @@ class MHERegularizer(PenaltyCallback):
         if hidden_reduction not in HIDDEN_REDUCTIONS:
             raise ValueError(f"hidden_reduction={hidden_reduction!r} is not supported; accepted values: "
                              f"{list(HIDDEN_REDUCTIONS)}")
-        if zero_norm not in ("error", "exclude"):
-            raise ValueError(f"zero_norm={zero_norm!r} is not supported; accepted values: ['error', 'exclude']")
+        if zero_norm not in ZERO_NORM_POLICIES:
+            raise ValueError(f"zero_norm={zero_norm!r} is not supported; accepted values: {list(ZERO_NORM_POLICIES)}")
         if neuron_batch_size is not None and (not isinstance(neuron_batch_size, int) or neuron_batch_size < 2):
             raise ValueError(f"neuron_batch_size={neuron_batch_size!r} is not supported; accepted values: None or "
                              "an int >= 2")
@@ -115,30 +123,38 @@ class MHERegularizer(PenaltyCallback):
 
     # ------------------------------------------------------------------ helpers
     def energy(self, neurons: Tensor, role: str) -> Tensor:
-        """Mean pairwise energy of this callback's variant for a layer of the given role."""
+        """Mean pairwise energy of this callback's variant for a layer of the given role: ``(N, d)`` ->
+        its energy; ``(G, N, d)`` (a grouped convolution) -> the mean over the G groups."""
         if self._dh2l_metric:
+            if neurons.dim() == 3:
+                return torch.stack([self.energy(n, role) for n in neurons]).mean()
+            if self.energy_zero_norm == "exclude":
+                neurons, _ = _with_direction(neurons)
             return _dh2l.metric_energy(neurons, metric=self.metric)
-        return hyperspherical_energy(
+        e = hyperspherical_energy(
             neurons, s=self.s, metric=self.metric, half_space=self.half_space and role == "hidden",
             reduction="mean", angle_unit=self.angle_unit, eps=self.eps, chunk_size=self.chunk_size,
-            zero_norm=self.zero_norm,
+            zero_norm=self.energy_zero_norm,
         )
+        return e.mean() if e.dim() else e
 
     def _ramp(self, step: int) -> float:
         return 1.0 if self.warmup_steps == 0 else min(1.0, (step + 1) / self.warmup_steps)
 
     def _subset(self, neurons: Tensor, layer_index: int, step: int) -> Tensor:
-        n = neurons.shape[0]
+        n = neurons.shape[-2]
         if self.neuron_batch_size is None or n <= self.neuron_batch_size:
             return neurons
         gen = torch.Generator().manual_seed(hash((self.seed, step, layer_index)) & 0x7FFF_FFFF_FFFF_FFFF)
         idx = torch.randperm(n, generator=gen)[: self.neuron_batch_size].to(neurons.device)
-        return neurons[idx]
+        return neurons[..., idx, :]
 
     # ------------------------------------------------------------------ PenaltyCallback API
-    def layer_terms(self, layer: LayerRef, labels: Tensor | None, step: int) -> dict[str, Tensor] | None:
-        neurons = layer.neurons()
-        if neurons.shape[0] < 2:
+    def layer_terms(self, layer: NeuronGroup, labels: Tensor | None, step: int) -> dict[str, Tensor] | None:
+        if self.directions(layer) < 2:
+            return None
+        neurons = self.neurons(layer)
+        if neurons.shape[-2] < 2:
             return None
         ramp = self._ramp(step)
         if layer.role == "hidden":
@@ -164,10 +180,27 @@ class MHERegularizer(PenaltyCallback):
                     warnings.warn(f"MHERegularizer(output_mode={self.output_mode!r}) found no labels in the batch; "
                                   "using the full output energy. Pass labels=<batch -> labels getter>.", stacklevel=2)
                     self._warned_no_labels = True
-            else:
-                term = _dh2l.metric_energy_from_labels(
-                    neurons, labels.flatten().long(), metric=self.metric, unique=self.output_mode == "unique_labels"
-                ) if self._dh2l_metric else output_energy_from_labels(
-                    neurons, labels.flatten().long(), s=self.s, metric=self.metric, angle_unit=self.angle_unit,
-                    eps=self.eps, unique=self.output_mode == "unique_labels")
+            elif neurons.dim() == 2:  # (a grouped output convolution keeps the full energy)
+                labels = labels.flatten().long()
+                unique = self.output_mode == "unique_labels"
+                if self._dh2l_metric:
+                    w = neurons
+                    if self.energy_zero_norm == "exclude":
+                        w, labels = _with_direction(neurons, labels)
+                    term = _dh2l.metric_energy_from_labels(w, labels, metric=self.metric, unique=unique)
+                else:
+                    term = output_energy_from_labels(neurons, labels, s=self.s, metric=self.metric,
+                                                     angle_unit=self.angle_unit, eps=self.eps, unique=unique,
+                                                     zero_norm=self.energy_zero_norm)
         return {"penalty": (self.output_weight * ramp) * term, "energy": full}
+
+
+def _with_direction(w: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """Rows of ``w`` with a direction (norm >= 1e-6) and the labels of those rows, renumbered."""
+    keep = torch.linalg.vector_norm(w.detach().float(), dim=-1) >= MIN_NORM
+    if bool(keep.all()):
+        return w, labels
+    if labels is not None:
+        labels = labels.to(w.device)
+        labels = (torch.cumsum(keep.long(), 0) - 1)[labels[keep[labels]]]
+    return w[keep], labels

@@ -1,21 +1,21 @@
 """EnergyMonitor: logs per-layer hyperspherical energy; never changes training."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
 
-from lightning_hyper.callbacks.base import LayerRef, LayerSelection, TrainingDivergedError, check_strategy
+from lightning_hyper.callbacks.base import MIN_NORM, NeuronCallback, TrainingDivergedError, check_strategy
 from lightning_hyper.functional.energy import _validate, hyperspherical_energy, pairwise_angles
 
 __all__ = ["EnergyMonitor"]
 
 
-class EnergyMonitor(Callback):
-    """Log the mean pairwise hyperspherical energy of every selected layer every ``every_n_steps``.
+class EnergyMonitor(NeuronCallback):
+    """Log the mean pairwise hyperspherical energy of every selected neuron group every ``every_n_steps``.
 
     Computed under ``no_grad`` with autocast off; gradients, weights and the loss are untouched.
     Logged as ``<prefix>/energy/<layer>`` (and ``<prefix>/min_angle/<layer>`` in degrees, the Tammes
@@ -24,10 +24,15 @@ class EnergyMonitor(Callback):
     measured on every batch whose metrics Lightning writes out (``Trainer(log_every_n_steps)``), so
     the logged values are always those of the logged step (not in :attr:`history`).
 
+    Rows of zero norm (no direction) are left out; a group with fewer than two rows with a direction has
+    no energy and is not logged. A grouped convolution's energy is the mean over its channel groups (its
+    smallest angle: the smallest within any group).
+
     Args:
         every_n_steps: log period in training batches (the first batch is always logged).
         s, metric, half_space, angle_unit, eps: the energy variant (see ``hyperspherical_energy``).
-        include, exclude, layer_types, output_layer: layer selection (see ``LayerSelection``).
+        include, exclude, layer_types, output_layer, inputs, verbose: the selection, resolved on the first
+            training batch and printed once (see :class:`~lightning_hyper.callbacks.base.NeuronCallback`).
         log_min_angle: also log the smallest pairwise angle per layer.
         prefix: metric-name prefix.
         log_histograms: also log each layer's pairwise angles (degrees) as a TensorBoard histogram
@@ -40,9 +45,11 @@ class EnergyMonitor(Callback):
 
     def __init__(self, every_n_steps: int = 50, s: float = 2.0, metric: str = "euclidean", half_space: bool = False,
                  angle_unit: str = "radian", eps: float = 1e-6, include: str | Sequence[str] | None = None,
-                 exclude: str | Sequence[str] | None = None, layer_types: str | Sequence[str] | None = None,
-                 output_layer: str | None = None, log_min_angle: bool = False, prefix: str = "monitor",
-                 log_histograms: bool = False, histogram_every_n_steps: int | None = None) -> None:
+                 exclude: str | Sequence[str] | None = None,
+                 layer_types: str | type | Sequence[str | type] | None = None, output_layer: str | None = None,
+                 log_min_angle: bool = False, prefix: str = "monitor", log_histograms: bool = False,
+                 histogram_every_n_steps: int | None = None, inputs: Callable[[Any], Any] | None = None,
+                 verbose: bool = True) -> None:
         super().__init__()
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps={every_n_steps!r} is not supported; accepted values: an int >= 1")
@@ -53,23 +60,22 @@ class EnergyMonitor(Callback):
         _validate(s, metric, "mean", angle_unit, eps)
         self.every_n_steps = every_n_steps
         self.s, self.metric, self.half_space, self.angle_unit, self.eps = float(s), metric, half_space, angle_unit, eps
-        self.selection = LayerSelection(include, exclude, layer_types, output_layer)
-        self.log_min_angle = log_min_angle
         self.prefix = prefix
+        self._init_selection(include, exclude, layer_types, output_layer, inputs, verbose)
+        self.log_min_angle = log_min_angle
         self.log_histograms = bool(log_histograms)
         self.histogram_every_n_steps = histogram_every_n_steps or every_n_steps
         self._writers: list[Any] = []
-        self.layers: list[LayerRef] = []
         self.history: list[dict[str, Any]] = []
         self._batches = 0
 
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(prefix=self.prefix)
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._assign_state_key(trainer)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         check_strategy(trainer, type(self).__name__)
-        self.layers = self.selection.resolve(pl_module)
+        self._start_fit(trainer, pl_module)
+        self._precheck(pl_module)
         self._writers = []
         if self.log_histograms:
             from lightning.pytorch.loggers import TensorBoardLogger
@@ -84,31 +90,38 @@ class EnergyMonitor(Callback):
     def log_angle_histograms(self, step: int) -> None:
         """Add ``<prefix>/angles/<layer>`` (pairwise angles in degrees) to every TensorBoard logger."""
         for layer in self.layers:
-            neurons = layer.neurons().detach()
-            if neurons.shape[0] < 2:
+            sets = _sets(layer.neurons().detach())
+            if not sets:
                 continue
-            angles = pairwise_angles(neurons.float(), degrees=True).cpu()
+            angles = torch.cat([pairwise_angles(n.float(), degrees=True) for n in sets]).cpu()
             for logger in self._writers:
-                logger.experiment.add_histogram(f"{self.prefix}/angles/{layer.name}", angles, global_step=step)
+                logger.experiment.add_histogram(f"{self.log_prefix}/angles/{layer.name}", angles, global_step=step)
 
     @torch.no_grad()
     def compute(self, pl_module: torch.nn.Module | None = None) -> dict[str, float]:
-        """Per-layer energies now, ``{layer name: energy}`` (resolves layers of ``pl_module`` if given)."""
+        """Per-group energies now, ``{group name: energy}`` (resolves the groups of ``pl_module`` if given,
+        without a forward pass)."""
         if pl_module is not None:
-            self.layers = self.selection.resolve(pl_module)
+            self.layers, self.skipped = self.selection.resolve(pl_module, return_skipped=True)
         out = {}
         for layer in self.layers:
             neurons = layer.neurons().detach()
-            if neurons.shape[0] < 2:
+            if neurons.shape[-2] < 2:
                 continue
             if not bool(torch.isfinite(neurons).all()):
                 raise TrainingDivergedError(
                     f"Training diverged: the weights of layer {layer.name!r} contain NaN or Inf, so EnergyMonitor "
                     "cannot measure their energy (the monitor only reads them: the model's own loss or gradients "
                     "blew up). To fix: lower the learning rate (lr) or clip gradients (Trainer(gradient_clip_val=1.0))")
-            out[layer.name] = float(hyperspherical_energy(
+            sets = _sets(neurons)
+            if not sets:
+                continue  # fewer than two rows with a direction (e.g. a zero-initialized classifier): no energy
+            if neurons.dim() == 2:
+                neurons = sets[0]  # (a grouped convolution: each group leaves out its own zero rows)
+            energy = hyperspherical_energy(
                 neurons, s=self.s, metric=self.metric, half_space=self.half_space and layer.role == "hidden",
-                angle_unit=self.angle_unit, eps=self.eps, zero_norm="exclude"))
+                angle_unit=self.angle_unit, eps=self.eps, zero_norm="exclude")
+            out[layer.name] = float(energy.mean() if energy.dim() else energy)
         return out
 
     @torch.no_grad()
@@ -124,17 +137,18 @@ class EnergyMonitor(Callback):
         if not (scheduled or _logger_flushes(trainer)):
             return
         sync = trainer.world_size > 1
+        prefix = self.log_prefix
         for name, value in self.compute().items():
             if scheduled:
                 self.history.append({"step": trainer.global_step, "layer": name, "energy": value})
-            pl_module.log(f"{self.prefix}/energy/{name}", value, on_step=True, on_epoch=False, sync_dist=sync,
+            pl_module.log(f"{prefix}/energy/{name}", value, on_step=True, on_epoch=False, sync_dist=sync,
                           batch_size=1)
         if self.log_min_angle:
             for layer in self.layers:
-                neurons = layer.neurons().detach()
-                if neurons.shape[0] >= 2:
-                    angle = pairwise_angles(neurons.float(), degrees=True).min()
-                    pl_module.log(f"{self.prefix}/min_angle/{layer.name}", angle, on_step=True, on_epoch=False,
+                sets = _sets(layer.neurons().detach())
+                if sets:
+                    angle = torch.stack([pairwise_angles(n.float(), degrees=True).min() for n in sets]).min()
+                    pl_module.log(f"{prefix}/min_angle/{layer.name}", angle, on_step=True, on_epoch=False,
                                   sync_dist=sync, batch_size=1)
 
     def state_dict(self) -> dict[str, Any]:
@@ -142,6 +156,17 @@ class EnergyMonitor(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._batches = int(state_dict.get("batches", 0))
+
+
+def _sets(neurons: Tensor) -> list[Tensor]:
+    """The neuron sets ``(N, d)`` of a group (one per channel group), rows without a direction dropped;
+    sets with fewer than two rows left out."""
+    sets = list(neurons) if neurons.dim() == 3 else [neurons]
+    norms = [torch.linalg.vector_norm(n.float(), dim=-1) for n in sets]
+    if bool(torch.stack([(v >= MIN_NORM).all() for v in norms]).all()):
+        return [n for n in sets if n.shape[0] >= 2]
+    kept = [n[v >= MIN_NORM] for n, v in zip(sets, norms)]
+    return [n for n in kept if n.shape[0] >= 2]
 
 
 def _logger_flushes(trainer: L.Trainer) -> bool:

@@ -5,21 +5,22 @@ Thesis Chapter 7 / spec ``opt.md`` §3.7, §4, §10. They act on layers converte
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from lightning_hyper.callbacks.base import LayerRef, PenaltyCallback, check_strategy, finite_or_raise
+from lightning_hyper.callbacks.base import InstanceStateKey, PenaltyCallback, check_strategy, finite_or_raise
 from lightning_hyper.functional.orthogonal import orthogonality_error, relaxed_orthogonality_penalty
 from lightning_hyper.nn.opt import get_opt, opt_layers, orthogonality_errors, sopt_resample
+from lightning_hyper.nn.selection import NeuronGroup
 
 __all__ = ["OrthogonalRegularizer", "OrthogonalityMonitor", "SOPTResampler"]
 
 
-def _rotation(layer: LayerRef) -> Tensor | None:
+def _rotation(layer: NeuronGroup) -> Tensor | None:
     param = get_opt(layer.module)
     if param is None:
         return None
@@ -36,26 +37,30 @@ class OrthogonalRegularizer(PenaltyCallback):
     Args:
         beta: penalty weight (0.1 in the thesis' code; the best value is not reported).
         squared: thesis form (True) or the code's unsquared Frobenius norm (False).
-        include, exclude, mode, ...: see :class:`~lightning_hyper.callbacks.base.PenaltyCallback`
-            (layers that are not OPT layers are skipped).
+        include, exclude, layer_types, inputs, verbose, mode, on_nonfinite, prefix: see
+            :class:`~lightning_hyper.callbacks.base.PenaltyCallback` (groups that are not OPT layers are
+            skipped; no output role: the penalty reads each OPT layer's rotation, not its neurons, so
+            ``max_grad_norm`` does not apply).
     """
 
     prefix = "orthogonal"
 
     def __init__(self, beta: float = 0.1, squared: bool = True, *, include: str | Sequence[str] | None = None,
-                 exclude: str | Sequence[str] | None = None, mode: str = "auto", on_nonfinite: str = "error",
-                 prefix: str | None = None) -> None:
-        super().__init__(include=include, exclude=exclude, output_layer="none", mode=mode, on_nonfinite=on_nonfinite,
-                         prefix=prefix)
+                 exclude: str | Sequence[str] | None = None,
+                 layer_types: str | type | Sequence[str | type] | None = None,
+                 inputs: Callable[[Any], Any] | None = None, verbose: bool = True, mode: str = "auto",
+                 on_nonfinite: str = "error", prefix: str | None = None) -> None:
+        super().__init__(include=include, exclude=exclude, layer_types=layer_types, output_layer="none",
+                         inputs=inputs, verbose=verbose, mode=mode, on_nonfinite=on_nonfinite, prefix=prefix)
         self.beta = finite_or_raise(beta, "beta", minimum=0.0)
         self.squared = bool(squared)
 
-    def validate_layers(self, layers: list[LayerRef]) -> None:
+    def validate_layers(self, layers: list[NeuronGroup]) -> None:
         if not any(get_opt(layer.module) is not None for layer in layers):
             raise ValueError("OrthogonalRegularizer: none of the selected layers is an OPT layer; convert the "
                              "model with lightning_hyper.nn.opt.apply_opt(model, method='relaxed') first")
 
-    def layer_terms(self, layer: LayerRef, labels: Tensor | None, step: int) -> dict[str, Tensor] | None:
+    def layer_terms(self, layer: NeuronGroup, labels: Tensor | None, step: int) -> dict[str, Tensor] | None:
         R = _rotation(layer)
         if R is None:
             return None
@@ -64,14 +69,15 @@ class OrthogonalRegularizer(PenaltyCallback):
         return {"penalty": self.beta * penalty, "error": orthogonality_error(R.detach())}
 
 
-class SOPTResampler(Callback):
+class SOPTResampler(InstanceStateKey, Callback):
     """Stochastic OPT episodes (spec §4): every ``every_n_steps`` optimizer steps, absorb ``V ← R'V``,
     reset ``P' ← I`` and its optimizer state, and draw a new coordinate subset in every S-OPT layer
     (``apply_opt(..., sopt=True)``). 750 steps per episode in the official code. The subsets live in
     buffers, so checkpoints restore them. The draw of step ``t`` comes from a generator seeded with
     ``(seed, t)``; ``seed=None`` draws the seed once at the start of ``fit`` (from the global RNG, so
     ``seed_everything`` fixes it; rank 0's under DDP, so every rank draws the same subsets) and keeps it
-    in the callback state, so a resumed run draws what the uninterrupted one draws."""
+    in the callback state (``state_key`` ``"SOPTResampler"``, ``"SOPTResampler#k"`` for the k-th instance in
+    one Trainer), so a resumed run draws what the uninterrupted one draws."""
 
     def __init__(self, every_n_steps: int = 750, seed: int | None = None) -> None:
         super().__init__()
@@ -82,6 +88,9 @@ class SOPTResampler(Callback):
         self._seed = seed  # the seed in force (drawn in on_fit_start if seed is None)
         self.episodes = 0
         self._last_step = -1
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:  # noqa: D102
+        self._assign_state_key(trainer)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         check_strategy(trainer, type(self).__name__)

@@ -23,9 +23,10 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_hyper.callbacks.base import LayerRef, PenaltyCallback, finite_or_raise
+from lightning_hyper.callbacks.base import DEFAULT_MAX_GRAD_NORM, PenaltyCallback, finite_or_raise
 from lightning_hyper.functional.sphere_ops import ORTHOGONALITY_FORMS, check_choice, kernel_orthogonality
 from lightning_hyper.nn.decoupled import _DecoupledMixin
+from lightning_hyper.nn.selection import NeuronGroup
 from lightning_hyper.nn.sphere import _SphereMixin
 
 __all__ = ["LAYER_SCOPES", "SphereOrthogonalityRegularizer", "is_operator_layer"]
@@ -53,11 +54,13 @@ class SphereOrthogonalityRegularizer(PenaltyCallback):
         eps: added to ``||w||^2`` when normalizing.
         layers: ``"operators"`` (default: only SphereConv*/SphereLinear with ``angle_fn != "none"`` and
             Decoupled* layers, so plain 1x1 shortcut convs and BN stay free) or ``"all"`` (every selected
-            hidden Conv/Linear layer, e.g. for the plain-CNN baseline of the same architecture).
+            hidden group, e.g. for the plain-CNN baseline of the same architecture).
             The output classifier is never regularized (thesis: every SphereConv layer including the
             hidden FC layer, not the classifier).
-        include, exclude, layer_types, output_layer, mode, on_nonfinite, prefix: see
-            :class:`~lightning_hyper.callbacks.base.PenaltyCallback`.
+        include, exclude, layer_types, output_layer, inputs, verbose, mode, on_nonfinite, max_grad_norm,
+            prefix: see :class:`~lightning_hyper.callbacks.base.PenaltyCallback`.
+
+    A grouped convolution's term is the mean of its channel groups' terms.
 
     Logs ``sphere_orth/penalty`` (weighted sum), ``sphere_orth/orthogonality/<layer>`` (the unweighted
     per-layer term) and ``sphere_orth/filter_norm/<layer>`` (mean kernel norm, which the orthonormal form
@@ -68,24 +71,26 @@ class SphereOrthogonalityRegularizer(PenaltyCallback):
 
     def __init__(self, weight: float = 1e-4, form: str = "orthonormal", normalize: bool = False, eps: float = 0.0,
                  layers: str = "operators", *, include: str | Sequence[str] | None = None,
-                 exclude: str | Sequence[str] | None = None, layer_types: str | Sequence[str] | None = None,
-                 output_layer: str | None = None, mode: str = "auto",
+                 exclude: str | Sequence[str] | None = None,
+                 layer_types: str | type | Sequence[str | type] | None = None, output_layer: str | None = None,
+                 inputs: Callable[[Any], Any] | None = None, verbose: bool = True, mode: str = "auto",
                  labels: Callable[[Any], Tensor | None] | None = None, on_nonfinite: str = "error",
-                 prefix: str | None = None) -> None:
+                 max_grad_norm: float | None = DEFAULT_MAX_GRAD_NORM, prefix: str | None = None) -> None:
         super().__init__(include=include, exclude=exclude, layer_types=layer_types, output_layer=output_layer,
-                         mode=mode, labels=labels, on_nonfinite=on_nonfinite, prefix=prefix)
+                         inputs=inputs, verbose=verbose, mode=mode, labels=labels, on_nonfinite=on_nonfinite,
+                         max_grad_norm=max_grad_norm, prefix=prefix)
         self.weight = finite_or_raise(weight, "weight", 0.0)
         self.form = check_choice("form", form, ORTHOGONALITY_FORMS)
         self.normalize = bool(normalize)
         self.eps = finite_or_raise(eps, "eps", 0.0)
         self.layers_scope = check_choice("layers", layers, LAYER_SCOPES)
 
-    def _applies(self, layer: LayerRef) -> bool:
+    def _applies(self, layer: NeuronGroup) -> bool:
         if layer.role == "output":
             return False
         return self.layers_scope == "all" or is_operator_layer(layer.module)
 
-    def validate_layers(self, layers: list[LayerRef]) -> None:  # noqa: D102
+    def validate_layers(self, layers: list[NeuronGroup]) -> None:  # noqa: D102
         if not any(self._applies(layer) for layer in layers):
             names = [f"{layer.name} ({type(layer.module).__name__}, {layer.role})" for layer in layers]
             raise ValueError(
@@ -95,14 +100,16 @@ class SphereOrthogonalityRegularizer(PenaltyCallback):
                 f"Selected layers: {names}"
             )
 
-    def layer_terms(self, layer: LayerRef, labels: Tensor | None, step: int) -> dict[str, Tensor] | None:  # noqa: D102
+    def layer_terms(self, layer: NeuronGroup, labels: Tensor | None, step: int) -> dict[str, Tensor] | None:  # noqa: D102
         if not self._applies(layer):
             return None
-        w = layer.neurons()
+        w = self.neurons(layer)
         w = w if w.dtype == torch.float64 else w.float()
-        value = kernel_orthogonality(w, self.form, self.normalize, self.eps)
+        sets = list(w) if w.dim() == 3 else [w]  # a grouped convolution: the mean over its groups
+        values = [kernel_orthogonality(n, self.form, self.normalize, self.eps) for n in sets]
+        value = values[0] if len(values) == 1 else torch.stack(values).mean()
         return {
             "penalty": self.weight * value,
             "orthogonality": value.detach(),
-            "filter_norm": torch.linalg.vector_norm(w.detach(), dim=1).mean(),
+            "filter_norm": torch.linalg.vector_norm(w.detach(), dim=-1).mean(),
         }

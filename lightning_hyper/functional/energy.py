@@ -280,7 +280,9 @@ def _prepare(neurons: Tensor, min_norm: float, zero_norm: str, name: str,
     else:
         small = norms < min_norm
     if bool(small.any()):
-        if zero_norm == "error" or x.dim() == 3:
+        if x.dim() == 3 and zero_norm == "exclude":
+            raise _RaggedExclusion  # each set keeps other rows: hyperspherical_energy goes set by set
+        if zero_norm == "error":
             rows = small.nonzero()[:5].tolist()
             raise ValueError(
                 f"{name}: {int(small.sum())} neuron(s) have norm < min_norm={min_norm:g} (rows {rows}...); "
@@ -289,6 +291,10 @@ def _prepare(neurons: Tensor, min_norm: float, zero_norm: str, name: str,
             )
         x, norms = x[~small], norms[~small]
     return x, norms
+
+
+class _RaggedExclusion(Exception):
+    """A batch (B, N, d) with zero-norm rows under ``zero_norm="exclude"``: computed set by set."""
 
 
 def _block_rows(n: int, chunk_size: int | None, batch: int = 1) -> int:
@@ -435,23 +441,34 @@ def hyperspherical_energy(
         chunk_size: rows per Gram block (default: so a block holds 2^25 entries); peak memory
             is O(N · chunk_size).
         min_norm: rows with a smaller norm have no direction.
-        zero_norm: ``"error"`` (default) raises on such rows; ``"exclude"`` leaves them out.
+        zero_norm: ``"error"`` (default) raises on such rows; ``"exclude"`` leaves them out (in a batch
+            ``(B, N, d)``, each set loses its own such rows; a set left with fewer than 2 rows has energy 0).
 
     Returns:
         scalar energy (``(B,)`` for batched input), float32 (float64 for float64 input), computed with autocast disabled.
         N < 2 (no pair of neurons) gives 0 with a zero gradient, and a ``UserWarning``; half-space with N = 1
         is the pair (w, -w) alone, the constant f(d_max).
     """
+    return _energy(neurons, s, metric, half_space, reduction, angle_unit, eps, chunk_size, min_norm, zero_norm)
+
+
+def _energy(neurons: Tensor, s: float, metric: str, half_space: bool, reduction: str, angle_unit: str, eps: float,
+            chunk_size: int | None, min_norm: float, zero_norm: str, quiet: bool = False) -> Tensor:
     _validate(s, metric, reduction, angle_unit, eps)
     with torch.autocast(device_type=neurons.device.type if isinstance(neurons, Tensor) else "cpu", enabled=False):
-        x, norms = _prepare(neurons, min_norm, zero_norm, "neurons", batched=True)
+        try:
+            x, norms = _prepare(neurons, min_norm, zero_norm, "neurons", batched=True)
+        except _RaggedExclusion:  # rare: zero-norm rows in a batch of sets, each set on its own
+            return torch.stack([_energy(w, s, metric, half_space, reduction, angle_unit, eps, chunk_size, min_norm,
+                                        zero_norm, quiet=True) for w in neurons])
         batched = x.dim() == 3
         if not batched:
             x, norms = x.unsqueeze(0), norms.unsqueeze(0)
         n = x.shape[1]
         spec = _Kernel(float(s), metric, float(eps), angle_unit, bool(half_space))
         if n < 2 and not (half_space and n == 1):  # no pairs: energy 0, zero gradient (never NaN)
-            warn_no_pairs(n, "hyperspherical_energy")
+            if not quiet:
+                warn_no_pairs(n, "hyperspherical_energy")
             total = x.sum(dim=(1, 2)) * 0.0
             return total if batched else total[0]
         if n == 1:  # half-space: only the pair (w, -w), a constant
@@ -479,6 +496,7 @@ def output_energy_from_labels(
     eps: float = 1e-6,
     unique: bool = False,
     min_norm: float = 1e-6,
+    zero_norm: str = "error",
 ) -> Tensor:
     r"""Data-dependent output-layer energy (spec ``mhe.md`` §3.1, SphereFace+ Eq. 5.8).
 
@@ -486,8 +504,24 @@ def output_energy_from_labels(
 
     Rows ``y_i`` of ``weight`` (``(num_classes, d)``) are taken with multiplicity (each present
     class once if ``unique``); the inner sum runs over *all* classes. Costs one (m × N) GEMM.
+    ``zero_norm="exclude"`` leaves rows of norm < ``min_norm`` out (as labels and as classes: m and N
+    count only the other rows); ``"error"`` (default) raises on them.
     """
     _validate(s, metric, "mean", angle_unit, eps)
+    if zero_norm not in ZERO_NORM_POLICIES:
+        raise ValueError(f"zero_norm={zero_norm!r} is not supported; accepted values: {list(ZERO_NORM_POLICIES)}")
+    if zero_norm == "exclude" and isinstance(weight, Tensor) and weight.dim() == 2 and weight.shape[0]:
+        norms = torch.linalg.vector_norm(weight.detach().to(_compute_dtype(weight)), dim=-1)
+        keep = norms >= min_norm
+        if not bool(keep.all()):
+            if isinstance(labels, Tensor) and labels.dim() == 1 and not labels.dtype.is_floating_point:
+                labels = labels.to(weight.device)
+                if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= weight.shape[0]):
+                    raise ValueError(f"labels: class indices must lie in [0, {weight.shape[0] - 1}] (weight has "
+                                     f"{weight.shape[0]} rows), got range [{int(labels.min())}, {int(labels.max())}]")
+                new_index = torch.cumsum(keep.long(), 0) - 1
+                labels = new_index[labels[keep[labels]]]
+            weight = weight[keep]
     w, _ = _prepare(weight, min_norm, "error", "weight")
     n = w.shape[0]
     if isinstance(labels, Tensor):

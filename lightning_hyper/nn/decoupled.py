@@ -99,6 +99,25 @@ def _number(name: str, value: Any, *, low: float, low_ok: bool = False, high: fl
     return float(value)
 
 
+def debiased_weight(momentum: float, t: int) -> float:
+    """Weight of batch ``t`` (1-based) in a zero-debiased moving average (Adam's bias correction).
+
+    The biased average ``m_t = β m_{t-1} + (1-β) x_t`` (``β = 1 - momentum``, ``m_0 = 0``) divided by
+    ``1 - β^t`` is ``e_t = e_{t-1} + w_t (x_t - e_{t-1})`` with ``w_t = (1-β) / (1-β^t)``: ``w_1 = 1`` (the first
+    batch is copied), and after ``t`` batches batch ``k`` holds its geometric share
+    ``(1-β) β^{t-k} / (1-β^t)`` of the estimate. ``momentum = 0`` is the limit ``w_t = 1/t`` (the plain mean
+    of all batches).
+    """
+    if t < 1:
+        raise ValueError(f"t={t!r}: batches are counted from 1")
+    if t == 1:
+        return 1.0
+    if momentum <= 0.0:
+        return 1.0 / t
+    beta = 1.0 - momentum
+    return momentum / -math.expm1(t * math.log(beta)) if beta > 0.0 else 1.0
+
+
 class _DecoupledMixin:
     """Shared construction/forward of the decoupled layers."""
 
@@ -216,11 +235,8 @@ class _DecoupledMixin:
             return
         with torch.no_grad():
             m = batch_mean.detach().to(self.patch_norm_mean.dtype)
-            if int(self.num_batches_tracked) == 0:  # copy the first batch: sane eval stats after short runs
-                self.patch_norm_mean.copy_(m)
-            else:
-                self.patch_norm_mean.lerp_(m, self.radius_norm_momentum)
             self.num_batches_tracked += 1
+            self.patch_norm_mean.lerp_(m, debiased_weight(self.radius_norm_momentum, int(self.num_batches_tracked)))
 
     def _combine(self, inner: Tensor, xn: Tensor | None, wn: Tensor, linear: bool) -> Tensor:
         rho = self.radius
@@ -280,7 +296,8 @@ _DC_DOC = """
         learn_radius, radius_init, radius_param (``"square" | "softplus" | "exp"``), radius_granularity
             (``"channel" | "layer"``): the operator radius rho of ball / tanh / seg (learned by default, init 1).
         radius_norm, radius_norm_momentum, radius_norm_detach: ``rho' = rho * E{{||x||}}`` (App. C.2); batch
-            mean in training (differentiable unless detached), running average (first batch copied) in eval.
+            mean in training (differentiable unless detached), in eval a moving average of the batch means,
+            zero-debiased as the original code's (each batch keeps its geometric share; see ``debiased_weight``).
         sigmoid_k, learn_k, k_min: sigmoid curvature (> 0); learned per filter as ``|k_raw| + k_min``.
         eps: inside both norms' square roots. acos_eps: arccos clamp (gradient capped, never infinite).
 """

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Any
 
 import torch
@@ -196,6 +197,12 @@ class AngularMarginHead(nn.Module):
                 "gradient_mode='caffe_normalized' reproduces the SphereFace Caffe layer and needs "
                 "margin_type='multiplicative', normalize_weight=True, feature_scale=None, bias=False"
             )
+        if gradient_mode == "caffe_normalized" and self.weight_norm_mode != "project":
+            warnings.warn(
+                f"gradient_mode='caffe_normalized' with weight_norm_mode={self.weight_norm_mode!r} is not the Caffe "
+                "layer: Caffe renormalizes the stored rows and applies the plain weight gradient G^T x to them, while "
+                "'reparam' sends that gradient through the normalization's Jacobian (only the input gradient is "
+                "Caffe's). Pass weight_norm_mode='project' to reproduce the Caffe layer", UserWarning, stacklevel=2)
         self.eps = float(eps)
         self.weight = nn.Parameter(torch.empty(self.num_classes, self.in_features))
         self.bias = nn.Parameter(torch.zeros(self.num_classes)) if bias else None

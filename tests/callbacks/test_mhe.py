@@ -214,8 +214,15 @@ def test_zero_norm_neurons(tmp_path):
     with torch.no_grad():
         model.fc1.weight[3] = 0
     with pytest.raises(ValueError, match="fc1.*zero_norm"):
-        fit(model, tmp_path, [MHERegularizer()], max_steps=1)
+        fit(model, tmp_path, [MHERegularizer(zero_norm="error")], max_steps=1)
     fit(model, tmp_path, [MHERegularizer(zero_norm="exclude")], max_steps=2)
+    assert torch.isfinite(params(model)).all()
+    # the default ("warn"): left out, with one warning for the whole fit
+    with torch.no_grad():
+        model.fc1.weight[3] = 0
+    with pytest.warns(UserWarning, match=r"zero norm.*'fc1' \(1 of 16\)") as record:
+        fit(model, tmp_path, [MHERegularizer()], max_steps=3)
+    assert sum("zero norm" in str(w.message) for w in record) == 1
     assert torch.isfinite(params(model)).all()
 
 

@@ -367,11 +367,35 @@ def test_batched_energies_equal_per_set_loops(half_space, chunk_size):
         lambda x: hyperspherical_energy(x, s=2, half_space=half_space, chunk_size=chunk_size), (w,))
 
 
-def test_batched_zero_norm_rows_raise():
-    w = torch.randn(2, 4, 3)
+def test_batched_sets_exclude_their_own_zero_rows():
+    """(B, N, d) with zero_norm="exclude": each set loses only its own zero rows (float64 loops as reference);
+    a set left with one row has energy 0 and no warning."""
+    import warnings
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(3, 5, 4, dtype=torch.float64, generator=g)
     w[1, 2] = 0
+    w[2, 1:] = 0  # one row with a direction left: no pair
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = hyperspherical_energy(w, zero_norm="exclude")
+    ref = [hyperspherical_energy(w[0]), hyperspherical_energy(w[1][[0, 1, 3, 4]]), 0.0]
+    torch.testing.assert_close(got, torch.tensor([float(r) for r in ref], dtype=torch.float64), rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="zero_norm"):
+        hyperspherical_energy(w)
+
+
+def test_output_energy_from_labels_excludes_zero_rows():
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(6, 4, dtype=torch.float64, generator=g)
+    w[2] = 0
+    labels = torch.tensor([0, 2, 3, 5, 5])
+    got = output_energy_from_labels(w, labels, zero_norm="exclude")
+    keep = [0, 1, 3, 4, 5]  # row 2 and its label leave; labels 3, 5 -> rows 2, 4 of the kept rows
+    ref = output_energy_from_labels(w[keep], torch.tensor([0, 2, 4, 4]))
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=0)
     with pytest.raises(ValueError, match="norm"):
-        hyperspherical_energy(w, zero_norm="exclude")
+        output_energy_from_labels(w, labels)
 
 
 def dense_autograd_energy(w: torch.Tensor, s: float, metric: str, half_space: bool) -> torch.Tensor:

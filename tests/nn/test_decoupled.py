@@ -13,6 +13,7 @@ from torch import nn
 
 from lightning_hyper.functional.sphere_ops import MAGNITUDE_FNS, decoupled_conv, patch_norms
 from lightning_hyper.nn import DecoupledConv1d, DecoupledConv2d, DecoupledConv3d, DecoupledLinear
+from lightning_hyper.nn.decoupled import debiased_weight
 from tests.functional.test_sphere_ops import ref_g, ref_h
 
 D = torch.float64
@@ -106,11 +107,12 @@ def test_train_mode_uses_batch_mean_and_eval_uses_running_mean():
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
     torch.testing.assert_close(m.radius.detach(), rho)
     rho = m.radius.detach()
-    # first batch copied into the running mean, then EMA with momentum 0.1
+    # first batch copied into the running mean, then the zero-debiased EMA with momentum 0.1:
+    # (0.1 * 0.9 * x1 + 0.1 * x2) / (1 - 0.9^2), not the biased 0.9 * x1 + 0.1 * x2
     torch.testing.assert_close(m.patch_norm_mean, xn.mean())
     x2 = 3 * torch.randn(4, 2, 7, 7, dtype=D)
     m(x2)
-    ema = 0.9 * xn.mean() + 0.1 * patch_norms(x2, 3, 2, 1, 1, 1).mean()
+    ema = (0.09 * xn.mean() + 0.1 * patch_norms(x2, 3, 2, 1, 1, 1).mean()) / 0.19
     torch.testing.assert_close(m.patch_norm_mean, ema)
     assert int(m.num_batches_tracked) == 2
     m.eval()
@@ -118,6 +120,26 @@ def test_train_mode_uses_batch_mean_and_eval_uses_running_mean():
         m(x), decoupled_conv(x, m.weight.detach(), None, 2, 1, 1, 1, "tanh", rho=rho, radius_scale=ema), atol=1e-12, rtol=0
     )
     torch.testing.assert_close(m.patch_norm_mean, ema)  # no update in eval
+
+
+@pytest.mark.parametrize("momentum", [1e-3, 1e-2])
+def test_running_mean_is_zero_debiased(momentum):
+    """After 500 batches each batch keeps its geometric share (1-b) b^(500-k) / (1-b^500) of the eval-mode
+    radius average (b = 1 - momentum), as the original code's zero-debiased moving average: with the
+    default 1e-3 the first batch holds 0.15 %, not the 61 % of an EMA started from the first batch."""
+    m = DecoupledLinear(3, 2, magnitude="ball", radius_norm_momentum=momentum).double()
+    b, t = 1 - momentum, 500
+    ones = torch.ones(1, 3, dtype=D)
+    m(100.0 * ones)  # batch 1: a large patch norm, then 499 batches of one small patch norm
+    big = float(m.last_patch_norm_mean)
+    for _ in range(t - 1):
+        m(0.0 * ones)
+    small = float(m.last_patch_norm_mean)
+    first_share = (float(m.patch_norm_mean) - small) / (big - small)
+    expected = (1 - b) * b ** (t - 1) / (1 - b ** t)
+    assert first_share == pytest.approx(expected, rel=1e-6, abs=0)
+    assert first_share != pytest.approx(b ** (t - 1), rel=1e-2, abs=0)  # the biased EMA started from batch 1
+    assert debiased_weight(momentum, 1) == 1.0 and debiased_weight(0.0, 4) == 0.25
 
 
 def test_running_mean_converges_to_true_patch_norm_mean():

@@ -232,6 +232,17 @@ def caffe_reference_grad_x(x, w_hat, y, g, m, lam):
     return out + lam / (1 + lam) * g @ w_hat
 
 
+def test_caffe_normalized_without_projection_warns():
+    with pytest.warns(UserWarning, match="weight_norm_mode='project'"):
+        ASoftmaxHead(DIM, K, gradient_mode="caffe_normalized")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ASoftmaxHead(DIM, K, gradient_mode="caffe_normalized", weight_norm_mode="project")
+        ASoftmaxHead(DIM, K)
+
+
 @pytest.mark.parametrize("m", [2, 4])
 def test_caffe_normalized_gradient_mode(m):
     x, y = data(20 + m)
