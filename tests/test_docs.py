@@ -135,6 +135,18 @@ def check_convert(ns: Namespace, out: str) -> None:
     assert out.split() == ["SphereConv2d", "DecoupledConv2d", "Linear"]
 
 
+def check_opt_preserves_resnet(ns: Namespace, out: str) -> None:
+    with torch.no_grad():
+        torch.testing.assert_close(ns["resnet"](ns["x"]), ns["before"], rtol=0, atol=1e-5)
+    layers = ns["opt_layers"](ns["resnet"])
+    assert len(layers) >= 15 and "fc" not in layers
+
+
+def check_convert_keeps_the_model(ns: Namespace, out: str) -> None:
+    assert out.strip() == "['Linear', 'ReLU', 'SphereLinear', 'ReLU', 'Linear'] False"
+    assert ns["frozen"][0].weight.requires_grad is False
+
+
 def check_spherenet(ns: Namespace, out: str) -> None:
     assert _metric(ns, "val/acc") >= 0.85  # measured 0.91-0.93
     assert _metric(ns, "train/acc") >= 0.85  # accuracy of the plain logits, not of the margin logits
@@ -150,13 +162,15 @@ CHECKS: dict[str, tuple[Callable[[Namespace, str], None], bool]] = {
     "docs/energy_and_mhe.md#1": (check_mhe_lowers_energy, True),
     "docs/energy_and_mhe.md#2": (check_comhe, True),
     "docs/opt.md#0": (check_opt_invariance, False),
-    "docs/opt.md#1": (check_opt_models, True),
+    "docs/opt.md#1": (check_opt_preserves_resnet, False),
+    "docs/opt.md#2": (check_opt_models, True),
     "docs/reliability.md#0": (check_zero_norm, False),
     "docs/sphereface.md#0": (check_margin_heads, False),
     "docs/sphereface.md#1": (check_sphereface, True),
     "docs/spherenet_dcnet.md#0": (check_operators, False),
     "docs/spherenet_dcnet.md#1": (check_convert, False),
-    "docs/spherenet_dcnet.md#2": (check_spherenet, True),
+    "docs/spherenet_dcnet.md#2": (check_convert_keeps_the_model, False),
+    "docs/spherenet_dcnet.md#3": (check_spherenet, True),
 }
 
 
