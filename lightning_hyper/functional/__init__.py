@@ -1,6 +1,7 @@
 """Stateless tensor math (no Lightning imports). Every function is float64-testable."""
 from lightning_hyper.functional.energy import hyperspherical_energy, pairwise_angles, output_energy_from_labels
 from lightning_hyper.functional.neurons import as_neurons
+from lightning_hyper.functional.safeguards import bound_gradient_norm
 from lightning_hyper.functional.projection import (
     adversarial_step,
     angle_bound_probability,
@@ -50,6 +51,7 @@ from lightning_hyper.functional.verification import (
 
 __all__ = [
     "as_neurons",
+    "bound_gradient_norm",
     "hyperspherical_energy",
     "output_energy_from_labels",
     "pairwise_angles",
