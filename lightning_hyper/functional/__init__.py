@@ -2,6 +2,7 @@
 from lightning_hyper.functional.energy import (hyperspherical_energy, minimum_energy, output_energy_from_labels,
                                                pairwise_angles)
 from lightning_hyper.functional.neurons import as_neurons
+from lightning_hyper.functional.safeguards import bound_gradient_norm
 from lightning_hyper.functional.projection import (
     adversarial_step,
     angle_bound_probability,
@@ -51,6 +52,7 @@ from lightning_hyper.functional.verification import (
 
 __all__ = [
     "as_neurons",
+    "bound_gradient_norm",
     "hyperspherical_energy",
     "minimum_energy",
     "output_energy_from_labels",
