@@ -255,11 +255,18 @@ def test_help_documents_verbose(capsys):
 
 # ---------------------------------------------------------------- quiet runs, end-of-fit summary
 def test_quiet_third_party_filters_only_inside_the_block(caplog):
+    import logging
     import warnings
 
     from lightning.pytorch.utilities import rank_zero_info
 
     from lightning_hyper.cli import quiet_third_party
+
+    # another test may have raised Lightning's logger level or stopped its propagation: record at the source
+    source = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = source.level
+    source.setLevel(logging.INFO)
+    source.addHandler(caplog.handler)  # "lightning.pytorch" may not propagate to the root logger
 
     def our_filters():
         return [f for f in warnings.filters if "lightning_hyper" in str(getattr(f[3], "pattern", f[3]))]
@@ -268,7 +275,7 @@ def test_quiet_third_party_filters_only_inside_the_block(caplog):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with quiet_third_party():
-            with caplog.at_level("INFO"):
+            with caplog.at_level("INFO", logger="lightning.pytorch.utilities.rank_zero"):
                 rank_zero_info("💡 Tip: For seamless cloud uploads and versioning, try installing [litmodels]")
                 rank_zero_info("an ordinary Lightning message")
             # the module a warning is attributed to decides: torch's deprecations go, ours stay
@@ -278,6 +285,8 @@ def test_quiet_third_party_filters_only_inside_the_block(caplog):
         warnings.warn_explicit("old torch api again", FutureWarning, "torch/jit/_script.py", 1, module="torch.jit")
     messages = [str(w.message) for w in caught]
     assert messages == ["our deprecation", "a user warning", "old torch api again"]
+    source.setLevel(level)
+    source.removeHandler(caplog.handler)
     assert "an ordinary Lightning message" in caplog.text and "litmodels" not in caplog.text
     assert not our_filters()
 

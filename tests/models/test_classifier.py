@@ -174,10 +174,10 @@ class RecordingHead(nn.Linear):
     def __init__(self, in_features, num_classes, margin=0.0):
         super().__init__(in_features, num_classes, bias=False)
         self.margin = margin
-        self.calls: list[bool] = []
+        self.calls: list[tuple[bool, bool]] = []  # (labels given, gradient recorded)
 
     def forward(self, features, labels=None):
-        self.calls.append(labels is not None)
+        self.calls.append((labels is not None, torch.is_grad_enabled() and features.requires_grad))
         logits = super().forward(features)
         if labels is not None:
             logits = logits - self.margin * F.one_hot(labels, logits.shape[1])
@@ -191,7 +191,9 @@ def test_label_head_called_with_labels_only_in_training(tmp_path, monkeypatch):
     assert model.head_needs_labels
     t = trainer(tmp_path, limit_train_batches=2, limit_val_batches=1, num_sanity_val_steps=0)
     t.fit(model, train_dl, val_dl)
-    assert model.head.calls == [True, True, False]
+    # each training step: the loss from the margin logits (labels, with grad), the accuracy from the plain logits
+    # (no labels, no grad); validation: plain logits
+    assert model.head.calls == [(True, True), (False, False), (True, True), (False, False), (False, False)]
 
 
 def test_bad_arguments():
