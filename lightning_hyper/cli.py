@@ -57,7 +57,8 @@ from torch import nn
 import lightning_hyper.callbacks  # noqa: F401  (registers callback classes for short names)
 import lightning_hyper.data  # noqa: F401
 import lightning_hyper.models  # noqa: F401
-from lightning_hyper.callbacks.base import LayerRef, LayerSelection
+from lightning_hyper.callbacks.base import NeuronSelection
+from lightning_hyper.nn.selection import NeuronGroup, select_neurons, selection_table
 from lightning_hyper.functional.energy import METRICS, hyperspherical_energy, minimum_energy
 from lightning_hyper.functional.neurons import as_neurons
 
@@ -515,7 +516,7 @@ def describe_instantiation_error(err: BaseException, config: Mapping[str, Any], 
 
 
 # ------------------------------------------------------------------------------------------ energy summary
-def _energy_source(callbacks: Sequence[Callback]) -> tuple[str, dict[str, Any], LayerSelection]:
+def _energy_source(callbacks: Sequence[Callback]) -> tuple[str, dict[str, Any], NeuronSelection]:
     """The run's energy variant and layer selection: the first ``MHERegularizer`` with an MHE metric,
     else the first ``EnergyMonitor``, else the defaults of ``hyperspherical_energy`` on every layer."""
     from lightning_hyper.callbacks import EnergyMonitor, MHERegularizer
@@ -525,25 +526,28 @@ def _energy_source(callbacks: Sequence[Callback]) -> tuple[str, dict[str, Any], 
             if isinstance(cb, kind) and getattr(cb, "metric", None) in METRICS:
                 settings = {"s": float(cb.s), "metric": cb.metric, "half_space": bool(cb.half_space),
                             "angle_unit": cb.angle_unit, "eps": float(cb.eps)}
-                return type(cb).__name__, settings, getattr(cb, "selection", None) or LayerSelection()
+                return type(cb).__name__, settings, getattr(cb, "selection", None) or NeuronSelection()
     return "default", {"s": 2.0, "metric": "euclidean", "half_space": False, "angle_unit": "radian",
-                       "eps": 1e-6}, LayerSelection()
+                       "eps": 1e-6}, NeuronSelection()
 
 
 @torch.no_grad()
-def layer_energies(layers: Sequence[LayerRef], settings: Mapping[str, Any]) -> list[dict[str, Any]]:
+def layer_energies(layers: Sequence[NeuronGroup], settings: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Each layer's mean hyperspherical energy (float64) with the given settings (half-space on hidden
-    layers only, as the callbacks do) and its closed-form minimum (``None`` if unknown), in layer order."""
+    layers only, as the callbacks do; grouped convolutions: the mean over the groups) and its closed-form
+    minimum (``None`` if unknown), in layer order. ``N`` is the number of neurons per group."""
     rows = []
     for ref in layers:
         neurons = ref.neurons().detach().to("cpu", torch.float64)
-        n, d = int(neurons.shape[0]), int(neurons.shape[1])
+        n, d = int(neurons.shape[-2]), int(neurons.shape[-1])
         half = bool(settings["half_space"]) and ref.role == "hidden"
         kwargs = {"s": settings["s"], "metric": settings["metric"], "half_space": half,
                   "angle_unit": settings["angle_unit"], "eps": settings["eps"]}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # a layer of one neuron: 0, documented
+            energy = hyperspherical_energy(neurons, zero_norm="exclude", **kwargs)
         rows.append({"layer": ref.name, "role": ref.role, "neurons": n, "dim": d,
-                     "energy": float(hyperspherical_energy(neurons, zero_norm="exclude", **kwargs)),
-                     "minimum": minimum_energy(n, d, **kwargs)})
+                     "energy": float(energy.mean()), "minimum": minimum_energy(n, d, **kwargs)})
     return rows
 
 
@@ -555,13 +559,13 @@ class EnergySummary(Callback):
     def __init__(self) -> None:
         super().__init__()
         self.source, self.settings, self.selection = _energy_source([])
-        self.layers: list[LayerRef] = []
+        self.layers: list[NeuronGroup] = []
         self.initial: dict[str, float] = {}
         self.resumed = False
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.source, self.settings, self.selection = _energy_source(trainer.callbacks)
-        try:
+        try:  # before the first batch: the static output-layer rule (the model's output_layer_name, else last)
             self.layers = self.selection.resolve(pl_module)
         except ValueError:  # a model without neuron layers: no energy table
             self.layers = []
@@ -807,7 +811,7 @@ def checkpoint_energies(path: str, s: float = 2.0, metric: str = "euclidean", ha
     ``path`` is a Lightning checkpoint (``state_dict`` + ``hyper_parameters``), a plain
     ``state_dict`` or a pickled ``nn.Module``. A Lightning checkpoint of a library module is rebuilt
     (class from ``class_path``, the checkpoint's ``_class_path`` or a search over
-    ``lightning_hyper.models``) so that layers are the ones the callbacks see (``LayerSelection``,
+    ``lightning_hyper.models``) so that layers are the ones the callbacks see (``select_neurons``,
     effective weights of parametrized layers such as OPT, roles hidden/output). Otherwise every
     tensor with at least 2 dimensions whose key ends with ``weight`` is read as neurons by
     ``as_neurons`` (role ``"-"``). Energies come from ``hyperspherical_energy`` in float64
@@ -850,7 +854,7 @@ def checkpoint_energies(path: str, s: float = 2.0, metric: str = "euclidean", ha
     rows: list[tuple[str, str, torch.Tensor]] = []
     if module is not None:
         source = f"module:{type(module).__module__}.{type(module).__qualname__}"
-        rows = [(ref.name, ref.role, ref.neurons().detach()) for ref in LayerSelection().resolve(module)]
+        rows = [(ref.name, ref.role, ref.neurons().detach()) for ref in select_neurons(module)]
     else:
         source = "state_dict"
         assert state is not None
@@ -862,9 +866,12 @@ def checkpoint_energies(path: str, s: float = 2.0, metric: str = "euclidean", ha
                          "ends with 'weight')")
     layers = []
     for name, role, neurons in rows:
-        e = hyperspherical_energy(neurons.double(), s=s, metric=metric, half_space=half_space, zero_norm="exclude")
-        layers.append({"layer": name, "role": role, "neurons": int(neurons.shape[0]), "dim": int(neurons.shape[1]),
-                       "energy": float(e)})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # a layer of one neuron: 0, documented
+            e = hyperspherical_energy(neurons.double(), s=s, metric=metric, half_space=half_space,
+                                      zero_norm="exclude")
+        layers.append({"layer": name, "role": role, "neurons": int(neurons.shape[-2]), "dim": int(neurons.shape[-1]),
+                       "energy": float(e.mean())})
     result = {"checkpoint": str(path), "source": source, "s": float(s), "metric": metric, "half_space": half_space,
               "layers": layers}
     if note:
@@ -968,6 +975,14 @@ def main(args: list[str] | None = None) -> None:
         with quiet:
             energy_main(argv[1:], verbose=verbose)
         return None
+    if argv and argv[0] == "layers":
+        try:
+            with quiet:
+                print(layers_main(argv[1:], verbose=verbose))
+        except ConfigError as err:
+            print(err, file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+        return None
     if args is None:  # LightningCLI reads sys.argv itself (passing args too would make it warn)
         sys.argv[1:] = argv
     try:
@@ -983,6 +998,40 @@ def main(args: list[str] | None = None) -> None:
         print(short, file=sys.stderr, flush=True)
         raise SystemExit(1) from None
     return None
+
+
+def layers_main(argv: Sequence[str], verbose: bool = False) -> str:
+    """``lightning-hyper layers --config FILE [overrides]``: what every callback of the config would
+    select (the table printed at the start of fit: name, role, N, d, groups, and what is skipped and why),
+    without training. The model is run once on the first training batch, as at the first step of fit."""
+    from lightning_hyper.callbacks.base import PenaltyCallback
+
+    parser = argparse.ArgumentParser(prog="lightning-hyper layers", description=layers_main.__doc__)
+    parser.add_argument("--config", required=True, help="a fit config (configs/*.yaml)")
+    args, overrides = parser.parse_known_args(list(argv))
+    cli = run_cli(["--config", args.config, "--trainer.logger=false", *overrides], run=False, verbose=verbose)
+    callbacks = [cb for cb in cli.trainer.callbacks if isinstance(getattr(cb, "selection", None), NeuronSelection)
+                 and not isinstance(cb, EnergySummary)]
+    if not callbacks:
+        return f"{args.config}: no callback selects layers (MHERegularizer, CoMHERegularizer, EnergyMonitor, ...)"
+    batch = None
+    if cli.datamodule is not None:
+        cli.datamodule.setup("fit")
+        batch = next(iter(cli.datamodule.train_dataloader()))
+    reports = []
+    for cb in callbacks:
+        if isinstance(cb, PenaltyCallback) or hasattr(cb, "selection_report"):
+            verbose_before = getattr(cb, "verbose", None)
+            if verbose_before is not None:
+                cb.verbose = False
+            cb.resolve(cli.model, batch)
+            if verbose_before is not None:
+                cb.verbose = verbose_before
+            reports.append(cb.selection_report())
+        else:
+            groups, skipped = cb.selection.resolve(cli.model, return_skipped=True)
+            reports.append(f"{type(cb).__name__}:\n{selection_table(groups, skipped)}")
+    return "\n\n".join(reports)
 
 
 def runtime_error_message(err: BaseException, command: str) -> str | None:

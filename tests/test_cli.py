@@ -810,3 +810,23 @@ def test_errors_raised_while_training_are_short(edit, expected, tmp_path, monkey
         assert piece in err, (piece, err)
     with pytest.raises((ValueError, FloatingPointError)):
         main(["fit", "--config", config, *FAST, "--verbose"])
+
+
+def test_layers_command_prints_each_callbacks_selection_without_training(tmp_path, monkeypatch, capsys):
+    """``lightning-hyper layers --config FILE``: the table the callbacks print at the start of fit (name, role,
+    N, d, groups), for every selecting callback of the config, and nothing is trained or written."""
+    from lightning_hyper.models.backbones import build_backbone
+    from lightning_hyper.nn import select_neurons
+
+    monkeypatch.chdir(tmp_path)
+    main(["layers", "--config", MAIN_JOB])
+    out = capsys.readouterr().out
+    assert out.count("MHERegularizer: 11 neuron group(s), output layer 'head'") == 1
+    assert "EnergyMonitor: 11 neuron group(s)" in out and "EnergySummary" not in out
+    backbone = build_backbone("cnn9", in_channels=1, input_size=8, widths=[64, 128, 256])
+    for group in select_neurons(backbone):
+        n, d = group.neurons().shape[-2:]
+        row = [line.split() for line in out.splitlines() if line.startswith(f"backbone.{group.name} ")][0]
+        assert row == [f"backbone.{group.name}", "hidden", str(n), str(d), "1"]
+    assert [line.split()[:3] for line in out.splitlines() if line.startswith("head ")][0] == ["head", "output", "10"]
+    assert list(tmp_path.iterdir()) == []  # no logs, no checkpoints
