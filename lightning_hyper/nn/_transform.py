@@ -44,14 +44,25 @@ class TransformPlan:
         return selection_table(self.groups, self.skipped)
 
 
-def deprecated(fn: str, old: str, new: str, value: Any) -> None:
+def deprecated(fn: str, old: str, new: str, value: Any, stacklevel: int = 3) -> None:
     warnings.warn(f"{fn}({old}={value!r}) is deprecated; use {new} (the argument names shared with select_neurons "
                   "and the callbacks). The old name will be removed in a future release.",
-                  DeprecationWarning, stacklevel=3)
+                  DeprecationWarning, stacklevel=stacklevel)
 
 
 def conflict(fn: str, old: str, new: str) -> ValueError:
     return ValueError(f"{fn}: {old}= (deprecated) and {new}= were both given; pass only {new}=")
+
+
+def output_layer_from_flag(fn: str, old: str, value: Any, output_layer: str | None, new: str) -> str | None:
+    """The ``output_layer`` a deprecated boolean flag (``exclude_output`` / ``keep_classifier``) means:
+    ``True`` keeps the detected output layer plain (``None``), ``False`` transforms it too (``"none"``)."""
+    deprecated(fn, old, new, value, stacklevel=4)
+    if output_layer is not None:
+        raise conflict(fn, old, "output_layer")
+    if not isinstance(value, bool):
+        raise TypeError(f"{old}={value!r} is not supported: expected True or False (or use output_layer=)")
+    return None if value else "none"
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:

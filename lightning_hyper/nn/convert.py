@@ -25,6 +25,7 @@ from lightning_hyper.nn.decoupled import (
     canonical_magnitude,
 )
 from lightning_hyper.nn._transform import (
+    output_layer_from_flag,
     CANNOT,
     UNSET,
     TransformPlan,
@@ -270,14 +271,9 @@ def convert(
     targets = _TARGETS[op]
     alias = None
     if keep_classifier is not UNSET:
-        deprecated("convert", "keep_classifier", "output_layer=None (detect and keep it plain) or "
-                   "output_layer='none' (convert it too)", keep_classifier)
-        if output_layer is not None:
-            raise conflict("convert", "keep_classifier", "output_layer")
-        if not isinstance(keep_classifier, bool):
-            raise TypeError(f"keep_classifier={keep_classifier!r} is not supported: expected True or False "
-                            "(or use output_layer=)")
-        output_layer = None if keep_classifier else "none"
+        output_layer = output_layer_from_flag("convert", "keep_classifier", keep_classifier, output_layer,
+                                              "output_layer=None (detect and keep it plain) or "
+                                              "output_layer='none' (convert it too)")
     if classifier is not UNSET:
         deprecated("convert", "classifier", "output_layer=", classifier)
         if output_layer is not None and keep_classifier is UNSET:

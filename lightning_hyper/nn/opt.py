@@ -53,6 +53,7 @@ from lightning_hyper.functional.orthogonal import (
     stiefel_cayley_step,
 )
 from lightning_hyper.nn._transform import (
+    output_layer_from_flag,
     CANNOT,
     UNSET as _UNSET,
     TransformPlan,
@@ -558,14 +559,9 @@ def apply_opt(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     explicit_output = output_layer is not None
     if exclude_output is not _UNSET:
-        deprecated("apply_opt", "exclude_output", "output_layer=None (detect and keep it plain) or "
-                   "output_layer='none' (convert every selected layer)", exclude_output)
-        if output_layer is not None:
-            raise conflict("apply_opt", "exclude_output", "output_layer")
-        if not isinstance(exclude_output, bool):
-            raise TypeError(f"exclude_output={exclude_output!r} is not supported: expected True or False "
-                            "(or use output_layer=)")
-        output_layer = None if exclude_output else "none"
+        output_layer = output_layer_from_flag("apply_opt", "exclude_output", exclude_output, output_layer,
+                                              "output_layer=None (detect and keep it plain) or "
+                                              "output_layer='none' (convert every selected layer)")
     if layers is not _UNSET:
         deprecated("apply_opt", "layers", "include=", layers)
         if include is not None:
