@@ -305,20 +305,6 @@ def _block_rows(n: int, chunk_size: int | None, batch: int = 1) -> int:
     return max(1, DEFAULT_BLOCK_ELEMENTS // max(n * batch, 1))
 
 
-#: below this many neurons one full Gram GEMM is faster than triangular blocks (fewer, larger kernels)
-SMALL_N = 384
-
-
-#: bytes of one row block of the triangular schedule: small enough that the elementwise passes over a
-#: block run in cache right after its GEMM, large enough for an efficient GEMM
-TRIANGLE_BLOCK_BYTES = 1 << 23
-
-
-def _triangle_rows(n: int, batch: int) -> int:
-    """Rows per block of the stored triangular schedule: ~``TRIANGLE_BLOCK_BYTES`` of Gram, 32..N/8 rows."""
-    return max(32, min(-(-n // 8), TRIANGLE_BLOCK_BYTES // (4 * n * batch)))
-
-
 def _row_blocks(n: int, rows: int) -> list[tuple[int, int]]:
     return [(a, min(a + rows, n)) for a in range(0, n, rows)]
 
@@ -331,14 +317,10 @@ def _masked_block(t: Tensor, mask: Tensor) -> Tensor:
 class _GramEnergyFn(torch.autograd.Function):
     """Sum over ordered pairs i != j of the pair term, from normalized rows (see module doc).
 
-    Three schedules, all one Gram GEMM's worth of work per pass:
-
-    * N <= ``SMALL_N``: the full symmetric Gram, K kept for a one-GEMM backward.
-    * ``rows`` >= N (fits in memory): the strict upper triangle in row blocks of ~N/8 (half the forward
-      GEMM flops and half the elementwise work); the blocks' slopes are kept and the backward is
-      ``g_i += K_ij u_j, g_j += K_ijᵀ u_i`` block by block (one GEMM's flops).
-    * ``rows`` < N (chunked): the same upper blocks of ``rows`` rows, recomputed in the backward, so peak
-      memory is O(N · rows).
+    Two schedules: ``rows`` >= N, the full symmetric Gram (one GEMM), the kernel applied in place and the
+    slope matrix K kept for a one-GEMM backward; ``rows`` < N (chunked), upper-triangle row blocks of
+    ``rows`` rows, recomputed in the backward, so peak memory is O(N · rows). (Keeping triangular blocks
+    for the unchunked case halves the forward FLOPs but measured 2-4x slower on CPU: many small GEMMs.)
     """
 
     @staticmethod
@@ -348,25 +330,18 @@ class _GramEnergyFn(torch.autograd.Function):
         unit = x / norms.unsqueeze(-1)
         need = x.requires_grad
         keep: list[Tensor] = []
-        if n <= SMALL_N and rows >= n:
+        if rows >= n:
             c = unit @ unit.transpose(1, 2)
             c.diagonal(dim1=1, dim2=2).zero_()  # safe value before the kernel
             total, k = spec.sum_and_slope_(c, _eye_mask(n, c.device), need)
-            blocks: list[tuple[int, int]] = []
             if need:
                 keep = [k]
         else:
-            stored = rows >= n
-            blocks = _row_blocks(n, _triangle_rows(n, x.shape[0]) if stored else rows)
             total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
-            for a, b in blocks:
-                t, k = _upper_block(unit, a, b, spec, need_slope=need and stored)
+            for a, b in _row_blocks(n, rows):
+                t, _ = _upper_block(unit, a, b, spec, need_slope=False)
                 total += 2.0 * t
-                if need and stored:
-                    keep.append(k)
-            if not stored:
-                blocks = []  # recomputed in backward
-        ctx.spec, ctx.rows, ctx.blocks = spec, rows, blocks
+        ctx.spec, ctx.rows = spec, rows
         if need:
             ctx.save_for_backward(unit, norms, *keep)
         return total.to(x.dtype)
@@ -381,19 +356,16 @@ class _GramEnergyFn(torch.autograd.Function):
     def _backward(ctx, grad_out: Tensor) -> tuple[Tensor, None, None, None]:
         unit, norms, *keep = ctx.saved_tensors
         n = unit.shape[1]
-        if keep and not ctx.blocks:  # one full symmetric K: dE/dû = (K + Kᵀ) û = 2 K û
+        if keep:  # one full symmetric K: dE/dû = (K + Kᵀ) û = 2 K û
             g_unit = keep[0] @ unit
-            scale = 2.0
         else:
-            # each upper entry stands for the ordered pairs (i, j) and (j, i): factor 2
+            # each upper entry stands for the ordered pairs (i, j) and (j, i): the same factor 2
             g_unit = torch.zeros_like(unit)
-            scale = 2.0
-            pairs = zip(ctx.blocks, keep) if keep else (
-                ((a, b), _upper_block(unit, a, b, ctx.spec, need_slope=True)[1]) for a, b in _row_blocks(n, ctx.rows))
-            for (a, b), k in pairs:
+            for a, b in _row_blocks(n, ctx.rows):
+                _, k = _upper_block(unit, a, b, ctx.spec, need_slope=True)
                 g_unit[:, a:b] += k @ unit[:, a:]
                 g_unit[:, a:] += k.transpose(1, 2) @ unit[:, a:b]
-        g_unit.mul_(grad_out.view(-1, 1, 1) * scale)
+        g_unit.mul_(grad_out.view(-1, 1, 1) * 2.0)
         # normalization Jacobian: (I - ŵŵᵀ) g / ‖w‖
         radial = (g_unit * unit).sum(dim=-1, keepdim=True)
         g_x = (g_unit - radial * unit) / norms.unsqueeze(-1)
