@@ -152,7 +152,7 @@ def test_readme_summary_is_generated_from_claims_json(tmp_path):
     mod.main(["--readme-only", "--out", str(tmp_path), "--readme", str(readme)])
     text = readme.read_text()
     assert "old table" not in text and text.startswith("# x\n\nintro\n") and text.endswith("\nrest\n")
-    assert "| c | s | m: 11.00 → 13.07 |" in text and "reproduced" in text and "invariance" in text
+    assert "| g | c | m: 11.00 → 13.07 |" in text and "reproduced" in text and "invariance" in text
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit):
         mod.main(["--readme-only", "--out", str(tmp_path), "--readme", str(readme)])
