@@ -4,7 +4,8 @@ The thesis (Ch. 6, Tables 6.1 and 6.5; CNN-9 on CIFAR-100) reports test error ba
 HS-MHE > CoMHE (random and angle-preserving projections), and (Fig. 6.2 / E.6) that CoMHE reaches
 the lowest hyperspherical energy. This script checks the direction of both at CPU scale on MNIST-1D
 (generated offline) with a 1-D analogue of the ablation CNN (``cnn1d``: 3 stages of
-``--blocks-per-stage`` convs, widths 32/64/128, kernel 5, BN + ReLU, FC-128, bias-free linear head):
+``--blocks-per-stage`` convs, widths ``--widths`` (default 32/64/128), kernel 5, BN + ReLU, FC-128, bias-free
+linear head; ``--num-samples`` / ``--train-split`` size the generated data):
 
 * ``baseline``   weight decay only;
 * ``mhe``        ``MHERegularizer()`` (full-space MHE, λ_h = 10 as in the thesis D.1);
@@ -76,11 +77,11 @@ def hidden_energy(model: torch.nn.Module) -> float:
 
 def run_one(variant: str, seed: int, args: argparse.Namespace) -> tuple[float, float]:
     """(test error %, final hidden-layer energy) of one variant trained with one seed."""
-    data = MNIST1DDataModule(batch_size=args.batch_size, num_samples=args.num_samples)
+    data = MNIST1DDataModule(batch_size=args.batch_size, num_samples=args.num_samples, train_split=args.train_split)
     L.seed_everything(seed, verbose=False)
     model = HypersphericalClassifier(
         backbone="cnn1d", num_classes=10,
-        backbone_kwargs={"blocks_per_stage": args.blocks_per_stage, "widths": [32, 64, 128], "kernel_size": 5},
+        backbone_kwargs={"blocks_per_stage": args.blocks_per_stage, "widths": list(args.widths), "kernel_size": 5},
         head="linear", head_kwargs={"bias": False},
         optimizer="sgd", lr=args.lr, momentum=0.9, weight_decay=args.weight_decay, scheduler="cosine",
     )
@@ -114,7 +115,9 @@ def claim(args: argparse.Namespace) -> dict[str, tuple[list[float], list[float]]
             print(f"  {variant:<12} seed {seed}: test error {err:6.2f} %  hidden energy {energy:.4f}  "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
         results[variant] = (errs, energies)
-    print(f"\nMNIST-1D, cnn1d x{args.blocks_per_stage} per stage, {args.epochs} epochs, seeds {list(args.seeds)}")
+    print(f"\nMNIST-1D ({args.num_samples} sequences, train share {args.train_split}), cnn1d "
+          f"{'/'.join(map(str, args.widths))} x{args.blocks_per_stage} per stage, {args.epochs} epochs, "
+          f"seeds {list(args.seeds)}")
     print(f"{'variant':<12} {'test error (%)':>18} {'hidden energy (HS, s=2)':>26}")
     for variant, (errs, energies) in results.items():
         print(f"{variant:<12} {fmt(errs):>18} {fmt(energies, 4):>26}")
@@ -212,7 +215,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--blocks-per-stage", type=int, default=3, help="3 = CNN-9 analogue, 1 = CNN-3")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--num-samples", type=int, default=5000)
+    parser.add_argument("--num-samples", type=int, default=5000, help="generated MNIST-1D sequences (train + test)")
+    parser.add_argument("--train-split", type=float, default=0.8, help="training share of the generated sequences")
+    parser.add_argument("--widths", type=int, nargs="+", default=[32, 64, 128], help="channels of the 3 stages")
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--output-weight", type=float, default=1.0)

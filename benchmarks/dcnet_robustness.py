@@ -111,15 +111,17 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="1 seed, 1 epoch, 2 models, 2 BIM steps")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seed-list", type=int, nargs="+", default=None, help="explicit seeds (overrides --seeds)")
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--eps", type=float, default=0.125)
+    parser.add_argument("--bim-iters", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.smoke:
         seeds, epochs, names, iters = [0], 1, ["baseline CNN", "TanhConv"], 2
     else:
-        seeds, epochs, names, iters = list(range(args.seeds)), args.epochs, list(MODELS), 20
+        seeds, epochs, names, iters = args.seed_list or list(range(args.seeds)), args.epochs, list(MODELS), args.bim_iters
     data = load_digits()
     print(f"digits, eps={args.eps} (pixels in [0,1]), BIM {iters} steps of eps/4; {epochs} epochs; seeds {seeds}")
     print(f"{'model':14s} {'clean %':>12s} {'FGSM %':>12s} {'BIM %':>12s}")

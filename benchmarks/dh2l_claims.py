@@ -83,19 +83,20 @@ def fmt(values: list[float]) -> str:
 
 
 def claim(args: argparse.Namespace) -> dict[str, list[float]]:
-    acc: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    variants = [v for v in VARIANTS if v in args.variants]
+    acc: dict[str, list[float]] = {v: [] for v in variants}
     for seed in args.seeds:
-        for v in VARIANTS:
+        for v in variants:
             acc[v].append(run_one(v, seed, args))
     n_classes = args.num_super * args.classes_per_super
     print(f"DH2L claim: {args.num_super} super-classes x {args.classes_per_super} classes ({n_classes}), "
           f"dim {args.dim}, {args.train_per_class} train / {args.val_per_class} val per class, metric {args.metric}, "
           f"lambda_e={args.lambda_e}, lambda_h={args.lambda_h}, {args.epochs} epochs, seeds {list(args.seeds)}")
     print(f"{'variant':<11} {'val acc % (mean ± std)':<24} {'per seed':<28} diff to baseline (paired)")
-    for v in VARIANTS:
+    for v in variants:
         per_seed = " ".join(f"{a:6.2f}" for a in acc[v])
-        diff = [a - b for a, b in zip(acc[v], acc["baseline"])]
-        print(f"{v:<11} {fmt(acc[v]):<24} {per_seed:<28} {fmt(diff) if v != 'baseline' else ''}")
+        diff = [a - b for a, b in zip(acc[v], acc["baseline"])] if "baseline" in acc else []
+        print(f"{v:<11} {fmt(acc[v]):<24} {per_seed:<28} {fmt(diff) if v != 'baseline' and diff else ''}")
     return acc
 
 
@@ -155,6 +156,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command-line options (``--smoke`` applied), also used by ``benchmarks/reproduce.py``."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--metric", default="AMcos")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--num-super", type=int, default=5)
     p.add_argument("--classes-per-super", type=int, default=4)

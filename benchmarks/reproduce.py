@@ -1,50 +1,62 @@
-"""The papers' claims at small scale: one table (``benchmarks/results/claims.md``) and one plot.
+"""The papers' claims at small scale, with paired statistics: ``benchmarks/results/claims.{md,json,png}``.
 
-Runs the claim benchmarks of this folder with the same seeds (paired: within a seed, the compared
-variants see the same data and batch order and, where the architectures match, the same
-initialization), calls their own functions (nothing is re-implemented here) and writes, per claim, our mean ± std over seeds, the paper's number in the
-paper's setting, and a verdict:
+Every claim, its setting (data, sizes, model, epochs, learning rate, seeds, metric, direction) and the
+paper's number live in one committed file, ``benchmarks/claims_settings.yaml``, fixed before the runs
+that produced the results (settings tried and dropped stay listed there, with their results). This
+script runs the claim benchmarks of this folder with those settings (it calls their functions; nothing
+is re-implemented here), then per claim computes, from the per-seed paired differences
+(``claim_stats.py``): the mean difference and its 95 % t-interval, the paired t-test and the exact
+Wilcoxon signed-rank test, and a verdict:
 
-* **reproduced**: the mean difference is in the claimed direction *and* larger than the pooled
-  standard deviation of the two arms, ``sqrt((sd_ref² + sd_variant²) / 2)`` (an effect size above 1);
-* **not reproduced at this scale**: otherwise (same sign but within the noise, or the opposite sign);
-* **no verdict (n = 1)**: fewer than 2 seeds (``--quick``).
+* **reproduced**: paired t-test p < 0.05 and the mean difference in the claimed direction;
+* **contradicted**: p < 0.05 against the claimed direction;
+* **inconclusive**: otherwise; with one seed (``--quick``) no verdict.
 
-Property rows (OPT's energy invariance) are reproduced when the measured quantity is below the
-stated tolerance. The groups (``--only``):
+Property rows (OPT's energy invariance) are reproduced when the measured value is below the stated
+tolerance (contradicted otherwise). Groups (``--only``):
 
-=========  ================================================================================
-comhe      MNIST-1D, 1-D CNN-9: baseline / MHE / HS-MHE / RP-CoMHE (``comhe_claims.py``)
-sphereface digits open-set verification, A-Softmax (m=4) vs softmax, 3 held-out splits
-           (``sphereface_openset.py``)
-spherenet  digits, cosine SphereNet vs plain CNN (both BN), accuracy after 100 iterations
-           (``spherenet_convergence.py``)
-dcnet      digits, white-box FGSM accuracy of bounded DCNets vs a CNN (``dcnet_robustness.py``)
-opt        GCN (KarateClub, SBM graph) and PointNet (synthetic shapes) with / without OPT
-           (``opt_claims.py``)
-dh2l       Gaussian two-level hierarchy: baseline / E / E+H (``dh2l_claims.py``)
-=========  ================================================================================
+==========  ===============================================================================
+comhe       MNIST-1D, 1-D CNN: baseline / MHE / HS-MHE / RP-CoMHE (``comhe_claims.py``)
+imbalance   MHE under class imbalance: MNIST-1D single / multiple; the 2-D-feature toy
+            (``imbalance_claims.py``)
+sphereface  digits open-set verification, A-Softmax (m=4) vs softmax (``sphereface_openset.py``)
+spherenet   SphereNet vs plain CNN, SGD momentum 0.9 lr 0.1, accuracy at 100 / 500 / 1000
+            iterations (``spherenet_convergence.py``)
+dcnet       digits, white-box FGSM accuracy of bounded DCNets vs a CNN (``dcnet_robustness.py``)
+opt         GCN (KarateClub, SBM graph) and PointNet (synthetic shapes) with / without OPT
+            (``opt_claims.py``)
+dh2l        many fine classes with few samples in super-classes: baseline / E / E+H
+            (``dh2l_claims.py``)
+==========  ===============================================================================
 
-    python benchmarks/reproduce.py                          # 3 seeds, all claims -> benchmarks/results/
-                                                            # (~16 min on 2 busy CPU cores, 2 parallel jobs)
-    python benchmarks/reproduce.py --only comhe dh2l --seeds 1 --out /tmp/claims
-    python benchmarks/reproduce.py --quick --out /tmp/claims   # 1 seed, tiny budgets (< 1 min): smoke test
+    python benchmarks/reproduce.py                       # 5 seeds, all claims -> benchmarks/results/ + README
+    python benchmarks/reproduce.py --only opt --seeds 5 --out /tmp/claims
+    python benchmarks/reproduce.py --quick --out /tmp/claims   # 1 seed, tiny budgets: smoke test
+    python benchmarks/reproduce.py --readme-only         # README summary from benchmarks/results/claims.json
+    python benchmarks/reproduce.py --device cuda --full  # the papers' own settings (GPU + CIFAR under data/)
+
+With ``--jobs N`` (default 2 on a machine with 2 or more CPUs) the work is cut into (group, seeds)
+units, each run by its own ``python reproduce.py`` process with one torch thread, the longest first;
+every run seeds everything itself, so the numbers do not depend on how the work was cut.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import json
 import logging
 import math
 import os
 import platform
+import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -58,14 +70,30 @@ try:
 except ImportError:  # run from a checkout without installing it
     sys.path.append(str(BENCH.parent))
 
-GROUPS = ("comhe", "sphereface", "spherenet", "dcnet", "opt", "dh2l")
+from claim_stats import (  # noqa: E402
+    CONTRADICTED,
+    INCONCLUSIVE,
+    NO_VERDICT,
+    REPRODUCED,
+    PairedResult,
+    format_p,
+    paired_test,
+)
+
+GROUPS = ("comhe", "imbalance", "sphereface", "spherenet", "dcnet", "opt", "dh2l")
 DEFAULT_OUT = BENCH / "results"
-REPRODUCED, NOT_REPRODUCED, NO_VERDICT = "reproduced", "not reproduced at this scale", "no verdict (n = 1)"
+DEFAULT_SETTINGS = BENCH / "claims_settings.yaml"
+README = BENCH.parent / "README.md"
+README_START, README_END = "<!-- claims:start -->", "<!-- claims:end -->"
+COLORS = {REPRODUCED: "#2ca02c", CONTRADICTED: "#d62728", INCONCLUSIVE: "#ff7f0e", NO_VERDICT: "#7f7f7f"}
+
+Results = dict[str, dict[str, list[float]]]  # arm -> metric key -> per-seed values (seed order)
 
 
+# ------------------------------------------------------------------------------------ claims
 @dataclass
 class Claim:
-    """One row of the table: ``variant`` is claimed better than ``reference`` on ``metric``."""
+    """One row: ``variant`` is claimed better than ``reference`` on ``metric`` (paired over seeds)."""
 
     group: str
     claim: str
@@ -78,8 +106,9 @@ class Claim:
     var_values: list[float]
     paper: str
     digits: int = 2
+    id: str = ""
+    seeds: list[int] = field(default_factory=list)
 
-    # ------------------------------------------------------------------ statistics
     @property
     def n(self) -> int:
         return min(len(self.ref_values), len(self.var_values))
@@ -91,22 +120,19 @@ class Claim:
         return [sign * (v - r) for r, v in zip(self.ref_values, self.var_values)]
 
     @property
-    def improvement(self) -> float:
-        """Difference of the means, signed so that > 0 is the claimed direction."""
-        sign = 1.0 if self.higher_is_better else -1.0
-        return sign * (statistics.mean(self.var_values) - statistics.mean(self.ref_values))
-
-    @property
-    def pooled_std(self) -> float:
-        if self.n < 2:
-            return 0.0
-        return math.sqrt((statistics.variance(self.ref_values) + statistics.variance(self.var_values)) / 2)
+    def stats(self) -> PairedResult:
+        return paired_test(self.ref_values, self.var_values, self.higher_is_better)
 
     @property
     def verdict(self) -> str:
-        if self.n < 2:
-            return NO_VERDICT
-        return REPRODUCED if self.improvement > 0 and self.improvement > self.pooled_std else NOT_REPRODUCED
+        return self.stats.verdict
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"kind": "Claim", "id": self.id, "group": self.group, "claim": self.claim, "setting": self.setting,
+                "metric": self.metric, "higher_is_better": self.higher_is_better, "reference": self.reference,
+                "variant": self.variant, "ref_values": self.ref_values, "var_values": self.var_values,
+                "paper": self.paper, "digits": self.digits, "seeds": self.seeds, "verdict": self.verdict,
+                "stats": _finite(self.stats.as_dict())}
 
 
 @dataclass
@@ -121,13 +147,297 @@ class PropertyClaim:
     tolerance: float
     paper: str
     n: int = 1
+    id: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def verdict(self) -> str:
-        return REPRODUCED if self.value <= self.tolerance else NOT_REPRODUCED
+        return REPRODUCED if self.value <= self.tolerance else CONTRADICTED
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"kind": "PropertyClaim", "id": self.id, "group": self.group, "claim": self.claim,
+                "setting": self.setting, "metric": self.metric, "value": self.value, "tolerance": self.tolerance,
+                "paper": self.paper, "n": self.n, "extra": self.extra, "verdict": self.verdict}
 
 
+def _finite(d: dict[str, Any]) -> dict[str, Any]:
+    """JSON has no inf/nan: write them as strings."""
+    return {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+
+
+def claim_from_json(payload: dict[str, Any]) -> Claim | PropertyClaim:
+    if payload["kind"] == "PropertyClaim":
+        keys = ("group", "claim", "setting", "metric", "value", "tolerance", "paper", "n", "id", "extra")
+        return PropertyClaim(**{k: payload[k] for k in keys if k in payload})
+    keys = ("group", "claim", "setting", "metric", "higher_is_better", "reference", "variant", "ref_values",
+            "var_values", "paper", "digits", "id", "seeds")
+    return Claim(**{k: payload[k] for k in keys if k in payload})
+
+
+# ------------------------------------------------------------------------------------ settings
+def load_settings(path: Path = DEFAULT_SETTINGS) -> dict[str, Any]:
+    import yaml
+
+    with open(path) as fh:
+        settings = yaml.safe_load(fh)
+    missing = [g for g in GROUPS if g not in settings.get("groups", {})]
+    if missing:
+        raise ValueError(f"{path}: no settings for the claim group(s) {missing}")
+    return settings
+
+
+def settings_provenance(path: Path) -> dict[str, str]:
+    """sha256 of the settings file and the last commit that changed it (if git knows it)."""
+    info = {"path": os.path.relpath(path, BENCH.parent) if path.is_relative_to(BENCH.parent) else str(path),
+            "sha256": hashlib.sha256(path.read_bytes()).hexdigest()[:16]}
+    try:
+        out = subprocess.run(["git", "log", "-1", "--format=%h %cs %s", "--", str(path)], cwd=path.parent,
+                             capture_output=True, text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            info["commit"] = out.stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", str(path)], cwd=path.parent,
+                               capture_output=True, text=True, timeout=10)
+        if dirty.returncode == 0 and dirty.stdout.strip():
+            info["uncommitted"] = "yes: the file differs from its last commit"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+def group_args(group: dict[str, Any], quick: bool) -> dict[str, Any]:
+    args = dict(group.get("args", {}))
+    if quick:
+        args.update(group.get("quick", {}))
+    return args
+
+
+def _argv(args: dict[str, Any]) -> list[str]:
+    """``{"train_split": 0.16, "widths": [64, 128]}`` -> ``["--train-split", "0.16", "--widths", "64", "128"]``."""
+    out: list[str] = []
+    for key, value in args.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            out += [flag] if value else []
+        elif isinstance(value, (list, tuple)):
+            out += [flag, *map(str, value)]
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+def _load(name: str):
+    return importlib.import_module(name)
+
+
+# ------------------------------------------------------------------------------------ runners
+# Each runner trains what its group's claims need for the given seeds and returns
+# {arm: {metric key: [one value per seed, in seed order]}}; the claims are then read from the settings.
+def run_comhe(args: dict[str, Any], seeds: list[int], workdir: str) -> Results:
+    cc = _load("comhe_claims")
+    ns = cc.parse_args(_argv(args))
+    ns.seeds = seeds
+    torch.set_num_threads(1)
+    res = cc.claim(ns)  # {variant: (test errors %, hidden-layer HS energies)}
+    return {v: {"error": res[v][0], "energy": res[v][1]} for v in res}
+
+
+def run_imbalance(args: dict[str, Any], seeds: list[int], workdir: str) -> Results:
+    ic = _load("imbalance_claims")
+    ns = ic.parse_args(_argv(args))
+    ns.seeds = seeds
+    res = ic.claim(ns)  # {setting: {variant: {metric: values}}}
+    return {f"{s}:{v}": metrics for s, variants in res.items() for v, metrics in variants.items()}
+
+
+def run_sphereface(args: dict[str, Any], seeds: list[int], workdir: str) -> Results:
+    """Per seed: a random permutation of the 10 digits (``split_seed + seed``) gives three disjoint
+    held-out triples; the seed's value is the mean over its three held-out triples."""
+    import numpy as np
+
+    so = _load("sphereface_openset")
+    args = dict(args)
+    split_seed = int(args.pop("split_seed"))
+    splits_per_seed = int(args.pop("splits_per_seed", 3))
+    out: Results = {"softmax": {"ver": [], "afs": []}, "asoftmax": {"ver": [], "afs": []}}
+    for seed in seeds:
+        perm = np.random.default_rng(split_seed + seed).permutation(10)
+        triples = [",".join(map(str, sorted(perm[3 * i:3 * i + 3].tolist()))) for i in range(splits_per_seed)]
+        res = so.main(_argv(args) + ["--seeds", str(seed), "--heldout", *triples])["results"]
+        for head, arm in (("linear", "softmax"), ("asoftmax", "asoftmax")):
+            runs = [res[head][split][seed] for split in res[head]]
+            out[arm]["ver"].append(100.0 * statistics.mean(r["ver"] for r in runs))
+            out[arm]["afs"].append(statistics.mean(r["afs"] for r in runs))
+    return out
+
+
+def run_spherenet(args: dict[str, Any], seeds: list[int], workdir: str) -> Results:
+    sc = _load("spherenet_convergence")
+    args = dict(args)
+    arms = args.pop("arms")  # {arm: variant name of spherenet_convergence.VARIANTS}
+    keys = args.pop("keys")  # one metric key per checkpoint (the same with --quick's shorter checkpoints)
+    if len(keys) != len(args["checkpoints"]):
+        raise ValueError(f"spherenet settings: {len(keys)} keys for {len(args['checkpoints'])} checkpoints")
+    out: Results = {}
+    for arm, variant in arms.items():
+        res = sc.main(_argv(args) + ["--seed-list", *map(str, seeds), "--variants", variant])[variant]
+        out[arm] = {key: [100.0 * a for a in res[i]] for i, key in enumerate(keys)}
+    return out
+
+
+def run_dcnet(args: dict[str, Any], seeds: list[int], workdir: str) -> Results:
+    dr = _load("dcnet_robustness")
+    res = dr.main(_argv(args) + ["--seed-list", *map(str, seeds)])
+    return {name: {k.lower(): [100.0 * a for a in vals] for k, vals in r.items()} for name, r in res.items()}
+
+
+def run_opt(args: dict[str, Any], seeds: list[int], workdir: str) -> Results:
+    oc = _load("opt_claims")
+    res = oc.main(_argv(args) + ["--seed-list", *map(str, seeds)])
+    out: Results = {}
+    drift, orth = [], []
+    for task, variants in res.items():
+        for variant, row in variants.items():
+            out[f"{task}:{variant}"] = {"acc": [100.0 * a for a in row["values"]]}
+            if variant != "baseline":
+                drift.append(row["drift_float64"])
+                orth.append(row["orth_error"])
+    out["all"] = {"drift_float64": drift, "orth_error": orth}
+    return out
+
+
+def run_dh2l(args: dict[str, Any], seeds: list[int], workdir: str) -> Results:
+    dh = _load("dh2l_claims")
+    ns = dh.parse_args(_argv(args) + ["--root", workdir])
+    ns.seeds = seeds
+    acc = dh.claim(ns)  # {variant: [val acc %]}
+    return {v: {"acc": vals} for v, vals in acc.items()}
+
+
+RUNNERS: dict[str, Callable[[dict[str, Any], list[int], str], Results]] = {
+    "comhe": run_comhe, "imbalance": run_imbalance, "sphereface": run_sphereface, "spherenet": run_spherenet,
+    "dcnet": run_dcnet, "opt": run_opt, "dh2l": run_dh2l,
+}
+
+
+def build_claims(group: str, gset: dict[str, Any], results: Results, seeds: list[int],
+                 quick: bool) -> list[Claim | PropertyClaim]:
+    """The group's claim rows of the settings file, filled with the runner's per-seed values."""
+    rows: list[Claim | PropertyClaim] = []
+    for spec in gset["claims"]:
+        setting = spec.get("setting", gset["setting"])
+        if quick:
+            setting = f"{setting} [--quick: {gset.get('quick_note', 'tiny budget')}]"
+        if spec.get("kind") == "property":
+            values = results[spec["arm"]][spec["key"]]
+            extra = {k: max(results[spec["arm"]][k]) for k in spec.get("extra_keys", [])
+                     if results[spec["arm"]].get(k)}
+            rows.append(PropertyClaim(group, spec["claim"], setting, spec["metric"], max(values),
+                                      float(spec["tolerance"]), spec["paper"], n=len(seeds), id=spec["id"],
+                                      extra=extra))
+            continue
+        ref, var = results[spec["ref"]][spec["key"]], results[spec["var"]][spec["key"]]
+        rows.append(Claim(group, spec["claim"], setting, spec["metric"], bool(spec["higher_is_better"]),
+                          spec.get("reference", spec["ref"]), spec.get("variant", spec["var"]), list(ref), list(var),
+                          spec["paper"], digits=int(spec.get("digits", 2)), id=spec["id"], seeds=list(seeds)))
+    return rows
+
+
+def dropped_claims(settings: dict[str, Any]) -> list[Claim | PropertyClaim]:
+    """The settings tried and dropped, with the results they had (not re-run, not counted)."""
+    rows: list[Claim | PropertyClaim] = []
+    for spec in settings.get("dropped", []):
+        if spec.get("kind") == "property":
+            rows.append(PropertyClaim(spec["group"], spec["claim"], spec["setting"], spec["metric"], spec["value"],
+                                      float(spec["tolerance"]), spec["paper"], id=spec["id"]))
+            continue
+        rows.append(Claim(spec["group"], spec["claim"], spec["setting"], spec["metric"], bool(spec["higher_is_better"]),
+                          spec["reference"], spec["variant"], list(spec["ref_values"]), list(spec["var_values"]),
+                          spec.get("paper", ""), digits=int(spec.get("digits", 2)), id=spec["id"],
+                          seeds=list(spec.get("seeds", []))))
+    return rows
+
+
+# ------------------------------------------------------------------------------------ execution
+def _chunks(seeds: list[int], parts: int) -> list[list[int]]:
+    parts = max(1, min(parts, len(seeds)))
+    size = math.ceil(len(seeds) / parts)
+    return [seeds[i:i + size] for i in range(0, len(seeds), size)]
+
+
+def _merge(parts: list[Results]) -> Results:
+    merged: Results = {}
+    for part in parts:
+        for arm, metrics in part.items():
+            for key, values in metrics.items():
+                merged.setdefault(arm, {}).setdefault(key, []).extend(values)
+    return merged
+
+
+def run_group_here(group: str, gset: dict[str, Any], seeds: list[int], quick: bool, workdir: str) -> Results:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is fastest, and fair when units run in parallel
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return RUNNERS[group](group_args(gset, quick), seeds, workdir)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_units(groups: list[str], settings: dict[str, Any], settings_path: Path, seeds: list[int], quick: bool,
+              jobs: int, workdir: str) -> tuple[dict[str, Results], dict[str, float]]:
+    """Run every group; with ``jobs > 1`` as (group, seed chunk) units in ``jobs`` parallel processes."""
+    results: dict[str, Results] = {}
+    timings: dict[str, float] = {}
+    if jobs <= 1:
+        for group in groups:
+            print(f"\n=== {group} (seeds {seeds}{', quick' if quick else ''}) ===", flush=True)
+            t0 = time.perf_counter()
+            results[group] = run_group_here(group, settings["groups"][group], seeds, quick, workdir)
+            timings[group] = time.perf_counter() - t0
+            print(f"=== {group}: {timings[group]:.0f} s", flush=True)
+        return results, timings
+    cost = {g: float(settings["groups"][g].get("expected_seconds_per_seed", 60)) for g in groups}
+    units = [(g, chunk) for g in groups for chunk in _chunks(seeds, jobs if cost[g] * len(seeds) > 120 else 1)]
+    units.sort(key=lambda u: -cost[u[0]] * len(u[1]))  # longest first
+    running: list[tuple[str, list[int], subprocess.Popen, Path, Path, float]] = []
+    parts: dict[str, list[tuple[list[int], Results, float]]] = {g: [] for g in groups}
+    while units or running:
+        while units and len(running) < jobs:
+            g, chunk = units.pop(0)
+            tag = f"{g}_{'_'.join(map(str, chunk))}"
+            raw, log = Path(workdir) / f"{tag}.json", Path(workdir) / f"{tag}.log"
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--only", g, "--seed-list", *map(str, chunk),
+                   "--raw-out", str(raw), "--settings", str(settings_path), "--jobs", "1",
+                   *(["--quick"] if quick else [])]
+            print(f"=== {g} seeds {chunk}: started", flush=True)
+            with open(log, "w") as fh:
+                proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
+            running.append((g, chunk, proc, raw, log, time.perf_counter()))
+        time.sleep(0.5)
+        for item in list(running):
+            g, chunk, proc, raw, log, t0 = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            text = log.read_text()
+            print(f"\n=== {g} seeds {chunk} (exit {proc.returncode}, {time.perf_counter() - t0:.0f} s) ===\n{text}",
+                  flush=True)
+            if proc.returncode != 0:
+                for other in running:
+                    other[2].kill()
+                raise RuntimeError(f"claim group {g!r} (seeds {chunk}) failed (exit {proc.returncode}); "
+                                   "its output is above")
+            data = json.loads(raw.read_text())
+            parts[g].append((chunk, data["results"][g], data["timings_s"][g]))
+    for g in groups:
+        ordered = sorted(parts[g], key=lambda p: seeds.index(p[0][0]))
+        results[g] = _merge([p[1] for p in ordered])
+        timings[g] = sum(p[2] for p in ordered)
+    return results, timings
+
+
+# ------------------------------------------------------------------------------------ outputs
 def _num(x: float, digits: int) -> str:
     return f"{0.0 if abs(x) < 0.5 * 10 ** -digits else x:.{digits}f}"  # no "-0.00"
 
@@ -138,196 +448,90 @@ def _fmt(values: list[float], digits: int) -> str:
     return f"{_num(statistics.mean(values), digits)} ± {statistics.stdev(values):.{digits}f}"
 
 
-def _load(name: str):
-    return importlib.import_module(name)
+def _ci(c: Claim) -> str:
+    s = c.stats
+    if c.n < 2:
+        return _num(s.mean_diff, c.digits)
+    return f"{_num(s.mean_diff, c.digits)} [{_num(s.ci_low, c.digits)}, {_num(s.ci_high, c.digits)}]"
 
 
-# ------------------------------------------------------------------------------------ groups
-def run_comhe(seeds: list[int], quick: bool, workdir: str) -> list[Claim]:
-    cc = _load("comhe_claims")
-    args = cc.parse_args(["--smoke"] if quick else [])
-    args.seeds, args.variants = seeds, ["baseline", "mhe", "hs_mhe", "comhe_rp"]
-    torch.set_num_threads(args.threads)
-    res = cc.claim(args)  # {variant: (test errors %, hidden-layer HS energies)}
-    err = {v: res[v][0] for v in res}
-    energy = {v: res[v][1] for v in res}
-    setting = (f"MNIST-1D ({args.num_samples} samples), 1-D CNN x{args.blocks_per_stage} per stage, "
-               f"{args.epochs} epochs")
-    return [
-        Claim("comhe", "MHE beats the baseline", setting, "test error %", False, "baseline", "MHE",
-              err["baseline"], err["mhe"], "CIFAR-100 CNN-9: 28.13 → 26.75 error (MHE thesis Tables 5.2/5.3)"),
-        Claim("comhe", "Half-space MHE beats full-space MHE", setting, "test error %", False, "MHE", "HS-MHE",
-              err["mhe"], err["hs_mhe"], "CIFAR-100 CNN-9: 26.75 → 25.96 error (MHE thesis Tables 5.2/5.3)"),
-        Claim("comhe", "RP-CoMHE beats MHE", setting, "test error %", False, "MHE", "RP-CoMHE",
-              err["mhe"], err["comhe_rp"], "CIFAR-100 CNN-9: 26.75 → 24.39 error (CoMHE Tables 6.1/6.5)"),
-        Claim("comhe", "RP-CoMHE beats HS-MHE", setting, "test error %", False, "HS-MHE", "RP-CoMHE",
-              err["hs_mhe"], err["comhe_rp"], "CIFAR-100 CNN-9: 25.96 → 24.39 error (CoMHE Tables 6.1/6.5)"),
-        Claim("comhe", "RP-CoMHE lowers the neurons' energy", setting,
-              "hidden-layer energy (HS, s=2, summed)", False, "baseline", "RP-CoMHE",
-              energy["baseline"], energy["comhe_rp"],
-              "curves only: CoMHE reaches the lowest energy (CoMHE Fig. 6.2 / E.6)", digits=4),
-    ]
-
-
-def run_sphereface(seeds: list[int], quick: bool, workdir: str) -> list[Claim]:
-    so = _load("sphereface_openset")
-    res = so.main(["--smoke"] if quick else ["--seeds", *map(str, seeds)])
-    results = res["results"]  # {head: {split: {seed: {"ver", "afs", ...}}}}
-    keys = [(split, seed) for split in results["linear"] for seed in results["linear"][split]]
-    splits = sorted({",".join(map(str, k[0])) for k in keys})
-    setting = (f"sklearn digits open set, MLP embedding, held-out digits {' / '.join(splits)} "
-               f"(n = seeds x held-out splits)")
-    row = lambda head, key: [results[head][split][seed][key] for split, seed in keys]  # noqa: E731
-    return [
-        Claim("sphereface", "A-Softmax beats softmax in open-set verification", setting, "verification acc %",
-              True, "softmax", "A-Softmax m=4", [100 * v for v in row("linear", "ver")],
-              [100 * v for v in row("asoftmax", "ver")],
-              "LFW, 64-layer CNN, CASIA: 97.88 → 99.42 % (SphereFace Table 2.9)"),
-        Claim("sphereface", "A-Softmax makes unseen identities more compact", setting, "angular Fisher score",
-              False, "softmax", "A-Softmax m=4", row("linear", "afs"), row("asoftmax", "afs"),
-              "LFW, 4-layer CNN: AFS 0.2815 (softmax, no bias) → 0.1709 (m=4) (SphereFace Table A.1)", digits=4),
-    ]
-
-
-def run_spherenet(seeds: list[int], quick: bool, workdir: str) -> list[Claim]:
-    sc = _load("spherenet_convergence")
-    base, sphere = "plain CNN + BN", "SphereNet cosine + BN"
-    res = sc.main(["--smoke"] if quick else ["--seeds", str(len(seeds)), "--variants", base, sphere])
-    checkpoints = sc.SMOKE_CHECKPOINTS if quick else sc.CHECKPOINTS
-    i = checkpoints.index(100) if 100 in checkpoints else len(checkpoints) - 1
-    return [
-        Claim("spherenet", "SphereNet converges faster than a CNN",
-              f"sklearn digits, 2-stage CNN + FC, Adam 1e-3, BN, after {checkpoints[i]} iterations",
-              "test acc %", True, "CNN", "SphereNet (cosine)", [100 * a for a in res[base][i]],
-              [100 * a for a in res[sphere][i]],
-              "CIFAR-10 CNN-9 (reference-code log): test acc 0.78 → 0.82 at 10K it.; curves (SphereNet Fig. 3.3)"),
-    ]
-
-
-def run_dcnet(seeds: list[int], quick: bool, workdir: str) -> list[Claim]:
-    dr = _load("dcnet_robustness")
-    res = dr.main(["--smoke"] if quick else ["--seeds", str(len(seeds))])
-    setting = "sklearn digits, CNN without BN, natural training, white-box FGSM eps = 0.125"
-    paper = {"SphereConv": 43.64, "BallConv": 50.47, "TanhConv": 52.60}
-    rows = []
-    for name in ("TanhConv", "BallConv", "SphereConv"):
-        if name not in res:
-            continue
-        rows.append(Claim("dcnet", f"{name} DCNet resists FGSM better than a CNN", setting, "FGSM acc %", True,
-                          "CNN", name, [100 * a for a in res["baseline CNN"]["FGSM"]],
-                          [100 * a for a in res[name]["FGSM"]],
-                          f"CIFAR-10 CNN-9 (no BN), white-box FGSM: 18.82 → {paper[name]:.2f} % (DCNet Table 4.7)",
-                          digits=1))
-    return rows
-
-
-def run_opt(seeds: list[int], quick: bool, workdir: str) -> list[Claim | PropertyClaim]:
-    oc = _load("opt_claims")
-    res = oc.main(["--smoke"] if quick else ["--seeds", str(len(seeds))])
-    gcn = "2-layer GCN (hidden 16), OPT on W0"
-    rows: list[Claim | PropertyClaim] = []
-    specs = [
-        ("karate", "cayley", "OPT (CP) beats a plain GCN (KarateClub)", f"KarateClub, 3 labels per class, {gcn}",
-         "Cora: 81.3 → 82.0 % (OPT Table 7.11)"),
-        ("karate", "ogd", "OPT (OGD) beats a plain GCN (KarateClub)", f"KarateClub, 3 labels per class, {gcn}",
-         "Cora: 81.3 → 82.3 % (OPT Table 7.11)"),
-        ("sbm_graph", "cayley", "OPT (CP) beats a plain GCN (SBM graph)", f"synthetic SBM graph, {gcn}",
-         "Pubmed: 79.0 → 79.4 % (OPT Table 7.11)"),
-        ("shapes", "cayley", "OPT (CP) beats a plain PointNet", "synthetic point-cloud shapes, vanilla PointNet",
-         "ModelNet-40: 87.1 → 87.86 % (OPT Table 7.12)"),
-    ]
-    for task, method, claim, setting, paper in specs:
-        rows.append(Claim("opt", claim, setting, "test acc %", True, "plain", f"OPT ({method})",
-                          [100 * a for a in res[task]["baseline"]["values"]],
-                          [100 * a for a in res[task][method]["values"]], paper))
-    opt_rows = [(task, v, r) for task, variants in res.items() for v, r in variants.items() if v != "baseline"]
-    drift = max(r["drift_float64"] for _, _, r in opt_rows)
-    rows.append(PropertyClaim("opt", "OPT leaves the hyperspherical energy unchanged",
-                              "every OPT run above: E(W = R V) vs E(V), float64, final weights",
-                              "max relative |E(RV) - E(V)| / E(V)", drift, 1e-5,
-                              "exact invariance E(RV) = E(V) for orthogonal R (OPT Eq. 7.2)",
-                              n=len(seeds) if not quick else 1,
-                              extra={"max_orth_error": max(r["orth_error"] for _, _, r in opt_rows)}))
-    return rows
-
-
-def run_dh2l(seeds: list[int], quick: bool, workdir: str) -> list[Claim]:
-    dh = _load("dh2l_claims")
-    args = dh.parse_args(["--smoke", "--root", workdir] if quick else
-                         ["--seeds", *map(str, seeds), "--root", workdir])
-    acc = dh.claim(args)  # {variant: [val acc %]}
-    setting = (f"Gaussian two-level hierarchy ({args.num_super} x {args.classes_per_super} classes, dim {args.dim}), "
-               f"MLP, metric {args.metric}")
-    return [
-        Claim("dh2l", "DH2L energy 'E' beats weight decay alone", setting, "val acc %", True, "baseline", "E",
-              acc["baseline"], acc["E"],
-              "CIFAR-100 ResNet-20: 68.03 (baseline+l2) → 68.58 % ('E', D_AM; DH2L Table 2)"),
-        Claim("dh2l", "Adding the hierarchy 'H' beats 'E'", setting, "val acc %", True, "E", "E+H",
-              acc["E"], acc["E+H"],
-              "CIFAR-100 ResNet-20, D_AM: 68.58 → 68.86 % (DH2L Table 2); CUB-200 ResNet-18, D_AMcos: "
-              "72.31 → 76.14 % (Table 3)"),
-    ]
-
-
-RUNNERS: dict[str, Callable[[list[int], bool, str], list]] = {
-    "comhe": run_comhe, "sphereface": run_sphereface, "spherenet": run_spherenet, "dcnet": run_dcnet,
-    "opt": run_opt, "dh2l": run_dh2l,
-}
-
-
-# ------------------------------------------------------------------------------------ outputs
-RULE = ("**Rule.** Per claim, the compared runs are paired (same seed: same data and batch order, and the same "
-        "initialization where the architectures match; SphereFace pairs are seeds x held-out splits). *Reproduced* means the difference of the means is in the paper's direction **and** larger than "
-        "the pooled standard deviation `sqrt((sd_ref² + sd_variant²) / 2)` of the two arms (sample std over "
-        "seeds); otherwise *not reproduced at this scale*. With one seed (`--quick`) no verdict is given. "
-        "Property rows hold when the measured value is below the stated tolerance. The paper's numbers come "
-        "from the papers' own (much larger) settings and are shown for direction and size, not for equality.")
-
-
-def _row_md(c: Claim | PropertyClaim) -> str:
+def _cells(c: Claim | PropertyClaim) -> list[str]:
     if isinstance(c, PropertyClaim):
-        ours = f"{c.metric}: {c.value:.1e} (tolerance {c.tolerance:.0e})"
-        delta = "—"
-    else:
-        ours = (f"{c.metric}: {c.reference} {_fmt(c.ref_values, c.digits)} → {c.variant} "
-                f"{_fmt(c.var_values, c.digits)} (n = {c.n})")
-        delta = _fmt(c.diffs, c.digits)
-        if c.n >= 2:
-            delta += f" (pooled sd {c.pooled_std:.{c.digits}f})"
-    cells = [c.claim, c.setting, ours, delta, c.paper, f"**{c.verdict}**" if c.verdict == REPRODUCED else c.verdict]
-    return "| " + " | ".join(x.replace("|", "\\|") for x in cells) + " |"
+        return [c.claim, c.setting, f"{c.metric}: {c.value:.1e} (tolerance {c.tolerance:.0e})", "—", "—", "—",
+                c.paper, f"**{c.verdict}**"]
+    ours = f"{c.metric}: {c.reference} {_fmt(c.ref_values, c.digits)} → {c.variant} {_fmt(c.var_values, c.digits)}"
+    s = c.stats
+    wins = sum(d > 0 for d in c.diffs)
+    return [c.claim, c.setting, f"{ours} (n = {c.n}; better in {wins}/{c.n})", _ci(c), format_p(s.p_t),
+            format_p(s.p_wilcoxon), c.paper, f"**{c.verdict}**"]
 
 
-def write_markdown(claims: list, path: Path, command: str, seeds: list[int], quick: bool,
-                   timings: dict[str, float], wall: float, jobs: int) -> None:
+def _table(claims: list) -> list[str]:
+    lines = ["| Claim | Our setting | Ours (mean ± sd over seeds) | Δ [95 % CI] | p (t) | p (Wilcoxon) "
+             "| Paper (its setting) | Verdict |", "|---|---|---|---|---|---|---|---|"]
+    for c in claims:
+        lines.append("| " + " | ".join(x.replace("|", "\\|") for x in _cells(c)) + " |")
+    return lines
+
+
+RULE = ("**Rule.** Per claim the runs are paired: within one seed the reference and the variant see the same "
+        "data and batch order and, where the architectures match, the same initialization. Δ is the per-seed "
+        "difference signed so that **Δ > 0 is the paper's direction** (variant − reference when higher is better, "
+        "reference − variant when lower is better); shown: its mean and 95 % Student-t confidence interval. "
+        "*Reproduced*: two-sided paired t-test p < 0.05 with Δ > 0 (the whole CI above 0); *contradicted*: "
+        "p < 0.05 with Δ < 0; *inconclusive*: otherwise. The exact Wilcoxon signed-rank p (two-sided, zero "
+        "differences dropped) is shown beside it as a check that does not assume normal differences; with 5 "
+        "seeds its smallest possible value is 0.0625, so it cannot decide alone. Property rows hold when the "
+        "measured value is below the stated tolerance. The paper's numbers come from the papers' own (much "
+        "larger) settings and are shown for direction and size, not for equality.")
+
+
+def write_markdown(claims: list, dropped: list, path: Path, command: str, seeds: list[int], quick: bool,
+                   timings: dict[str, float], wall: float, jobs: int, provenance: dict[str, str],
+                   settings: dict[str, Any]) -> None:
+    counts = {v: sum(c.verdict == v for c in claims) for v in (REPRODUCED, CONTRADICTED, INCONCLUSIVE, NO_VERDICT)}
+    prov = f"`{provenance['path']}` (sha256 {provenance['sha256']}"
+    prov += f", last changed in commit {provenance['commit']}" if "commit" in provenance else ""
+    prov += f"; {provenance['uncommitted']}" if "uncommitted" in provenance else ""
+    prov += ")"
     lines = [
         "# Papers' claims at small scale",
         "",
         f"Generated by `{command}` ({time.strftime('%Y-%m-%d %H:%M')}, {platform.platform()}, "
         f"{os.cpu_count()} CPUs, torch {torch.__version__}); seeds {seeds}"
         + (" — **quick smoke run: tiny budgets, numbers meaningless**" if quick else "") + ".",
-        "Regenerate with `python benchmarks/reproduce.py` (3 seeds, 2 parallel jobs: about 16 minutes on 2 busy "
-        "CPU cores, about 30 with `--jobs 1`; `--only GROUP`, `--seeds N`, `--jobs N`, `--out DIR`).",
+        f"Settings: {prov}, fixed before these runs; {settings.get('protocol', {}).get('chosen_by', '')}".rstrip(),
         "",
         RULE,
         "",
-        "Δ is the per-seed improvement in the claimed direction (mean ± std over seeds; positive = as claimed).",
+        *_table(claims),
         "",
-        "| Claim | Our setting | Ours (mean ± std over seeds) | Δ in the claimed direction | Paper (its setting) "
-        "| Verdict |",
-        "|---|---|---|---|---|---|",
+        f"**{counts[REPRODUCED]} of {len(claims)} claims reproduced, {counts[CONTRADICTED]} contradicted, "
+        f"{counts[INCONCLUSIVE]} inconclusive"
+        + (f", {counts[NO_VERDICT]} without a verdict" if counts[NO_VERDICT] else "") + " at this scale.**",
+        "",
+        "![paired differences with 95 % confidence intervals](claims.png)",
+        "",
+        "## Settings tried and dropped",
+        "",
+        "Earlier settings of these claims, with the results they had when they were dropped (from the committed "
+        "table they were in; not re-run, not counted above), under the same paired statistics. Why each was "
+        "dropped is in the settings file.",
+        "",
+        *_table(dropped),
+        "",
+        "## Per-seed values",
+        "",
     ]
-    lines += [_row_md(c) for c in claims]
-    reproduced = sum(c.verdict == REPRODUCED for c in claims)
-    lines += ["", f"**{reproduced} of {len(claims)} claims reproduced at this scale.**", "",
-              "![differences](claims.png)", "", "## Per-seed values", ""]
     for c in claims:
         if isinstance(c, PropertyClaim):
             lines.append(f"- {c.claim}: {c.value!r} ({c.extra})")
         else:
             ref = ", ".join(f"{v:.{c.digits + 2}f}" for v in c.ref_values)
             var = ", ".join(f"{v:.{c.digits + 2}f}" for v in c.var_values)
-            lines.append(f"- {c.claim} [{c.metric}]: {c.reference} [{ref}]; {c.variant} [{var}]")
+            s = c.stats
+            lines.append(f"- {c.claim} [{c.metric}], seeds {c.seeds}: {c.reference} [{ref}]; {c.variant} [{var}]; "
+                         f"Δ mean {s.mean_diff:.4g}, sd {s.sd_diff:.4g}, t {s.t:.3g}")
     lines += ["", "## Runtime per group", ""]
     lines += [f"- {g}: {t:.0f} s" for g, t in timings.items()]
     lines += [f"- sum: {sum(timings.values()):.0f} s; wall clock {wall:.0f} s with {jobs} parallel job(s)", ""]
@@ -335,132 +539,181 @@ def write_markdown(claims: list, path: Path, command: str, seeds: list[int], qui
 
 
 def write_plot(claims: list, path: Path) -> None:
-    """Small multiples: per claim, the improvement Δ (mean ± std over seeds) against the ± pooled-std band."""
+    """Small multiples: per claim, Δ (claimed direction → right) with its 95 % CI, coloured by verdict."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     rows = [c for c in claims if isinstance(c, Claim)]
     cols = 3
     nrows = max(1, math.ceil(len(rows) / cols))
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 1.9 * nrows), squeeze=False)
-    colors = {REPRODUCED: "tab:green", NOT_REPRODUCED: "tab:red", NO_VERDICT: "tab:gray"}
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.4 * cols, 1.55 * nrows + 0.9), squeeze=False)
     for ax, c in zip(axes.flat, rows):
-        d = c.diffs
-        mean = statistics.mean(d)
-        sd = statistics.stdev(d) if len(d) > 1 else 0.0
-        band = c.pooled_std
-        if band > 0:
-            ax.axvspan(-band, band, color="0.9", label="± pooled sd")
-        ax.barh([0], [mean], xerr=[sd], color=colors[c.verdict], capsize=4, height=0.5)
+        s = c.stats
+        color = COLORS[s.verdict]
+        lo, hi = (s.ci_low, s.ci_high) if c.n >= 2 else (s.mean_diff, s.mean_diff)
+        ax.errorbar([s.mean_diff], [0], xerr=[[s.mean_diff - lo], [hi - s.mean_diff]], fmt="o", color=color,
+                    ecolor=color, elinewidth=2.5, capsize=5, markersize=7)
+        ax.plot(c.diffs, [0.25] * c.n, "|", color="0.35", markersize=8)  # the per-seed differences
         ax.axvline(0.0, color="k", lw=0.8)
-        lim = 1.3 * max(abs(mean) + sd, band) or 1.0
-        ax.set_xlim(-lim, lim)
+        span = max([abs(lo), abs(hi), *map(abs, c.diffs)])
+        span = span if span > 1e-9 else 1.0  # all differences zero
+        ax.set_xlim(-1.15 * span, 1.15 * span)
+        ax.set_ylim(-0.5, 0.6)
         ax.set_yticks([])
-        ax.set_title(f"{c.claim}\n({c.variant} vs {c.reference})", fontsize=8)
-        ax.set_xlabel(f"Δ {c.metric} ({'higher' if c.higher_is_better else 'lower'} is better → +)", fontsize=7)
+        ax.set_title(f"{c.claim}\n{c.variant} vs {c.reference}; p = {format_p(s.p_t)}", fontsize=7.5)
+        ax.set_xlabel(f"Δ {c.metric} (→ as claimed)", fontsize=7)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(rows):]:
         ax.axis("off")
-    fig.suptitle("Improvement in the claimed direction (mean ± std over seeds); gray: ± pooled sd "
-                 "(green = reproduced, red = not at this scale, gray = no verdict)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    height = 1.55 * nrows + 0.9
+    handles = [Patch(color=COLORS[v], label=v) for v in (REPRODUCED, CONTRADICTED, INCONCLUSIVE, NO_VERDICT)]
+    fig.suptitle("Paired difference in the claimed direction: mean and 95 % CI (ticks: seeds)", fontsize=10,
+                 y=1 - 0.12 / height)
+    fig.legend(handles=handles, loc="upper center", ncol=4, fontsize=9, frameon=False,
+               bbox_to_anchor=(0.5, 1 - 0.38 / height))
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.8 / height))
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def _from_json(payload: dict[str, Any]) -> Claim | PropertyClaim:
-    fields = {k: v for k, v in payload.items() if k not in ("kind", "verdict")}
-    return PropertyClaim(**fields) if payload["kind"] == "PropertyClaim" else Claim(**fields)
+def readme_table(payload: dict[str, Any]) -> str:
+    """The README's summary: one line per claim from ``claims.json`` (no hand-typed numbers)."""
+    claims = [claim_from_json(c) for c in payload["claims"]]
+    lines = [f"Seeds {payload['seeds']}; Δ = mean paired difference in the paper's direction (> 0: as claimed) "
+             f"[95 % CI], p = paired t-test; the settings are in claims.md. Regenerated by "
+             f"`python benchmarks/reproduce.py` from `claims.json`.", "",
+             "| Group | Claim | Reference → variant (mean over seeds) | Δ [95 % CI] | p | Verdict |",
+             "|---|---|---|---|---|---|"]
+    for c in claims:
+        if isinstance(c, PropertyClaim):
+            cells = [c.group, c.claim, f"{c.metric}: {c.value:.1e} (tolerance {c.tolerance:.0e})", "—", "—",
+                     c.verdict]
+        else:
+            ours = (f"{c.metric}: {_num(statistics.mean(c.ref_values), c.digits)} → "
+                    f"{_num(statistics.mean(c.var_values), c.digits)}")
+            cells = [c.group, c.claim, ours, _ci(c), format_p(c.stats.p_t), c.verdict]
+        lines.append("| " + " | ".join(x.replace("|", "\\|") for x in cells) + " |")
+    counts = {v: sum(c.verdict == v for c in claims) for v in (REPRODUCED, CONTRADICTED, INCONCLUSIVE)}
+    lines += ["", f"{counts[REPRODUCED]} of {len(claims)} reproduced, {counts[CONTRADICTED]} contradicted, "
+                  f"{counts[INCONCLUSIVE]} inconclusive."]
+    return "\n".join(lines)
 
 
-def _run_in_processes(groups: list[str], seeds: list[int], quick: bool, jobs: int,
-                      workdir: str) -> tuple[list, dict[str, float]]:
-    """Each group in its own ``python reproduce.py --only GROUP`` process (at most ``jobs`` at once; the
-    benchmarks use one torch thread each); claims and timings come back through ``claims.json``."""
-    import subprocess
-
-    pending = sorted(groups, key=lambda g: -EXPECTED_SECONDS_PER_SEED.get(g, 0))  # longest first
-    running: list[tuple[str, subprocess.Popen, Path]] = []
-    done: dict[str, tuple[list, float]] = {}
-    while pending or running:
-        while pending and len(running) < jobs:
-            g = pending.pop(0)
-            part = Path(workdir) / f"part_{g}"
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--only", g, "--seeds", str(len(seeds)),
-                   "--out", str(part), "--jobs", "1", *(["--quick"] if quick else [])]
-            log = open(Path(workdir) / f"{g}.log", "w")
-            print(f"=== {g}: started ({' '.join(cmd[1:])})", flush=True)
-            running.append((g, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), part))
-        time.sleep(0.5)
-        for item in list(running):
-            g, proc, part = item
-            if proc.poll() is None:
-                continue
-            running.remove(item)
-            text = (Path(workdir) / f"{g}.log").read_text()
-            print(f"\n=== {g} (exit {proc.returncode}) ===\n{text}", flush=True)
-            if proc.returncode != 0:
-                for _, other, _ in running:
-                    other.kill()
-                raise RuntimeError(f"claim group {g!r} failed (exit {proc.returncode}); its output is above")
-            data = json.loads((part / "claims.json").read_text())
-            done[g] = ([_from_json(c) for c in data["claims"]], data["timings_s"][g])
-    claims = [c for g in groups for c in done[g][0]]
-    return claims, {g: done[g][1] for g in groups}
+def update_readme(claims_json: Path, readme: Path = README) -> bool:
+    """Replace the text between the README's claims markers by :func:`readme_table`; False if no markers."""
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        return False
+    table = readme_table(json.loads(claims_json.read_text()))
+    pattern = re.compile(re.escape(README_START) + r".*?" + re.escape(README_END), re.S)
+    readme.write_text(pattern.sub(lambda _: f"{README_START}\n{table}\n{README_END}", text, count=1))
+    return True
 
 
-#: seconds per seed at full budget, one thread, 2 shared CPU cores (load 4-6); the longest group starts first
-EXPECTED_SECONDS_PER_SEED = {"comhe": 303, "opt": 72, "sphereface": 25, "dcnet": 16, "dh2l": 4, "spherenet": 3}
+def run_full(settings: dict[str, Any], args: argparse.Namespace, out: Path) -> list:
+    """The papers' own settings (``paper_settings.py``) -> ``OUT/paper_claims.{md,json,png}``."""
+    import paper_settings
+
+    full = settings["full"]
+    seeds = args.seed_list or list(range(args.seeds if args.seeds is not None else int(full.get("seeds", 3))))
+    t0 = time.perf_counter()
+    results = paper_settings.run(full, seeds, args.device, Path(args.data_root))
+    wall = time.perf_counter() - t0
+    claims = [c for name, group in full["groups"].items() for c in build_claims(name, group, results[name], seeds,
+                                                                                   False)]
+    out.mkdir(parents=True, exist_ok=True)
+    command = " ".join(["python benchmarks/reproduce.py", *(sys.argv[1:])])
+    write_markdown(claims, [], out / "paper_claims.md", command, seeds, False, {"full": wall}, wall, 1,
+                   settings_provenance(Path(args.settings)), settings)
+    write_plot(claims, out / "paper_claims.png")
+    (out / "paper_claims.json").write_text(json.dumps(
+        {"seeds": seeds, "device": torch.cuda.get_device_name(0), "wall_s": wall,
+         "claims": [c.as_dict() for c in claims]}, indent=2))
+    print(f"wrote {out / 'paper_claims.md'}, {out / 'paper_claims.json'}, {out / 'paper_claims.png'}")
+    return claims
 
 
+# ------------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> list:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="1 seed, each benchmark's smoke budget (< 1 min)")
-    parser.add_argument("--seeds", type=int, default=3, help="number of seeds 0..N-1 (default 3)")
+    parser.add_argument("--quick", action="store_true",
+                        help="each group's tiny budget, 1 seed unless --seeds is given (smoke test)")
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds 0..N-1 (default: the settings', 5)")
+    parser.add_argument("--seed-list", type=int, nargs="+", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--only", nargs="+", choices=GROUPS, default=list(GROUPS), help="claim groups to run")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (claims.md, claims.png, claims.json)")
+    parser.add_argument("--settings", default=str(DEFAULT_SETTINGS), help="the claims' settings file")
     parser.add_argument("--jobs", type=int, default=None,
-                        help="groups run in parallel processes (default: 1 with --quick, else min(2, CPUs))")
+                        help="parallel processes (default: 1 with --quick, else min(2, CPUs))")
+    parser.add_argument("--raw-out", default=None, help=argparse.SUPPRESS)  # a worker's per-seed results
+    parser.add_argument("--readme", default=None,
+                        help="README to update between its claims markers (default: the repository's README "
+                             "when --out is the default folder and all groups ran)")
+    parser.add_argument("--readme-only", action="store_true",
+                        help="only regenerate the README summary from OUT/claims.json")
+    parser.add_argument("--full", action="store_true", help="the papers' own settings (needs --device cuda and "
+                                                             "CIFAR under data/); see paper_settings.py")
+    parser.add_argument("--device", default="cpu", help="device of --full (cuda)")
+    parser.add_argument("--data-root", default=str(BENCH.parent / "data"), help="CIFAR root of --full")
     args = parser.parse_args(argv)
-    if args.seeds < 1:
+    out = Path(args.out)
+    if args.readme_only:
+        readme = Path(args.readme) if args.readme else README
+        if not update_readme(out / "claims.json", readme):
+            parser.exit(2, f"reproduce.py: {readme} has no {README_START} ... {README_END} markers\n")
+        print(f"updated {readme} from {out / 'claims.json'}")
+        return []
+    settings_path = Path(args.settings)
+    settings = load_settings(settings_path)
+    if args.full:
+        import paper_settings
+
+        problem = paper_settings.missing(args.device, Path(args.data_root), settings["full"])
+        if problem:
+            parser.exit(2, f"reproduce.py --full: cannot run the papers' settings: {problem}\n")
+        return run_full(settings, args, out)
+    if args.seeds is not None and args.seeds < 1:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
     jobs = args.jobs if args.jobs is not None else (1 if args.quick else min(2, os.cpu_count() or 1))
     if jobs < 1:
         parser.error(f"--jobs must be >= 1, got {jobs}")
-    seeds = [0] if args.quick else list(range(args.seeds))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    n_seeds = args.seeds if args.seeds is not None else int(settings["protocol"]["seeds"])
+    seeds = args.seed_list or ([0] if args.quick and args.seeds is None else list(range(n_seeds)))
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
-    threads = torch.get_num_threads()
-    claims: list = []
-    timings: dict[str, float] = {}
     t_start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as workdir, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if jobs > 1 and len(args.only) > 1:
-            claims, timings = _run_in_processes(list(args.only), seeds, args.quick, jobs, workdir)
-        else:
-            for group in args.only:
-                print(f"\n=== {group} (seeds {seeds}{', quick' if args.quick else ''}) ===", flush=True)
-                t0 = time.perf_counter()
-                torch.set_num_threads(1)  # tiny models: one thread is fastest, and fair when groups run in parallel
-                claims += RUNNERS[group](seeds, args.quick, workdir)
-                timings[group] = time.perf_counter() - t0
-                torch.set_num_threads(threads)
-                print(f"=== {group}: {timings[group]:.0f} s", flush=True)
+    with tempfile.TemporaryDirectory() as workdir:
+        results, timings = run_units(list(args.only), settings, settings_path, seeds, args.quick, jobs, workdir)
     wall = time.perf_counter() - t_start
+    if args.raw_out:  # a worker of run_units: hand the per-seed results back, no table
+        Path(args.raw_out).write_text(json.dumps({"results": results, "timings_s": timings}))
+        return []
+    claims: list = []
+    for group in args.only:
+        claims += build_claims(group, settings["groups"][group], results[group], seeds, args.quick)
+    dropped = [c for c in dropped_claims(settings) if c.group in args.only]
+    out.mkdir(parents=True, exist_ok=True)
+    provenance = settings_provenance(settings_path)
     command = " ".join(["python benchmarks/reproduce.py", *(sys.argv[1:] if argv is None else argv)])
-    write_markdown(claims, out / "claims.md", command, seeds, args.quick, timings, wall, jobs)
+    write_markdown(claims, dropped, out / "claims.md", command, seeds, args.quick, timings, wall, jobs, provenance,
+                   settings)
     write_plot(claims, out / "claims.png")
-    payload = [{**asdict(c), "kind": type(c).__name__, "verdict": c.verdict} for c in claims]
-    (out / "claims.json").write_text(json.dumps({"seeds": seeds, "quick": args.quick, "timings_s": timings,
-                                                 "wall_s": wall, "jobs": jobs, "claims": payload}, indent=2))
-    print(f"\n{'claim':<50} {'verdict'}")
+    payload = {"seeds": seeds, "quick": args.quick, "settings": provenance, "timings_s": timings, "wall_s": wall,
+               "jobs": jobs, "claims": [c.as_dict() for c in claims], "dropped": [c.as_dict() for c in dropped]}
+    (out / "claims.json").write_text(json.dumps(payload, indent=2))
+    readme = Path(args.readme) if args.readme else (
+        README if out.resolve() == DEFAULT_OUT.resolve() and set(args.only) == set(GROUPS) and not args.quick
+        else None)
+    if readme is not None and update_readme(out / "claims.json", readme):
+        print(f"updated the claims summary of {readme}")
+    print(f"\n{'claim':<62} {'Δ [95 % CI]':<28} {'p (t)':<9} verdict")
     for c in claims:
-        print(f"{c.claim:<50} {c.verdict}")
+        ci = _ci(c) if isinstance(c, Claim) else "—"
+        p = format_p(c.stats.p_t) if isinstance(c, Claim) else "—"
+        print(f"{c.claim[:61]:<62} {ci:<28} {p:<9} {c.verdict}")
     print(f"wrote {out / 'claims.md'}, {out / 'claims.png'}, {out / 'claims.json'} "
           f"({wall:.0f} s wall, {jobs} job(s))")
     return claims

@@ -17,7 +17,7 @@ from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_hyper.models.backbones.gcn import GCN
-from lightning_hyper.models.opt import OPTMixin
+from lightning_hyper.models.opt import DEFAULT_LR_SCALE, DEFAULT_R_INIT, OPTMixin
 
 __all__ = ["GraphClassifier"]
 
@@ -36,12 +36,18 @@ class GraphClassifier(OPTMixin, L.LightningModule):
         opt_method: OPT method for the hidden convs (``None``: plain GCN); see :func:`apply_opt`.
         opt_kwargs: further ``apply_opt`` options.
         ogd_lr, ogd_momentum: rotation optimizer for ``opt_method="ogd"``.
+        opt_scale: with OPT, multiply each OPT conv's output by a learned scalar (initialized to 1).
+            OPT keeps the neurons' norms at their initial values and no BN follows a GCN layer, so
+            without it the hidden layer's scale stays at Glorot's: on KarateClub the plain GCN grows
+            ``‖W₀‖`` 2.5x and OPT without the scale lost 13 points (ablation in docs/opt.md).
+        opt_lr_scale: learning-rate multiplier of the rotation parameters (not OGD's); see
+            :data:`~lightning_hyper.models.opt.DEFAULT_LR_SCALE`.
     """
 
     def __init__(self, num_features: int, num_classes: int, hidden_channels: int = 16, num_layers: int = 2,
                  dropout: float = 0.5, optimizer: str = "adam", lr: float = 0.01, weight_decay: float = 5e-4,
                  opt_method: str | None = None, opt_kwargs: dict[str, Any] | None = None, ogd_lr: float = 0.02,
-                 ogd_momentum: float = 0.9) -> None:
+                 ogd_momentum: float = 0.9, opt_scale: bool = True, opt_lr_scale: float = DEFAULT_LR_SCALE) -> None:
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
@@ -50,9 +56,12 @@ class GraphClassifier(OPTMixin, L.LightningModule):
         if not lr > 0 or weight_decay < 0:
             raise ValueError(f"need lr > 0 and weight_decay >= 0, got lr={lr!r}, weight_decay={weight_decay!r}")
         self.save_hyperparameters()
-        self.gcn = GCN(num_features, hidden_channels, num_classes, num_layers=num_layers, dropout=dropout)
+        scaled = range(num_layers - 1) if opt_method is not None and opt_scale else ()
+        self.gcn = GCN(num_features, hidden_channels, num_classes, num_layers=num_layers, dropout=dropout,
+                       learn_scale=scaled)
         self.output_layer_name = f"gcn.{self.gcn.output_layer_name}"
-        self._init_opt(self, opt_method, opt_kwargs, output_layer=None, ogd_lr=ogd_lr, ogd_momentum=ogd_momentum)
+        self._init_opt(self, opt_method, opt_kwargs, output_layer=None, ogd_lr=ogd_lr, ogd_momentum=ogd_momentum,
+                       lr_scale=opt_lr_scale, r_init=DEFAULT_R_INIT)
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lightning_hyper.models.classifier import HypersphericalClassifier
-from lightning_hyper.models.opt import OPTMixin
+from lightning_hyper.models.opt import DEFAULT_LR_SCALE, DEFAULT_R_INIT, OPTMixin
 
 __all__ = ["PointCloudClassifier"]
 
@@ -30,7 +30,10 @@ class PointCloudClassifier(OPTMixin, HypersphericalClassifier):
     Args:
         feature_transform_weight: weight of PointNet's feature-transform orthogonality loss.
         opt_method, opt_kwargs, ogd_lr, ogd_momentum: OPT for the backbone (``None``: plain training);
-            ``opt_kwargs["exclude"]`` is extended with the T-Net heads.
+            ``opt_kwargs["exclude"]`` is extended with the T-Net heads; rotations start at ``R = I``
+            unless ``opt_kwargs["r_init"]`` says otherwise.
+        opt_lr_scale: learning-rate multiplier of the rotation parameters (not OGD's); see
+            :data:`~lightning_hyper.models.opt.DEFAULT_LR_SCALE`.
         The other arguments are those of :class:`HypersphericalClassifier`.
     """
 
@@ -56,6 +59,7 @@ class PointCloudClassifier(OPTMixin, HypersphericalClassifier):
         opt_kwargs: dict[str, Any] | None = None,
         ogd_lr: float = 0.02,
         ogd_momentum: float = 0.9,
+        opt_lr_scale: float = DEFAULT_LR_SCALE,
     ) -> None:
         super().__init__(backbone=backbone, num_classes=num_classes, backbone_kwargs=backbone_kwargs, head=head,
                          head_kwargs=head_kwargs, optimizer=optimizer, lr=lr, momentum=momentum,
@@ -70,7 +74,7 @@ class PointCloudClassifier(OPTMixin, HypersphericalClassifier):
             exclude = [exclude] if isinstance(exclude, str) else list(exclude)
             kwargs["exclude"] = [*exclude, TNET_HEADS]
         self._init_opt(self.backbone, opt_method, kwargs or None, output_layer="none", ogd_lr=ogd_lr,
-                       ogd_momentum=ogd_momentum)
+                       ogd_momentum=ogd_momentum, lr_scale=opt_lr_scale, r_init=DEFAULT_R_INIT)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss = super().training_step(batch, batch_idx)

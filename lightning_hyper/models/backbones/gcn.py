@@ -9,6 +9,8 @@ Dropout on the input of every conv, as in the reference implementation.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -27,13 +29,15 @@ class GCN(nn.Module):
         num_layers: number of convs (>= 1).
         dropout: dropout probability on the input of every conv.
         cached, add_self_loops, normalize: passed to ``GCNConv``.
+        learn_scale: indices of convs whose output is multiplied by a learned scalar (initialized to 1;
+            ``GraphClassifier`` puts one on every OPT conv, whose neuron norms OPT keeps fixed).
 
     ``forward(x, edge_index, edge_weight=None) -> (num_nodes, out_features)``.
     """
 
     def __init__(self, in_channels: int, hidden_channels: int = 16, out_channels: int | None = None,
                  num_layers: int = 2, dropout: float = 0.5, cached: bool = False, add_self_loops: bool = True,
-                 normalize: bool = True) -> None:
+                 normalize: bool = True, learn_scale: Sequence[int] = ()) -> None:
         super().__init__()
         from torch_geometric.nn import GCNConv
 
@@ -50,6 +54,10 @@ class GCN(nn.Module):
             GCNConv(a, b, cached=cached, add_self_loops=add_self_loops, normalize=normalize)
             for a, b in zip(sizes[:-1], sizes[1:])
         )
+        learn_scale = sorted(set(learn_scale))
+        if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_layers for i in learn_scale):
+            raise ValueError(f"learn_scale must hold conv indices in [0, {num_layers - 1}], got {learn_scale!r}")
+        self.scales = nn.ParameterDict({str(i): nn.Parameter(torch.ones(())) for i in learn_scale})
         self.dropout = dropout
         self.in_channels = in_channels
         self.out_features = sizes[-1]
@@ -61,6 +69,8 @@ class GCN(nn.Module):
         for i, conv in enumerate(self.convs):
             x = F.dropout(x, p=self.dropout, training=self.training)
             x = conv(x, edge_index, edge_weight)
+            if str(i) in self.scales:
+                x = x * self.scales[str(i)]
             if i < len(self.convs) - 1:
                 x = torch.relu(x)
         return x
