@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_hyper.functional.seeding import derive_seed, seeded_generator
 from lightning_hyper.functional.energy import _validate, hyperspherical_energy
 
 __all__ = [
@@ -63,17 +64,7 @@ __all__ = [
 AGGREGATES = ("mean", "max")
 ANGLE_LOSSES = ("cos_fro", "cos_sq", "angle_sq")
 
-_MASK64 = (1 << 64) - 1
-
-
 # ---------------------------------------------------------------------------------------------- seeds
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
 def _check_refresh(refresh_every: int | None, arg: str = "refresh_every") -> None:
     if refresh_every is not None and (isinstance(refresh_every, bool) or not isinstance(refresh_every, int)
                                       or refresh_every < 1):
@@ -91,18 +82,15 @@ def projection_seed(seed: int, step: int, refresh_every: int | None = 1, *keys: 
     """
     _check_refresh(refresh_every)
     period = 0 if refresh_every is None else int(step) // refresh_every
-    h = 0
-    for v in (seed, period, *keys):
-        h = _splitmix64(h ^ (int(v) & _MASK64))
-    return h & 0x7FFF_FFFF_FFFF_FFFF
+    return derive_seed(seed, period, *keys)
 
 
 def projection_generator(seed: int, step: int, refresh_every: int | None = 1, *keys: int,
                          device: torch.device | str = "cpu") -> torch.Generator:
     """A ``torch.Generator`` on ``device`` seeded with :func:`projection_seed`."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed(projection_seed(seed, step, refresh_every, *keys))
-    return gen
+    _check_refresh(refresh_every)
+    period = 0 if refresh_every is None else int(step) // refresh_every
+    return seeded_generator(seed, period, *keys, device=device)
 
 
 def random_projections(num_projections: int, projection_dim: int, dim: int,
