@@ -17,13 +17,13 @@ negation; its energy over the 2N points is computed from the same N×N Gram matr
 
 ``reduction="mean"`` divides by the number of ordered pairs, N(N-1) (2N(2N-1) half-space).
 
-Implementation: one Gram GEMM per row block, the kernel applied elementwise (diagonal entries
-are replaced by a safe value *before* any log/pow/acos and zeroed after, so no 0·inf appears),
-and a custom backward that uses the kernel-derivative matrix K (:math:`\nabla_{\hat W} = 2K\hat W`)
-followed by the normalization Jacobian. Small layers keep K from the forward pass (one GEMM in
-backward); large layers are processed in row blocks of the upper triangle so peak memory is
-O(N·chunk) and nothing of size N×N×d or N×N is ever stored. Always runs with autocast off, in
-float32 (float64 if the input is float64).
+Implementation: one Gram GEMM per row block (one block, the whole Gram, for small layers), the
+kernel applied elementwise in place (self pairs are replaced by a safe value *before* any
+log/pow/acos and zeroed after, so no 0·inf appears), and, when a gradient is needed, the block's rows
+of :math:`\nabla_{\hat W} = 2K\hat W` (K the kernel-derivative matrix) from one more GEMM in the
+forward pass; the custom backward is then only the normalization Jacobian. Peak memory is
+O(N·chunk + N·d); nothing of size N×N×d is ever built, and N×N only when it fits the block budget.
+Always runs with autocast off, in float32 (float64 if the input is float64).
 """
 from __future__ import annotations
 
@@ -86,38 +86,47 @@ class _Kernel:
             return f, (k1.sub_(k2).mul_(2.0) if need_slope else None)
         return _angular(c, self, need_slope)
 
-    def sum_and_slope_(self, c: Tensor, mask: Tensor | None, need_slope: bool) -> tuple[Tensor, Tensor | None]:
-        """Sum over the unmasked entries of the pair term, and the slope matrix, overwriting ``c``.
+    def sum_and_slope_(self, c: Tensor, diagonal: int | None, need_slope: bool) -> tuple[Tensor, Tensor | None]:
+        """Sum over the off-diagonal entries of the pair term, and the slope matrix, overwriting ``c``.
 
-        ``c``: (B, R, M) cosines whose masked entries (``mask``: (R', M') broadcast onto the leading
-        ``c[:, :R', :M']`` block, e.g. the diagonal and below of a Gram block) hold a safe value; returns
-        ``((B,) float64 sums, slope with zeros at the masked entries)``. Full-space euclidean energies
-        (the default) run in the one buffer without allocating: the Gram block becomes the slope matrix.
+        ``c``: (B, R, M) cosines of rows ``a:a+R`` against all M columns; its entries ``(i, i + diagonal)`` are
+        the self pairs (left out; ``None``: no self pair). Returns ``((B,) float64 sums, slope or None)``, the
+        slope zero on the self pairs. The default energies (euclidean, s > 0) run in place in few passes
+        (memory-bound on CPU): full space in the Gram buffer itself; half space with s = 2 from the closed
+        form ``2[1/(2-2c+eps) + 1/(2+2c+eps)] = 2A/(Q - 4c^2)``, ``A = 4 + 2 eps``, ``Q = (2 + eps)^2``.
         """
+        if self.metric == "euclidean" and self.s == 2 and self.half_space:
+            a_, q_ = 4.0 + 2.0 * self.eps, (2.0 + self.eps) ** 2
+            den = torch.addcmul(c.new_tensor(q_), c, c, value=-4.0)  # (2-2c+eps)(2+2c+eps)
+            # the clamp is the chord clamp of both terms (r2, r2m >= eps) for |c| <= 1 + rounding
+            inv = den.clamp_min_(self.eps * (4.0 + self.eps)).reciprocal_()
+            _zero_self_pairs(inv, diagonal)
+            total = _sum64(inv).mul_(2.0 * a_)
+            if not need_slope:
+                return total, None
+            return total, inv.square_().mul_(c).mul_(16.0 * a_)  # d/dc 2A/(Q-4c^2) = 16 A c / den^2
         if self.metric == "euclidean" and self.s > 0:
             r2 = c.mul_(-2.0).add_(2.0 + self.eps).clamp_min_(self.eps)  # squared chord + eps
             r2m = torch.rsub(r2, 4.0 + 2.0 * self.eps).clamp_min_(self.eps) if self.half_space else None
             f = _riesz_(r2, self.s)
             fm = _riesz_(r2m, self.s) if r2m is not None else None
-            if mask is not None:
-                for t in (f, fm):
-                    if t is not None:
-                        _masked_block(t, mask).masked_fill_(mask, 0.0)
-            total = f.sum(dim=(1, 2), dtype=torch.float64)
+            for t in (f, fm):
+                if t is not None:
+                    _zero_self_pairs(t, diagonal)
+            total = _sum64(f)
             if fm is not None:  # the four ordered pairs among ±w_i, ±w_j, counted once per (i, j)
-                total = 2.0 * (total + fm.sum(dim=(1, 2), dtype=torch.float64))
+                total = 2.0 * (total + _sum64(fm))
             if not need_slope:
                 return total, None
-            k = _riesz_slope_(f, self.s)  # in place, masked entries stay 0
+            k = _riesz_slope_(f, self.s)  # in place, self pairs stay 0
             if fm is not None:
                 k = k.sub_(_riesz_slope_(fm, self.s)).mul_(2.0)  # r2m = 2 + 2c + eps: the opposite slope
             return total, k
         f, k = self.value_and_slope(c, need_slope, inplace=True)
-        if mask is not None:
-            _masked_block(f, mask).masked_fill_(mask, 0.0)
-            if k is not None:
-                _masked_block(k, mask).masked_fill_(mask, 0.0)
-        return f.sum(dim=(1, 2), dtype=torch.float64), k
+        _zero_self_pairs(f, diagonal)
+        if k is not None:
+            _zero_self_pairs(k, diagonal)
+        return _sum64(f), k
 
     def antipodal_value(self) -> float:
         """f(d_max): the constant term of the pair (w, -w) in half-space energy."""
@@ -126,6 +135,12 @@ class _Kernel:
             return -0.5 * math.log(r2) if self.s == 0 else r2 ** (-self.s / 2)
         theta = 1.0 if self.angle_unit == "pi" else math.pi
         return -math.log(theta) if self.s == 0 else theta ** (-self.s)
+
+
+def _sum64(t: Tensor) -> Tensor:
+    """Sum of a (B, R, M) block per set, float64: rows summed in their own dtype (torch's cascade sum), the R
+    row sums in float64 (a float64 reduction over the whole block would first copy it to float64: 10-20x)."""
+    return t.sum(dim=2).sum(dim=1, dtype=torch.float64)
 
 
 def _riesz_(r2: Tensor, s: float) -> Tensor:
@@ -309,18 +324,20 @@ def _row_blocks(n: int, rows: int) -> list[tuple[int, int]]:
     return [(a, min(a + rows, n)) for a in range(0, n, rows)]
 
 
-def _masked_block(t: Tensor, mask: Tensor) -> Tensor:
-    """The leading ``mask``-shaped block of the last two dims of ``t`` (a view)."""
-    return t[..., : mask.shape[0], : mask.shape[1]]
+def _zero_self_pairs(t: Tensor, diagonal: int | None) -> None:
+    """Zero the self pairs ``(i, i + diagonal)`` of a (B, R, M) block in place (O(R), no mask)."""
+    if diagonal is not None:
+        t.diagonal(offset=diagonal, dim1=1, dim2=2).zero_()
 
 
 class _GramEnergyFn(torch.autograd.Function):
     """Sum over ordered pairs i != j of the pair term, from normalized rows (see module doc).
 
-    Two schedules: ``rows`` >= N, the full symmetric Gram (one GEMM), the kernel applied in place and the
-    slope matrix K kept for a one-GEMM backward; ``rows`` < N (chunked), upper-triangle row blocks of
-    ``rows`` rows, recomputed in the backward, so peak memory is O(N · rows). (Keeping triangular blocks
-    for the unchunked case halves the forward FLOPs but measured 2-4x slower on CPU: many small GEMMs.)
+    Rows are taken in blocks of ``rows`` (one block, the whole Gram matrix, when ``rows >= N``): each block's
+    cosines against all N rows come from one GEMM, the kernel runs in place on them, and, when a gradient is
+    needed, the block's rows of ``dE/dû = 2 K û`` (K symmetric) come from one more GEMM at once, so nothing of
+    size N×N outlives its block: the backward is only the normalization Jacobian. Peak memory
+    O(rows · N + N · d). (Upper-triangle blocks halve the Gram FLOPs but measured 2-4x slower on CPU.)
     """
 
     @staticmethod
@@ -329,21 +346,19 @@ class _GramEnergyFn(torch.autograd.Function):
         n = x.shape[1]
         unit = x / norms.unsqueeze(-1)
         need = x.requires_grad
-        keep: list[Tensor] = []
-        if rows >= n:
-            c = unit @ unit.transpose(1, 2)
-            c.diagonal(dim1=1, dim2=2).zero_()  # safe value before the kernel
-            total, k = spec.sum_and_slope_(c, _eye_mask(n, c.device), need)
-            if need:
-                keep = [k]
-        else:
-            total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
-            for a, b in _row_blocks(n, rows):
-                t, _ = _upper_block(unit, a, b, spec, need_slope=False)
-                total += 2.0 * t
-        ctx.spec, ctx.rows = spec, rows
+        unit_t = unit.transpose(1, 2)
+        total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+        g_unit = torch.empty_like(unit) if need else None
+        for a, b in _row_blocks(n, rows):
+            c = unit[:, a:b] @ unit_t
+            _zero_self_pairs(c, a)  # a safe value before the kernel
+            t, k = spec.sum_and_slope_(c, a, need)
+            total += t
+            if g_unit is not None:
+                torch.matmul(k, unit, out=g_unit[:, a:b])
+        ctx.spec = spec
         if need:
-            ctx.save_for_backward(unit, norms, *keep)
+            ctx.save_for_backward(unit, norms, g_unit)
         return total.to(x.dtype)
 
     @staticmethod
@@ -354,35 +369,13 @@ class _GramEnergyFn(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_out: Tensor) -> tuple[Tensor, None, None, None]:
-        unit, norms, *keep = ctx.saved_tensors
-        n = unit.shape[1]
-        if keep:  # one full symmetric K: dE/dû = (K + Kᵀ) û = 2 K û
-            g_unit = keep[0] @ unit
-        else:
-            # each upper entry stands for the ordered pairs (i, j) and (j, i): the same factor 2
-            g_unit = torch.zeros_like(unit)
-            for a, b in _row_blocks(n, ctx.rows):
-                _, k = _upper_block(unit, a, b, ctx.spec, need_slope=True)
-                g_unit[:, a:b] += k @ unit[:, a:]
-                g_unit[:, a:] += k.transpose(1, 2) @ unit[:, a:b]
-        g_unit.mul_(grad_out.view(-1, 1, 1) * 2.0)
+        unit, norms, g_unit = ctx.saved_tensors
+        # each ordered pair (i, j) and (j, i) holds the same K_ij: dE/dû = (K + Kᵀ) û = 2 K û
+        g_unit = g_unit * (grad_out.view(-1, 1, 1) * 2.0)
         # normalization Jacobian: (I - ŵŵᵀ) g / ‖w‖
         radial = (g_unit * unit).sum(dim=-1, keepdim=True)
         g_x = (g_unit - radial * unit) / norms.unsqueeze(-1)
         return g_x, None, None, None
-
-
-def _eye_mask(n: int, device: torch.device) -> Tensor:
-    return torch.eye(n, dtype=torch.bool, device=device)
-
-
-def _upper_block(unit: Tensor, a: int, b: int, spec: _Kernel, need_slope: bool) -> tuple[Tensor, Tensor | None]:
-    """Sum of the pair terms of rows a:b against columns a:, strict upper triangle only, and their slopes
-    (zeros below and on the diagonal)."""
-    c = unit[:, a:b] @ unit[:, a:].transpose(1, 2)
-    lower = torch.ones(b - a, b - a, dtype=torch.bool, device=c.device).tril_()
-    _masked_block(c, lower).masked_fill_(lower, 0.0)  # safe value before the kernel
-    return spec.sum_and_slope_(c, lower, need_slope)
 
 
 def hyperspherical_energy(
