@@ -27,6 +27,7 @@ Always runs with autocast off, in float32 (float64 if the input is float64).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -135,6 +136,14 @@ class _Kernel:
             return -0.5 * math.log(r2) if self.s == 0 else r2 ** (-self.s / 2)
         theta = 1.0 if self.angle_unit == "pi" else math.pi
         return -math.log(theta) if self.s == 0 else theta ** (-self.s)
+
+
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """``torch.autocast(device_type, enabled=False)`` where autocast is on, else a null context (entering an
+    autocast context costs tens of microseconds, which small layers notice)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _sum64(t: Tensor) -> Tensor:
@@ -347,15 +356,21 @@ class _GramEnergyFn(torch.autograd.Function):
         unit = x / norms.unsqueeze(-1)
         need = x.requires_grad
         unit_t = unit.transpose(1, 2)
-        total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
-        g_unit = torch.empty_like(unit) if need else None
-        for a, b in _row_blocks(n, rows):
-            c = unit[:, a:b] @ unit_t
-            _zero_self_pairs(c, a)  # a safe value before the kernel
-            t, k = spec.sum_and_slope_(c, a, need)
-            total += t
-            if g_unit is not None:
-                torch.matmul(k, unit, out=g_unit[:, a:b])
+        if rows >= n:  # one block: the whole Gram matrix
+            c = unit @ unit_t
+            _zero_self_pairs(c, 0)  # a safe value before the kernel
+            total, k = spec.sum_and_slope_(c, 0, need)
+            g_unit = k @ unit if k is not None else None
+        else:
+            total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+            g_unit = torch.empty_like(unit) if need else None
+            for a, b in _row_blocks(n, rows):
+                c = unit[:, a:b] @ unit_t
+                _zero_self_pairs(c, a)
+                t, k = spec.sum_and_slope_(c, a, need)
+                total += t
+                if g_unit is not None:
+                    torch.matmul(k, unit, out=g_unit[:, a:b])
         ctx.spec = spec
         if need:
             ctx.save_for_backward(unit, norms, g_unit)
@@ -364,7 +379,7 @@ class _GramEnergyFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         # a custom backward runs under the autocast state of the caller of .backward(): keep it off
-        with torch.autocast(device_type=grad_out.device.type, enabled=False):
+        with autocast_off(grad_out.device.type):
             return _GramEnergyFn._backward(ctx, grad_out)
 
     @staticmethod
@@ -420,7 +435,7 @@ def hyperspherical_energy(
 def _energy(neurons: Tensor, s: float, metric: str, half_space: bool, reduction: str, angle_unit: str, eps: float,
             chunk_size: int | None, min_norm: float, zero_norm: str, quiet: bool = False) -> Tensor:
     _validate(s, metric, reduction, angle_unit, eps)
-    with torch.autocast(device_type=neurons.device.type if isinstance(neurons, Tensor) else "cpu", enabled=False):
+    with autocast_off(neurons.device.type if isinstance(neurons, Tensor) else "cpu"):
         try:
             x, norms = _prepare(neurons, min_norm, zero_norm, "neurons", batched=True)
         except _RaggedExclusion:  # rare: zero-norm rows in a batch of sets, each set on its own
