@@ -31,7 +31,7 @@ from torch import Tensor
 
 from lightning_hyper.callbacks.base import (DEFAULT_MAX_GRAD_NORM, MIN_NORM, ZERO_NORM_POLICIES, PenaltyCallback,
                                            finite_or_raise)
-from lightning_hyper.functional.energy import _validate, hyperspherical_energy
+from lightning_hyper.functional.energy import hyperspherical_energy, validate_energy_args
 from lightning_hyper.functional.projection import (
     AGGREGATES,
     ANGLE_LOSSES,
@@ -157,10 +157,10 @@ class CoMHERegularizer(PenaltyCallback):
                  inputs: Callable[[Any], Any] | None = None, verbose: bool = True,
                  mode: str = "auto", labels: Callable[[Any], Tensor | None] | None = None,
                  on_nonfinite: str = "error", max_grad_norm: float | None = DEFAULT_MAX_GRAD_NORM,
-                 prefix: str | None = None) -> None:
+                 prefix: str | None = None, every_n_steps: int = 1) -> None:
         super().__init__(include=include, exclude=exclude, layer_types=layer_types, output_layer=output_layer,
                          inputs=inputs, verbose=verbose, mode=mode, labels=labels, on_nonfinite=on_nonfinite,
-                         max_grad_norm=max_grad_norm, prefix=prefix)
+                         max_grad_norm=max_grad_norm, prefix=prefix, every_n_steps=every_n_steps)
         projection = _ALIASES.get(projection, projection) if isinstance(projection, str) else projection
         if projection not in PROJECTIONS:
             raise ValueError(f"projection={projection!r} is not supported; accepted values: {list(PROJECTIONS)} "
@@ -174,7 +174,7 @@ class CoMHERegularizer(PenaltyCallback):
         if share_projection is not None and not isinstance(share_projection, bool):
             raise ValueError(f"share_projection={share_projection!r} is not supported; accepted values: None, "
                              "True, False")
-        _validate(s, metric, "mean", "radian", eps)
+        validate_energy_args(s, metric, "mean", "radian", eps)
         if projection_mode not in PROJECTION_MODES:
             raise ValueError(f"projection_mode={projection_mode!r} is not supported; accepted values: "
                              f"{list(PROJECTION_MODES)}")

@@ -83,7 +83,7 @@ def make(family: str, mode: str = "auto", on_nonfinite: str = "error", lr: float
     elif family == "orthogonal":
         model = PlainNet(in_features=IN, hidden=HIDDEN, classes=CLASSES, lr=lr)
         apply_opt(model, "relaxed", sopt=True, seed=0)
-        cbs = [OrthogonalRegularizer(beta=0.5, mode=mode, on_nonfinite=on_nonfinite),
+        cbs = [OrthogonalRegularizer(weight=0.5, mode=mode, on_nonfinite=on_nonfinite),
                SOPTResampler(every_n_steps=2, seed=1), OrthogonalityMonitor(every_n_steps=1)]
     elif family == "dcnet":
         model = DCNet(lr=lr)
