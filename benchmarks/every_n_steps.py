@@ -5,7 +5,7 @@ Digits (scikit-learn's 8x8, offline), the plain CNN-9 of configs/digits_mhe.yaml
 hidden layer and the output layer (thesis defaults: hidden_weight 10, output_weight 1), SGD + cosine, a few seeds.
 Prints one row per k (and a row without MHE):
 
-* step time: the mean wall time of a training batch (forward, backward, penalty, optimizer step), as a ratio to
+* step time: the mean CPU time of a training batch (forward, backward, penalty, optimizer step), as a ratio to
   k = 1, measured in the same process;
 * val acc: the final validation accuracy (mean ± std over the seeds);
 * hidden energy: the final mean pairwise Riesz s=2 energy of the hidden layers' neurons, averaged over those layers
@@ -29,17 +29,18 @@ from lightning_hyper.models import HypersphericalClassifier
 
 
 class StepTimer(L.Callback):
-    """Wall time of every training batch (hook to hook: forward, backward, penalty, optimizer step)."""
+    """CPU time of every training batch (hook to hook: forward, backward, penalty, optimizer step; process time,
+    so other processes on a shared machine do not count)."""
 
     def __init__(self) -> None:
         self.times: list[float] = []
         self._t0 = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._t0 = time.perf_counter()
+        self._t0 = time.process_time()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.times.append(time.perf_counter() - self._t0)
+        self.times.append(time.process_time() - self._t0)
 
 
 def run(k: int | None, seed: int, epochs: int) -> dict[str, float]:

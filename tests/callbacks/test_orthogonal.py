@@ -90,3 +90,20 @@ def test_sopt_resampler_trains_and_keeps_orthogonality_and_energy(tmp_path):
     assert trainer.callback_metrics["train/acc"] > 0.4
     with pytest.raises(ValueError, match="S-OPT"):
         _trainer(tmp_path, 1, [SOPTResampler()]).fit(GraphClassifier(12, 4, opt_method="cayley"), _dm())
+
+
+def test_sopt_resampler_resets_the_ogd_optimizer_state_through_the_public_property(tmp_path):
+    L.seed_everything(0, verbose=False)
+    m = GraphClassifier(12, 4, opt_method="ogd", opt_kwargs={"sopt": True, "seed": 0}, lr=0.05)
+    P = m.gcn.convs[0].lin.parametrizations.weight.original
+    seen = {}
+
+    class Probe(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen[trainer.global_step] = P in pl_module.ogd_optimizer.state
+
+    # the resampler runs first at step 3: the OGD momentum of P is dropped there, and rebuilt by the next step
+    _trainer(tmp_path, 4, [SOPTResampler(every_n_steps=3, seed=0), Probe()]).fit(m, _dm())
+    assert m.ogd_optimizer is m._ogd and m.ogd_optimizer is not None
+    assert seen[2] and not seen[3] and seen[4]
+    assert GraphClassifier(12, 4, opt_method="cayley").ogd_optimizer is None
