@@ -131,38 +131,6 @@ def check_strategy(trainer: L.Trainer, owner: str) -> None:
         )
 
 
-def renamed_argument(owner: str, old: str, new: str, value: Any, stacklevel: int = 3) -> None:
-    """Warn that ``owner(old=...)`` is the deprecated name of ``new`` (kept for one release)."""
-    warnings.warn(f"{owner}({old}={value!r}) is deprecated; use {new}. The old name will be removed in a future "
-                  "release.", DeprecationWarning, stacklevel=stacklevel)
-
-
-def step_in_schedule(previous: int, current: int, every_n_steps: int) -> bool:
-    """Whether an optimizer step of index ``t`` with ``t % every_n_steps == 0`` ran between two readings of
-    ``trainer.global_step`` (``previous`` < ``current``): the callbacks' ``every_n_steps`` counts optimizer
-    steps, so under gradient accumulation a period of ``n`` steps spans ``n * accumulate_grad_batches`` batches.
-
-    >>> [g for g in range(1, 8) if step_in_schedule(g - 1, g, 3)]  # after steps 0, 3, 6 (global_step 1, 4, 7)
-    [1, 4, 7]
-    """
-    return current > previous and (current - 1) // every_n_steps != (previous - 1) // every_n_steps
-
-
-def logger_writes_this_batch(trainer: L.Trainer, stepped: bool, batches: int) -> bool:
-    """Whether Lightning writes this training batch's on-step metrics to the loggers (public trainer state only).
-
-    Lightning writes after a batch that stepped the optimizer (automatic optimization; every batch in manual
-    optimization) whose count of such batches is a multiple of ``log_every_n_steps``, and when the trainer
-    should stop. ``stepped``: this batch ran an optimizer step; ``batches``: the count of stepping batches so
-    far, this one included (``trainer.global_step`` under automatic optimization).
-    """
-    if not trainer.loggers or not trainer.log_every_n_steps:
-        return False
-    if trainer.should_stop:
-        return True
-    return stepped and batches % trainer.log_every_n_steps == 0
-
-
 _GLOO_CLEANUP_REGISTERED = False
 
 
@@ -448,6 +416,38 @@ def finite_or_raise(value: float, arg: str, minimum: float | None = None) -> flo
     """Validate a numeric constructor argument: a finite number (``>= minimum`` if given), as a float
     (:func:`~lightning_hyper.functional.checks.check_number`, the one message style)."""
     return check_number(arg, value, low=minimum, low_inclusive=True)
+
+
+def renamed_argument(owner: str, old: str, new: str, value: Any, stacklevel: int = 3) -> None:
+    """Warn that ``owner(old=...)`` is the deprecated name of ``new`` (kept for one release)."""
+    warnings.warn(f"{owner}({old}={value!r}) is deprecated; use {new}. The old name will be removed in a future "
+                  "release.", DeprecationWarning, stacklevel=stacklevel)
+
+
+def step_in_schedule(previous: int, current: int, every_n_steps: int) -> bool:
+    """Whether an optimizer step of index ``t`` with ``t % every_n_steps == 0`` ran between two readings of
+    ``trainer.global_step`` (``previous`` < ``current``): the callbacks' ``every_n_steps`` counts optimizer
+    steps, so under gradient accumulation a period of ``n`` steps spans ``n * accumulate_grad_batches`` batches.
+
+    >>> [g for g in range(1, 8) if step_in_schedule(g - 1, g, 3)]  # after steps 0, 3, 6 (global_step 1, 4, 7)
+    [1, 4, 7]
+    """
+    return current > previous and (current - 1) // every_n_steps != (previous - 1) // every_n_steps
+
+
+def logger_writes_this_batch(trainer: L.Trainer, stepped: bool, batches: int) -> bool:
+    """Whether Lightning writes this training batch's on-step metrics to the loggers (public trainer state only).
+
+    Lightning writes after a batch that stepped the optimizer (automatic optimization; every batch in manual
+    optimization) whose count of such batches is a multiple of ``log_every_n_steps``, and when the trainer
+    should stop. ``stepped``: this batch ran an optimizer step; ``batches``: the count of stepping batches so
+    far, this one included (``trainer.global_step`` under automatic optimization).
+    """
+    if not trainer.loggers or not trainer.log_every_n_steps:
+        return False
+    if trainer.should_stop:
+        return True
+    return stepped and batches % trainer.log_every_n_steps == 0
 
 
 class PenaltyCallback(NeuronCallback):
