@@ -33,6 +33,7 @@ PROJ = "lightning_hyper/functional/projection.py"
 
 ENERGY_TESTS = ("tests/functional/test_energy.py",)
 INJECTION_TESTS = ("tests/callbacks/test_base.py", "tests/callbacks/test_mhe.py")
+EVERY_N_TESTS = ("tests/callbacks/test_every_n_steps.py",)
 DDP_TESTS = ("tests/reliability/test_ddp.py::test_ddp_penalty_gradient_is_the_mean_over_ranks",)
 MARGIN_TESTS = ("tests/functional/test_margin.py", "tests/nn/test_heads.py")
 ORTHO_TESTS = ("tests/functional/test_orthogonal.py",)
@@ -89,6 +90,13 @@ MUTANTS = [
     Mutant("inject-none-gradient-mode-still-steps", BASE,
            "skipped_batches = pl_module.automatic_optimization and self._losses_since_step == 0",
            "skipped_batches = False", INJECTION_TESTS),
+    # ---------------------------------------------------------------- every_n_steps
+    Mutant("every-n-loss-mode-unscaled", BASE, "return total * k if k != 1 else total", "return total",
+           EVERY_N_TESTS),
+    Mutant("every-n-gradient-mode-unscaled", BASE, "grads = torch.autograd.grad(total * k if k != 1 else total,",
+           "grads = torch.autograd.grad(total,", EVERY_N_TESTS),
+    Mutant("every-n-counts-batches", BASE, "return step % self.every_n_steps == 0",
+           "return self._losses_since_step % self.every_n_steps == 0", EVERY_N_TESTS),
     # ---------------------------------------------------------------- DDP averaging
     Mutant("ddp-sum-not-mean", BASE, 'reduce_op="mean")', 'reduce_op="sum")', DDP_TESTS),
     # ---------------------------------------------------------------- margins

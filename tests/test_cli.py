@@ -830,3 +830,60 @@ def test_layers_command_prints_each_callbacks_selection_without_training(tmp_pat
         assert row == [f"backbone.{group.name}", "hidden", str(n), str(d), "1"]
     assert [line.split()[:3] for line in out.splitlines() if line.startswith("head ")][0] == ["head", "output", "10"]
     assert list(tmp_path.iterdir()) == []  # no logs, no checkpoints
+
+
+# ---------------------------------------------------------------- CoMHE's projection options in YAML
+COMHE_NEW = """
+trainer:
+  callbacks:
+    - class_path: lightning_hyper.callbacks.CoMHERegularizer
+      init_args:
+        projection:
+          kind: angle_preserving
+          projection_dim: 4
+          mode: alternating
+          steps: 3
+          lr: 0.5
+          shared: true
+        hidden_weight: 2.0
+        every_n_steps: 2
+"""
+COMHE_OLD = """
+trainer:
+  callbacks:
+    - class_path: lightning_hyper.callbacks.CoMHERegularizer
+      init_args:
+        projection: ap
+        projection_dim: 4
+        projection_mode: alternating
+        projection_steps: 3
+        projection_lr: 0.5
+        share_projection: true
+        hidden_weight: 2.0
+        every_n_steps: 2
+"""
+
+
+def test_comhe_projection_options_from_yaml_new_and_deprecated_flat_form(tmp_path, monkeypatch):
+    from lightning_hyper.callbacks import CoMHEProjection, CoMHERegularizer
+
+    monkeypatch.chdir(tmp_path)
+    built = {}
+    for name, text in (("new", COMHE_NEW), ("old", COMHE_OLD)):
+        (tmp_path / f"{name}.yaml").write_text(text)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cli = run_cli(["fit", "--config", str(tmp_path / f"{name}.yaml"), *TINY_ARGS, "--trainer.fast_dev_run=2",
+                           "--trainer.logger=false", "--trainer.enable_progress_bar=false"])
+        assert cli.trainer.state.finished and cli.trainer.global_step == 2
+        (cb,) = [c for c in cli.trainer.callbacks if isinstance(c, CoMHERegularizer)]
+        deprecated = [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)
+                      and "CoMHERegularizer(" in str(w.message)]
+        assert bool(deprecated) == (name == "old"), deprecated
+        built[name] = cb
+    new, old = built["new"], built["old"]
+    assert new.projection_options == old.projection_options == CoMHEProjection(
+        kind="angle_preserving", projection_dim=4, mode="alternating", steps=3, lr=0.5, shared=True)
+    assert (new.projection, new.projection_steps, new.projection_update_every, new.every_n_steps) == (
+        "angle_preserving", 3, 10, 2)
+    assert "comhe/penalty" in new._trainer.callback_metrics

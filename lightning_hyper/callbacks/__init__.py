@@ -1,6 +1,6 @@
 """Lightning callbacks: energy regularizers and monitors."""
 from lightning_hyper.callbacks.base import PenaltyCallback, TrainingDivergedError
-from lightning_hyper.callbacks.comhe import CoMHERegularizer
+from lightning_hyper.callbacks.comhe import CoMHEProjection, CoMHERegularizer
 from lightning_hyper.callbacks.dcnet import PretrainedInit, WeightedGradients, WeightProjection
 from lightning_hyper.callbacks.hierarchical import HierarchicalRegularizer
 from lightning_hyper.callbacks.mhe import MHERegularizer
@@ -9,6 +9,7 @@ from lightning_hyper.callbacks.orthogonal import OrthogonalityMonitor, Orthogona
 from lightning_hyper.callbacks.sphere_orthogonality import SphereOrthogonalityRegularizer
 
 __all__ = [
+    "CoMHEProjection",
     "CoMHERegularizer",
     "EnergyMonitor",
     "HierarchicalRegularizer",

@@ -18,8 +18,8 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
+import weakref
 from typing import Any, Callable, Iterable, Sequence
 
 import lightning as L
@@ -29,8 +29,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
+from lightning_hyper.functional.checks import check_choice, check_number
 from lightning_hyper.functional.safeguards import bound_gradient_norm
-from lightning_hyper.nn.selection import NeuronGroup, SkippedLayer, _as_patterns, select_neurons, selection_table
+from lightning_hyper.nn.selection import NeuronGroup, SkippedLayer, check_patterns, select_neurons, selection_table
 
 __all__ = ["NeuronCallback", "NeuronSelection", "PenaltyCallback", "TrainingDivergedError", "default_inputs",
            "default_labels", "check_strategy", "destroy_gloo_process_group", "register_gloo_cleanup"]
@@ -47,7 +48,9 @@ MIN_NORM = 1e-6
 #: ViT head reach 7.5e6 without it.
 DEFAULT_MAX_GRAD_NORM = 25.0
 _UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed")
-_SKIP_ATTR = "_lightning_hyper_skip_step"  # global step whose optimizer step a penalty asked to skip
+#: module -> the global step whose optimizer step a penalty asked to skip (shared by every penalty callback
+#: of that module; kept here, not on the user's module)
+_SKIPPED_STEP: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class TrainingDivergedError(FloatingPointError, ValueError):
@@ -169,9 +172,9 @@ class NeuronSelection:
     def __init__(self, include: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None,
                  layer_types: str | type | Sequence[str | type] | None = None,
                  output_layer: str | None = None) -> None:
-        _as_patterns(include, "include")  # type errors now, not at the first batch
-        _as_patterns(exclude, "exclude")
-        _as_patterns(layer_types, "layer_types", allow_types=True)
+        check_patterns(include, "include")  # type errors now, not at the first batch
+        check_patterns(exclude, "exclude")
+        check_patterns(layer_types, "layer_types", allow_types=True)
         if output_layer is not None and not isinstance(output_layer, str):
             raise TypeError(f"output_layer={output_layer!r} is not supported: expected a layer name (str), 'none' "
                             "or None (detect it)")
@@ -387,13 +390,14 @@ class NeuronCallback(InstanceStateKey, Callback):
             self.resolve(pl_module, batch, trainer)
 
 
-_WARNED_ATTR = "_lightning_hyper_selection_warnings"
+#: trainer -> the selection warnings already given in its fit (kept here, not on the Trainer object)
+_WARNED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _reemit(caught: list[warnings.WarningMessage], trainer: Any) -> None:
     """Re-issue the warnings caught while resolving: the selection core's own (e.g. a weight it cannot read)
     once per Trainer and on rank zero only, however many callbacks resolve their groups; others as they were."""
-    seen = trainer.__dict__.setdefault(_WARNED_ATTR, set()) if trainer is not None else set()
+    seen = _WARNED.setdefault(trainer, set()) if trainer is not None else set()
     for w in caught:
         text = str(w.message)
         if text.startswith("select_neurons:"):
@@ -409,13 +413,41 @@ def _has_lazy(module: nn.Module) -> bool:
 
 
 def finite_or_raise(value: float, arg: str, minimum: float | None = None) -> float:
-    """Validate a numeric constructor argument."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise ValueError(f"{arg}={value!r} is not supported; accepted values: a finite number"
-                         + (f" >= {minimum}" if minimum is not None else ""))
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{arg}={value!r} is not supported; accepted values: a finite number >= {minimum}")
-    return float(value)
+    """Validate a numeric constructor argument: a finite number (``>= minimum`` if given), as a float
+    (:func:`~lightning_hyper.functional.checks.check_number`, the one message style)."""
+    return check_number(arg, value, low=minimum, low_inclusive=True)
+
+
+def renamed_argument(owner: str, old: str, new: str, value: Any, stacklevel: int = 3) -> None:
+    """Warn that ``owner(old=...)`` is the deprecated name of ``new`` (kept for one release)."""
+    warnings.warn(f"{owner}({old}={value!r}) is deprecated; use {new}. The old name will be removed in a future "
+                  "release.", DeprecationWarning, stacklevel=stacklevel)
+
+
+def step_in_schedule(previous: int, current: int, every_n_steps: int) -> bool:
+    """Whether an optimizer step of index ``t`` with ``t % every_n_steps == 0`` ran between two readings of
+    ``trainer.global_step`` (``previous`` < ``current``): the callbacks' ``every_n_steps`` counts optimizer
+    steps, so under gradient accumulation a period of ``n`` steps spans ``n * accumulate_grad_batches`` batches.
+
+    >>> [g for g in range(1, 8) if step_in_schedule(g - 1, g, 3)]  # after steps 0, 3, 6 (global_step 1, 4, 7)
+    [1, 4, 7]
+    """
+    return current > previous and (current - 1) // every_n_steps != (previous - 1) // every_n_steps
+
+
+def logger_writes_this_batch(trainer: L.Trainer, stepped: bool, batches: int) -> bool:
+    """Whether Lightning writes this training batch's on-step metrics to the loggers (public trainer state only).
+
+    Lightning writes after a batch that stepped the optimizer (automatic optimization; every batch in manual
+    optimization) whose count of such batches is a multiple of ``log_every_n_steps``, and when the trainer
+    should stop. ``stepped``: this batch ran an optimizer step; ``batches``: the count of stepping batches so
+    far, this one included (``trainer.global_step`` under automatic optimization).
+    """
+    if not trainer.loggers or not trainer.log_every_n_steps:
+        return False
+    if trainer.should_stop:
+        return True
+    return stepped and batches % trainer.log_every_n_steps == 0
 
 
 class PenaltyCallback(NeuronCallback):
@@ -453,6 +485,16 @@ class PenaltyCallback(NeuronCallback):
             weights. The default (:data:`DEFAULT_MAX_GRAD_NORM` = 25) is ~10x the largest norm measured in
             normal training (``benchmarks/penalty_grad_norms.py``); ``None`` disables it. Applies to what subclasses read through :meth:`neurons`.
         prefix: metric-name prefix.
+        every_n_steps: compute the penalty only on the optimizer steps whose index (``trainer.global_step``
+            when the step's batches run) is a multiple of ``k = every_n_steps``, and multiply it by ``k`` there,
+            so the time-averaged strength is unchanged and the penalty costs ``1/k`` of its time (default 1:
+            every step). Steps count optimizer steps, not batches: under gradient accumulation
+            (``accumulate_grad_batches=A``) ``mode="loss"`` adds ``k * penalty`` to every one of the ``A``
+            micro-batch losses of a chosen step (Lightning divides each by ``A``), so that step's penalty
+            gradient is ``k`` times the every-step one and the mean over ``k`` steps equals it;
+            ``mode="gradient"`` adds ``k * d penalty / d params`` once, before the chosen optimizer step. The
+            ``max_grad_norm`` bound applies to the unscaled gradient. ``<prefix>/penalty`` and the per-layer
+            values are logged (unscaled) only on the steps where the penalty is computed.
     """
 
     prefix: str = "penalty"
@@ -463,19 +505,19 @@ class PenaltyCallback(NeuronCallback):
                  layer_types: str | type | Sequence[str | type] | None = None, output_layer: str | None = None,
                  inputs: Callable[[Any], Any] | None = None, verbose: bool = True, mode: str = "auto",
                  labels: Callable[[Any], Tensor | None] | None = None, on_nonfinite: str = "error",
-                 max_grad_norm: float | None = DEFAULT_MAX_GRAD_NORM, prefix: str | None = None) -> None:
+                 max_grad_norm: float | None = DEFAULT_MAX_GRAD_NORM, prefix: str | None = None,
+                 every_n_steps: int = 1) -> None:
         super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r} is not supported; accepted values: {list(MODES)}")
-        if on_nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"on_nonfinite={on_nonfinite!r} is not supported; accepted values: "
-                             f"{list(NONFINITE_POLICIES)}")
+        owner = type(self).__name__
+        check_choice("mode", mode, MODES, owner=owner)
+        check_choice("on_nonfinite", on_nonfinite, NONFINITE_POLICIES, owner=owner)
         if labels is not None and not callable(labels):
-            raise TypeError(f"labels: expected a callable batch -> labels, got {labels!r}")
-        if max_grad_norm is not None and (isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float))
-                                          or not math.isfinite(max_grad_norm) or max_grad_norm <= 0):
-            raise ValueError(f"max_grad_norm={max_grad_norm!r} is not supported; accepted values: a finite number "
-                             f"> 0 (default {DEFAULT_MAX_GRAD_NORM}), or None to disable the bound")
+            raise TypeError(f"{owner}: labels={labels!r} is not supported; accepted values: a callable batch -> "
+                            "labels, or None (default_labels)")
+        check_number("max_grad_norm", max_grad_norm, low=0, allow_none=True, owner=owner,
+                     fix=f"the default is {DEFAULT_MAX_GRAD_NORM}; None disables the bound")
+        self.every_n_steps = check_number("every_n_steps", every_n_steps, low=1, low_inclusive=True, integer=True,
+                                          owner=owner)
         if prefix is not None:
             self.prefix = prefix
         self._init_selection(include, exclude, layer_types, output_layer, inputs, verbose)
@@ -492,6 +534,10 @@ class PenaltyCallback(NeuronCallback):
         self._limit: float | None = None  # max_grad_norm in the units of the gradient that will arrive
         self._directions: dict[str, int] = {}  # group name -> rows with a direction (zero-norm policies)
         self._warned_zero_norm = False
+
+    def due(self, step: int) -> bool:
+        """Whether the penalty is computed for the optimizer step of index ``step`` (``every_n_steps``)."""
+        return step % self.every_n_steps == 0
 
     # ------------------------------------------------------------------ subclass API
     def layer_terms(self, layer: NeuronGroup, labels: Tensor | None, step: int) -> dict[str, Tensor] | None:
@@ -576,7 +622,7 @@ class PenaltyCallback(NeuronCallback):
             self._cache, self._limit = None, None
         if bad is not None:
             self._nonfinite(*bad, step=step)
-            pl_module.__dict__[_SKIP_ATTR] = step
+            _SKIPPED_STEP[pl_module] = step
             total = None
         logged_total = bad[1].detach() if bad is not None else total
         if total is None:
@@ -649,7 +695,7 @@ class PenaltyCallback(NeuronCallback):
                 f"adds its penalty). To fix: {_DIVERGENCE_FIXES}")
         warnings.warn(f"{type(self).__name__}: the training loss is {float(loss.detach().float().sum())} at global "
                       f"step {step}; this optimizer step is skipped", RuntimeWarning, stacklevel=2)
-        pl_module.__dict__[_SKIP_ATTR] = step
+        _SKIPPED_STEP[pl_module] = step
 
     def _check_gradients(self, trainer: L.Trainer, params: list[Tensor], from_penalty: Sequence[Tensor | None],
                          names: dict[int, str]) -> bool:
@@ -689,7 +735,7 @@ class PenaltyCallback(NeuronCallback):
         self._directions, self._warned_zero_norm = {}, False
         self._losses_since_step = 0
         self._names = None
-        pl_module.__dict__.pop(_SKIP_ATTR, None)
+        _SKIPPED_STEP.pop(pl_module, None)
         if pl_module.automatic_optimization:
             # "loss": adds the penalty to the returned loss; "gradient": counts the batches that returned a
             # loss, so a window whose training_step returned only None (a skipped batch) gets no penalty either
@@ -710,16 +756,17 @@ class PenaltyCallback(NeuronCallback):
         grads: Sequence[Tensor | None] = [None] * len(params)
         skipped_batches = pl_module.automatic_optimization and self._losses_since_step == 0
         self._losses_since_step = 0
-        if self._active_mode == "gradient" and not skipped_batches:
+        if self._active_mode == "gradient" and not skipped_batches and self.due(trainer.global_step):
+            k = self.every_n_steps
             with torch.enable_grad():
-                total = self.penalty(pl_module, self._batch)
+                total = self._penalty(pl_module, self._batch, True, self._scaled_limit(self.max_grad_norm, k))
                 if total.requires_grad:
-                    grads = torch.autograd.grad(total, params, allow_unused=True)
+                    grads = torch.autograd.grad(total * k if k != 1 else total, params, allow_unused=True)
             if trainer.world_size > 1:
                 # the penalty may depend on each rank's batch (labels): average its gradient like DDP
                 # averages the loss gradient, or the replicas drift apart
                 grads = self._mean_over_ranks(trainer, params, grads)
-        skip = pl_module.__dict__.get(_SKIP_ATTR) == trainer.global_step
+        skip = _SKIPPED_STEP.get(pl_module) == trainer.global_step
         if self.on_nonfinite == "skip" and trainer.world_size > 1:
             skip = bool(trainer.strategy.reduce_boolean_decision(skip, all=False))  # skipped on one rank: on all
         if not skip:
@@ -732,7 +779,7 @@ class PenaltyCallback(NeuronCallback):
                     p.grad.add_(g.to(p.grad.dtype))
             skip = not self._check_gradients(trainer, params, grads, self._param_names(pl_module))
         if skip:
-            pl_module.__dict__[_SKIP_ATTR] = trainer.global_step
+            _SKIPPED_STEP[pl_module] = trainer.global_step
             for p in params:
                 p.grad = None
 
@@ -774,9 +821,17 @@ class PenaltyCallback(NeuronCallback):
             return None
         self._losses_since_step += 1
         self._check_loss(pl_module, out.get("loss") if isinstance(out, dict) else out)
-        if self._active_mode != "loss":
+        trainer = self._trainer
+        if self._active_mode != "loss" or not self.due(trainer.global_step if trainer is not None else 0):
             return None
-        return self._penalty(pl_module, batch, True, self._loss_mode_limit())
+        k = self.every_n_steps
+        total = self._penalty(pl_module, batch, True, self._scaled_limit(self._loss_mode_limit(), k))
+        return total * k if k != 1 else total
+
+    @staticmethod
+    def _scaled_limit(limit: float | None, k: int) -> float | None:
+        """``max_grad_norm`` for a penalty multiplied by ``k`` (the bound is on the unscaled gradient)."""
+        return None if limit is None else limit * k
 
     def _loss_mode_limit(self) -> float | None:
         """``max_grad_norm`` in the units of the gradient that reaches the neurons in ``mode="loss"``: Lightning
@@ -821,14 +876,18 @@ def _zero_like_params(module: nn.Module) -> Tensor:
 
 class _TrainingStepWrapper:
     """One wrapper per module around ``training_step`` that hands its output to every attached callback
-    (:meth:`PenaltyCallback.after_training_step`) and adds the penalties they return to the loss."""
+    (:meth:`PenaltyCallback.after_training_step`) and adds the penalties they return to the loss.
 
-    ATTR = "_lightning_hyper_penalties"
+    The wrapper is the one thing put on the user's module (an instance attribute ``training_step``, the
+    only way to change what Lightning calls; removed on teardown); the list of attached callbacks is kept
+    here, in a weak mapping module -> callbacks."""
+
+    _attached: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     @classmethod
     def attach(cls, pl_module: L.LightningModule, callback: PenaltyCallback,
                keep: Sequence[Callback] | None = None) -> None:
-        callbacks: list[PenaltyCallback] | None = pl_module.__dict__.get(cls.ATTR)
+        callbacks: list[PenaltyCallback] | None = cls._attached.get(pl_module)
         if callbacks is not None and keep is not None:  # drop callbacks of an earlier, interrupted fit
             callbacks[:] = [cb for cb in callbacks if any(cb is k for k in keep)]
         if callbacks is None:
@@ -854,17 +913,17 @@ class _TrainingStepWrapper:
 
             training_step.__wrapped__ = original  # type: ignore[attr-defined]
             pl_module.__dict__["training_step"] = training_step
-            pl_module.__dict__[cls.ATTR] = callbacks
+            cls._attached[pl_module] = callbacks
         if callback not in callbacks:
             callbacks.append(callback)
 
     @classmethod
     def detach(cls, pl_module: L.LightningModule, callback: PenaltyCallback) -> None:
-        callbacks = pl_module.__dict__.get(cls.ATTR)
+        callbacks = cls._attached.get(pl_module)
         if callbacks is None:
             return
         if callback in callbacks:
             callbacks.remove(callback)
         if not callbacks:
             pl_module.__dict__.pop("training_step", None)
-            pl_module.__dict__.pop(cls.ATTR, None)
+            cls._attached.pop(pl_module, None)

@@ -10,28 +10,39 @@ projection, the authors' recipe). Hidden layers whose neuron dimension D is at m
 ``projection_dim`` get plain (half-space) MHE (``small_layer_fallback="mhe"``, e.g. the RGB first
 conv with D = 27).
 
-Names of the spec's §12 table and their argument here: ``variant`` -> ``projection`` (``"rp"``,
+The projection options are one object, :class:`CoMHEProjection` (``projection=CoMHEProjection(...)``, or a
+plain kind name ``projection="random"`` for its defaults; in YAML ``projection: {kind: ..., projection_dim: ...}``).
+Names of the spec's §12 table and where they are here: ``variant`` -> ``CoMHEProjection.kind`` (``"rp"``,
 ``"ap"``, ``"adv"`` are accepted as aliases), ``proj_dim`` -> ``projection_dim``, ``num_proj`` ->
-``num_projections``, ``resample_every`` -> ``refresh_every``, ``weight`` -> ``hidden_weight``,
-``output_layer={"mode": "mhe_full", "weight": w}`` -> ``output_weight=w`` (0 = none),
-``ap_mode`` -> ``projection_mode``, ``ap_inner_steps``/``adv_inner_steps`` -> ``projection_steps``,
-``ap_update_every`` -> ``projection_update_every``, ``ap_lr``/``adv_lr`` -> ``projection_lr``,
-``ap_unroll_lr`` -> ``unroll_lr``, ``ap_unroll_steps`` -> ``unroll_steps``, ``ap_weight_decay`` ->
-``projection_weight_decay``, ``ap_loss`` -> ``angle_loss``, ``dist_eps`` -> ``eps``. The Eq. E.2
-log metric (s=1, half-space) is available from :class:`~lightning_hyper.callbacks.EnergyMonitor`.
+``num_projections``, ``resample_every`` -> ``refresh_every``, ``ap_mode`` -> ``mode``,
+``ap_inner_steps``/``adv_inner_steps`` -> ``steps``, ``ap_update_every`` -> ``update_every``,
+``ap_lr``/``adv_lr`` -> ``lr``, ``ap_unroll_lr`` -> ``unroll_lr``, ``ap_unroll_steps`` -> ``unroll_steps``,
+``ap_weight_decay`` -> ``weight_decay``, ``ap_loss`` -> ``angle_loss`` (all fields of :class:`CoMHEProjection`);
+``weight`` -> ``CoMHERegularizer(hidden_weight=)``, ``output_layer={"mode": "mhe_full", "weight": w}`` ->
+``output_weight=w`` (0 = none), ``dist_eps`` -> ``eps``. The Eq. E.2 log metric (s=1, half-space) is available
+from :class:`~lightning_hyper.callbacks.EnergyMonitor`.
+
+Deprecated (one release, ``DeprecationWarning``): the flat keyword arguments of the projection options,
+``CoMHERegularizer(projection_dim=..., num_projections=..., refresh_every=..., aggregate=...,
+share_projection=..., projection_mode=..., projection_steps=..., projection_update_every=..., projection_lr=...,
+unroll_lr=..., unroll_steps=..., projection_weight_decay=..., angle_loss=..., reinit_every=..., group_size=...,
+group_mode=..., small_layer_fallback=...)``; they map to the :class:`CoMHEProjection` fields of :data:`FLAT_NAMES`.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import zlib
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from lightning_hyper.callbacks.base import (DEFAULT_MAX_GRAD_NORM, MIN_NORM, ZERO_NORM_POLICIES, PenaltyCallback,
-                                           finite_or_raise)
-from lightning_hyper.functional.energy import _validate, hyperspherical_energy
+                                           renamed_argument)
+from lightning_hyper.functional.checks import argument_error, check_choice, check_number
+from lightning_hyper.functional.energy import hyperspherical_energy, validate_energy_args
 from lightning_hyper.functional.projection import (
     AGGREGATES,
     ANGLE_LOSSES,
@@ -46,7 +57,8 @@ from lightning_hyper.functional.projection import (
 )
 from lightning_hyper.nn.selection import NeuronGroup
 
-__all__ = ["CoMHERegularizer", "PROJECTIONS", "PROJECTION_MODES", "GROUP_MODES", "SMALL_LAYER_FALLBACKS"]
+__all__ = ["CoMHEProjection", "CoMHERegularizer", "FLAT_NAMES", "PROJECTIONS", "PROJECTION_MODES", "GROUP_MODES",
+           "SMALL_LAYER_FALLBACKS"]
 
 PROJECTIONS = ("random", "angle_preserving", "adversarial", "group")
 _ALIASES = {"rp": "random", "ap": "angle_preserving", "adv": "adversarial"}
@@ -58,19 +70,122 @@ SMALL_LAYER_FALLBACKS = ("mhe", "project")
 _TAG_RANDOM, _TAG_INIT, _TAG_PERM = 1, 2, 3
 
 
-def _opt_int(value: Any, arg: str, minimum: int, none_means: str) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
-        raise ValueError(f"{arg}={value!r} is not supported; accepted values: None ({none_means}) or an int "
-                         f">= {minimum}")
+def _opt_int(value: Any, arg: str, minimum: int, none_means: str, owner: str) -> None:
+    check_number(arg, value, low=minimum, low_inclusive=True, integer=True, allow_none=True, owner=owner,
+                 fix=f"None means {none_means}")
 
 
-def _lr_arg(value: Any, arg: str) -> str | float:
+def _lr_arg(value: Any, arg: str, owner: str) -> str | float:
     if value == "tied":
         return "tied"
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{arg}={value!r} is not supported; accepted values: 'tied' (the current learning rate "
-                         "of the model optimizer's first param group) or a finite number >= 0")
+        argument_error(arg, value, "'tied' (the current learning rate of the model optimizer's first param group) "
+                       "or a finite number >= 0", owner=owner)
     return float(value)
+
+
+#: the deprecated flat keyword arguments of ``CoMHERegularizer`` -> the :class:`CoMHEProjection` field
+FLAT_NAMES = {
+    "projection_dim": "projection_dim", "num_projections": "num_projections", "refresh_every": "refresh_every",
+    "aggregate": "aggregate", "share_projection": "shared", "projection_mode": "mode", "projection_steps": "steps",
+    "projection_update_every": "update_every", "projection_lr": "lr", "unroll_lr": "unroll_lr",
+    "unroll_steps": "unroll_steps", "projection_weight_decay": "weight_decay", "angle_loss": "angle_loss",
+    "reinit_every": "reinit_every", "group_size": "group_size", "group_mode": "group_mode",
+    "small_layer_fallback": "small_layer_fallback",
+}
+#: default of the deprecated flat ``refresh_every`` meaning "not given" (``None`` there means "never redraw")
+_REFRESH_NOT_GIVEN = -1
+
+
+@dataclass
+class CoMHEProjection:
+    """The projection options of :class:`CoMHERegularizer`, one object (YAML: ``projection: {kind: ..., ...}``).
+
+    Args:
+        kind: ``"random"`` (RP-CoMHE, thesis §6.3.1), ``"angle_preserving"`` (AP-CoMHE, §6.3.2),
+            ``"adversarial"`` (Adv-CoMHE, §6.3.3) or ``"group"`` (G-CoMHE, §6.3.4); ``"rp"``, ``"ap"``, ``"adv"``
+            are aliases.
+        projection_dim: rows k of each projection (30: Table 6.2).
+        num_projections: C; ``None`` = 5 for random (Table 6.3), 1 for angle-preserving/adversarial.
+            Unused by ``"group"`` (the groups are the projections).
+        refresh_every: redraw random projections (and the stochastic group partition) every this many optimizer
+            steps (1 = every step, Table E.4); ``None`` = draw once and keep.
+        aggregate: ``"mean"`` (Eq. 6.4) or ``"max"`` (Eq. 6.5) over the projections.
+        shared: layers with the same neuron dimension D use the same projections (§6.3.6); ``None`` = True for
+            random, False for angle-preserving/adversarial (the authors' code).
+        mode: angle-preserving/adversarial only. ``"unrolled"`` (default, best in Table 6.1): the network
+            minimizes the energy at :math:`P' = P \mp \eta\nabla_P` (``unroll_steps`` steps kept in the graph,
+            so W also gets the second-order terms); ``"alternating"``: the energy at P, P updated in turn.
+        steps: SGD steps on P per update; ``None`` = 1 (angle-preserving), 10 (adversarial).
+        update_every: optimizer steps between P updates; ``None`` = 1 (unrolled), 10 (alternating).
+        lr: step size of the P updates; ``"tied"`` = the model optimizer's current lr.
+        unroll_lr: η of the unrolled step; ``"tied"`` as above.
+        unroll_steps: unrolled steps.
+        weight_decay: L2 on P in its updates (5e-7 ≈ the authors' 1e-3 · 5e-4).
+        angle_loss: ``"cos_fro"`` (default), ``"cos_sq"`` or ``"angle_sq"``
+            (:func:`~lightning_hyper.functional.projection.angle_preservation_loss`).
+        reinit_every: re-draw learned P from N(0, 1) every this many steps (``None`` = never).
+        group_size: input channels per group (8, Table 6.1); a layer with fewer channels is one group.
+        group_mode: ``"consecutive"`` channel groups or ``"stochastic"`` (a random coordinate partition,
+            redrawn every ``refresh_every`` steps).
+        small_layer_fallback: ``"mhe"`` (D <= projection_dim: plain MHE, no projection) or ``"project"``
+            (random / learned projections; ``"group"`` falls back when a layer has at most one group).
+
+    Validated at construction (errors name the field); ``kind`` is stored with its alias resolved.
+    """
+
+    kind: str = "random"
+    projection_dim: int = 30
+    num_projections: Union[int, None] = None
+    refresh_every: Union[int, None] = 1
+    aggregate: str = "mean"
+    shared: Union[bool, None] = None
+    mode: str = "unrolled"
+    steps: Union[int, None] = None
+    update_every: Union[int, None] = None
+    lr: Union[str, float] = "tied"
+    unroll_lr: Union[str, float] = "tied"
+    unroll_steps: int = 1
+    weight_decay: float = 5e-7
+    angle_loss: str = "cos_fro"
+    reinit_every: Union[int, None] = None
+    group_size: int = 8
+    group_mode: str = "consecutive"
+    small_layer_fallback: str = "mhe"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, names: dict[str, str] | None = None, owner: str = "CoMHEProjection") -> None:
+        """Check every field; ``names`` maps a field to the name an error reports (the deprecated flat names)."""
+        name = {f.name: f.name for f in dataclasses.fields(self)}
+        name.update(names or {})
+        kind = _ALIASES.get(self.kind, self.kind) if isinstance(self.kind, str) else self.kind
+        check_choice(name["kind"], kind, PROJECTIONS, owner=owner, fix=f"aliases {sorted(_ALIASES)}")
+        self.kind = kind
+        check_number(name["projection_dim"], self.projection_dim, low=1, low_inclusive=True, integer=True, owner=owner)
+        _opt_int(self.num_projections, name["num_projections"], 1, "5 for random, 1 for learned projections", owner)
+        _opt_int(self.refresh_every, name["refresh_every"], 1, "never redraw", owner)
+        check_choice(name["aggregate"], self.aggregate, AGGREGATES, owner=owner)
+        check_choice(name["shared"], self.shared, (None, True, False), owner=owner)
+        check_choice(name["mode"], self.mode, PROJECTION_MODES, owner=owner)
+        _opt_int(self.steps, name["steps"], 0, "1 for angle_preserving, 10 for adversarial", owner)
+        _opt_int(self.update_every, name["update_every"], 1, "1 unrolled, 10 alternating", owner)
+        self.lr = _lr_arg(self.lr, name["lr"], owner)
+        self.unroll_lr = _lr_arg(self.unroll_lr, name["unroll_lr"], owner)
+        check_number(name["unroll_steps"], self.unroll_steps, low=1, low_inclusive=True, integer=True, owner=owner)
+        self.weight_decay = check_number(name["weight_decay"], self.weight_decay, low=0, low_inclusive=True,
+                                         owner=owner)
+        check_choice(name["angle_loss"], self.angle_loss, ANGLE_LOSSES, owner=owner)
+        _opt_int(self.reinit_every, name["reinit_every"], 1, "never", owner)
+        check_number(name["group_size"], self.group_size, low=1, low_inclusive=True, integer=True, owner=owner)
+        check_choice(name["group_mode"], self.group_mode, GROUP_MODES, owner=owner)
+        check_choice(name["small_layer_fallback"], self.small_layer_fallback, SMALL_LAYER_FALLBACKS, owner=owner)
+
+    @property
+    def learned(self) -> bool:
+        """Angle-preserving or adversarial (learned P)."""
+        return self.kind in ("angle_preserving", "adversarial")
 
 
 def _name_key(name: str) -> int:
@@ -81,39 +196,19 @@ class CoMHERegularizer(PenaltyCallback):
     """Compressive minimum hyperspherical energy on a model's layers, as a callback.
 
     Args:
-        projection: ``"random"`` (RP-CoMHE, §2.1), ``"angle_preserving"`` (AP-CoMHE, §2.2),
-            ``"adversarial"`` (Adv-CoMHE, §2.3) or ``"group"`` (G-CoMHE, §2.4).
-        projection_dim: rows k of each projection (30: Table 6.2).
-        num_projections: C; ``None`` = 5 for random (Table 6.3), 1 for angle-preserving/adversarial.
-            Unused by ``"group"`` (the groups are the projections).
-        refresh_every: redraw random projections (and the stochastic group partition) every this
-            many optimizer steps (1 = every step, Table E.4); ``None`` = draw once and keep.
-        aggregate: ``"mean"`` (Eq. 6.4) or ``"max"`` (Eq. 6.5) over the projections.
-        share_projection: layers with the same neuron dimension D use the same projections (§2.7);
-            ``None`` = True for random, False for angle-preserving/adversarial (the authors' code).
+        projection: the projection options, a :class:`CoMHEProjection` (kind, projection_dim, num_projections,
+            refresh_every, aggregate, shared, mode, steps, update_every, lr, unroll_lr, unroll_steps,
+            weight_decay, angle_loss, reinit_every, group_size, group_mode, small_layer_fallback; see there), or
+            a kind name (``"random"``, ``"angle_preserving"``, ``"adversarial"``, ``"group"``, or the aliases
+            ``"rp"``, ``"ap"``, ``"adv"``) for that kind's defaults. In YAML: ``projection: random`` or
+            ``projection: {kind: angle_preserving, steps: 3}``.
         s, metric, eps: energy power, distance and kernel epsilon (see ``hyperspherical_energy``).
         half_space: half-space energy of the (projected) hidden layers (default, §1.3); the output
             layer is always full-space.
         hidden_weight: λ_h, the same for every hidden layer (1, thesis E.1). ``0`` disables them.
         output_weight: λ_o of the output layer's full-space MHE (10 in the authors' code); ``0`` = none.
-        projection_mode: angle-preserving/adversarial only. ``"unrolled"`` (default, best in Table
-            6.1): the network minimizes the energy at :math:`P' = P \\mp \\eta\\nabla_P` (``unroll_steps``
-            steps kept in the graph, so W also gets the second-order terms); ``"alternating"``:
-            the energy at P, P updated in turn.
-        projection_steps: SGD steps on P per update; ``None`` = 1 (angle-preserving), 10 (adversarial).
-        projection_update_every: optimizer steps between P updates; ``None`` = 1 (unrolled), 10 (alternating).
-        projection_lr: step size of the P updates; ``"tied"`` = the model optimizer's current lr.
-        unroll_lr: η of the unrolled step; ``"tied"`` as above.
-        unroll_steps: unrolled steps.
-        projection_weight_decay: L2 on P in its updates (5e-7 ≈ the authors' 1e-3 · 5e-4).
-        angle_loss: ``"cos_fro"`` (default), ``"cos_sq"`` or ``"angle_sq"``
-            (:func:`~lightning_hyper.functional.projection.angle_preservation_loss`).
-        reinit_every: re-draw learned P from N(0, 1) every this many steps (``None`` = never).
-        group_size: input channels per group (8, Table 6.1); a layer with fewer channels is one group.
-        group_mode: ``"consecutive"`` channel groups or ``"stochastic"`` (a random coordinate
-            partition, redrawn every ``refresh_every`` steps).
-        small_layer_fallback: ``"mhe"`` (D <= projection_dim: plain MHE, no projection) or ``"project"``
-            (random / learned projections; ``"group"`` falls back when a layer has at most one group).
+            (Two terms, two strengths, as :class:`~lightning_hyper.callbacks.MHERegularizer`; the single-term
+            callbacks call theirs ``weight``.)
         full_energy_every: compute the unprojected energy for logging every this many steps;
             ``None`` = the Trainer's ``log_every_n_steps``; ``0`` = never.
         chunk_size, zero_norm: see :class:`~lightning_hyper.callbacks.MHERegularizer` (``zero_norm="warn"``
@@ -122,7 +217,17 @@ class CoMHERegularizer(PenaltyCallback):
             ``(seed, global_step // refresh_every, D or layer)`` on the weights' device, so every DDP rank
             draws the same projections and a resumed run continues identically.
         include, exclude, layer_types, output_layer, inputs, verbose, mode, labels, on_nonfinite,
-            max_grad_norm, prefix: see :class:`~lightning_hyper.callbacks.base.PenaltyCallback`.
+            max_grad_norm, prefix, every_n_steps: see :class:`~lightning_hyper.callbacks.base.PenaltyCallback`.
+        projection_dim, num_projections, refresh_every, aggregate, share_projection, projection_mode,
+            projection_steps, projection_update_every, projection_lr, unroll_lr, unroll_steps,
+            projection_weight_decay, angle_loss, reinit_every, group_size, group_mode, small_layer_fallback:
+            deprecated (``DeprecationWarning``, removed in a future release): the flat form of the
+            :class:`CoMHEProjection` fields (:data:`FLAT_NAMES`); keyword-only, ``None`` = not given
+            (``refresh_every``: ``-1`` = not given, ``None`` = never redraw, as before).
+
+    Attributes: :attr:`projection_options` (the :class:`CoMHEProjection` in force) and, as before, the resolved
+    options under their old names (``projection`` = the kind, ``projection_dim``, ``num_projections``,
+    ``share_projection``, ``projection_steps``, ``projection_update_every``, ...).
 
     A grouped convolution's term is the mean over its channel groups (each group's neurons are
     projected and their energy computed on their own).
@@ -142,14 +247,8 @@ class CoMHERegularizer(PenaltyCallback):
 
     prefix = "comhe"
 
-    def __init__(self, projection: str = "random", projection_dim: int = 30, num_projections: int | None = None,
-                 refresh_every: int | None = 1, aggregate: str = "mean", share_projection: bool | None = None,
-                 s: float = 2.0, half_space: bool = True, metric: str = "euclidean", hidden_weight: float = 1.0,
-                 output_weight: float = 10.0, projection_mode: str = "unrolled", projection_steps: int | None = None,
-                 projection_update_every: int | None = None, projection_lr: str | float = "tied",
-                 unroll_lr: str | float = "tied", unroll_steps: int = 1, projection_weight_decay: float = 5e-7,
-                 angle_loss: str = "cos_fro", reinit_every: int | None = None, group_size: int = 8,
-                 group_mode: str = "consecutive", small_layer_fallback: str = "mhe",
+    def __init__(self, projection: str | CoMHEProjection = "random", *, s: float = 2.0, half_space: bool = True,
+                 metric: str = "euclidean", hidden_weight: float = 1.0, output_weight: float = 10.0,
                  full_energy_every: int | None = None, eps: float = 1e-6, chunk_size: int | None = None,
                  zero_norm: str = "warn", seed: int = 0,
                  include: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None,
@@ -157,72 +256,60 @@ class CoMHERegularizer(PenaltyCallback):
                  inputs: Callable[[Any], Any] | None = None, verbose: bool = True,
                  mode: str = "auto", labels: Callable[[Any], Tensor | None] | None = None,
                  on_nonfinite: str = "error", max_grad_norm: float | None = DEFAULT_MAX_GRAD_NORM,
-                 prefix: str | None = None) -> None:
+                 prefix: str | None = None, every_n_steps: int = 1,
+                 projection_dim: int | None = None, num_projections: int | None = None,
+                 refresh_every: int | None = _REFRESH_NOT_GIVEN, aggregate: str | None = None,
+                 share_projection: bool | None = None, projection_mode: str | None = None,
+                 projection_steps: int | None = None, projection_update_every: int | None = None,
+                 projection_lr: str | float | None = None, unroll_lr: str | float | None = None,
+                 unroll_steps: int | None = None, projection_weight_decay: float | None = None,
+                 angle_loss: str | None = None, reinit_every: int | None = None, group_size: int | None = None,
+                 group_mode: str | None = None, small_layer_fallback: str | None = None) -> None:
         super().__init__(include=include, exclude=exclude, layer_types=layer_types, output_layer=output_layer,
                          inputs=inputs, verbose=verbose, mode=mode, labels=labels, on_nonfinite=on_nonfinite,
-                         max_grad_norm=max_grad_norm, prefix=prefix)
-        projection = _ALIASES.get(projection, projection) if isinstance(projection, str) else projection
-        if projection not in PROJECTIONS:
-            raise ValueError(f"projection={projection!r} is not supported; accepted values: {list(PROJECTIONS)} "
-                             f"(aliases {sorted(_ALIASES)})")
-        if isinstance(projection_dim, bool) or not isinstance(projection_dim, int) or projection_dim < 1:
-            raise ValueError(f"projection_dim={projection_dim!r} is not supported; accepted values: an int >= 1")
-        _opt_int(num_projections, "num_projections", 1, "5 for random, 1 for learned projections")
-        _opt_int(refresh_every, "refresh_every", 1, "never redraw")
-        if aggregate not in AGGREGATES:
-            raise ValueError(f"aggregate={aggregate!r} is not supported; accepted values: {list(AGGREGATES)}")
-        if share_projection is not None and not isinstance(share_projection, bool):
-            raise ValueError(f"share_projection={share_projection!r} is not supported; accepted values: None, "
-                             "True, False")
-        _validate(s, metric, "mean", "radian", eps)
-        if projection_mode not in PROJECTION_MODES:
-            raise ValueError(f"projection_mode={projection_mode!r} is not supported; accepted values: "
-                             f"{list(PROJECTION_MODES)}")
-        _opt_int(projection_steps, "projection_steps", 0, "1 for angle_preserving, 10 for adversarial")
-        _opt_int(projection_update_every, "projection_update_every", 1, "1 unrolled, 10 alternating")
-        if isinstance(unroll_steps, bool) or not isinstance(unroll_steps, int) or unroll_steps < 1:
-            raise ValueError(f"unroll_steps={unroll_steps!r} is not supported; accepted values: an int >= 1")
-        if angle_loss not in ANGLE_LOSSES:
-            raise ValueError(f"angle_loss={angle_loss!r} is not supported; accepted values: {list(ANGLE_LOSSES)}")
-        _opt_int(reinit_every, "reinit_every", 1, "never")
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-            raise ValueError(f"group_size={group_size!r} is not supported; accepted values: an int >= 1")
-        if group_mode not in GROUP_MODES:
-            raise ValueError(f"group_mode={group_mode!r} is not supported; accepted values: {list(GROUP_MODES)}")
-        if small_layer_fallback not in SMALL_LAYER_FALLBACKS:
-            raise ValueError(f"small_layer_fallback={small_layer_fallback!r} is not supported; accepted values: "
-                             f"{list(SMALL_LAYER_FALLBACKS)}")
-        _opt_int(full_energy_every, "full_energy_every", 0, "the Trainer's log_every_n_steps")
-        if zero_norm not in ZERO_NORM_POLICIES:
-            raise ValueError(f"zero_norm={zero_norm!r} is not supported; accepted values: {list(ZERO_NORM_POLICIES)}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed={seed!r} is not supported; accepted values: an int")
-        learned = projection in ("angle_preserving", "adversarial")
-        self.projection = projection
-        self.projection_dim = projection_dim
-        self.num_projections = num_projections if num_projections is not None else (1 if learned else 5)
-        self.refresh_every = refresh_every
-        self.aggregate = aggregate
-        self.share_projection = share_projection if share_projection is not None else not learned
+                         max_grad_norm=max_grad_norm, prefix=prefix, every_n_steps=every_n_steps)
+        owner = type(self).__name__
+        flat = {k: v for k, v in dict(
+            projection_dim=projection_dim, num_projections=num_projections, refresh_every=refresh_every,
+            aggregate=aggregate, share_projection=share_projection, projection_mode=projection_mode,
+            projection_steps=projection_steps, projection_update_every=projection_update_every,
+            projection_lr=projection_lr, unroll_lr=unroll_lr, unroll_steps=unroll_steps,
+            projection_weight_decay=projection_weight_decay, angle_loss=angle_loss, reinit_every=reinit_every,
+            group_size=group_size, group_mode=group_mode, small_layer_fallback=small_layer_fallback).items()
+            if (v is not None if k != "refresh_every" else v != _REFRESH_NOT_GIVEN)}
+        options = self._projection_options(projection, flat, owner)
+        validate_energy_args(s, metric, "mean", "radian", eps)
+        _opt_int(full_energy_every, "full_energy_every", 0, "the Trainer's log_every_n_steps", owner)
+        check_choice("zero_norm", zero_norm, ZERO_NORM_POLICIES, owner=owner)
+        check_number("seed", seed, integer=True, owner=owner)
+        learned = options.learned
+        self.projection_options = options
+        # the resolved options, under their old names (read by the penalty and by users' code)
+        self.projection = options.kind
+        self.projection_dim = options.projection_dim
+        self.num_projections = options.num_projections if options.num_projections is not None else (1 if learned else 5)
+        self.refresh_every = options.refresh_every
+        self.aggregate = options.aggregate
+        self.share_projection = options.shared if options.shared is not None else not learned
+        self.projection_mode = options.mode
+        self.projection_steps = options.steps if options.steps is not None else (10 if options.kind == "adversarial"
+                                                                                 else 1)
+        self.projection_update_every = (options.update_every if options.update_every is not None
+                                        else (10 if options.mode == "alternating" else 1))
+        self.projection_lr = options.lr
+        self.unroll_lr = options.unroll_lr
+        self.unroll_steps = options.unroll_steps
+        self.projection_weight_decay = options.weight_decay
+        self.angle_loss = options.angle_loss
+        self.reinit_every = options.reinit_every
+        self.group_size = options.group_size
+        self.group_mode = options.group_mode
+        self.small_layer_fallback = options.small_layer_fallback
         self.s = float(s)
         self.half_space = bool(half_space)
         self.metric = metric
-        self.hidden_weight = finite_or_raise(hidden_weight, "hidden_weight", 0.0)
-        self.output_weight = finite_or_raise(output_weight, "output_weight", 0.0)
-        self.projection_mode = projection_mode
-        self.projection_steps = (projection_steps if projection_steps is not None
-                                 else (10 if projection == "adversarial" else 1))
-        self.projection_update_every = (projection_update_every if projection_update_every is not None
-                                        else (10 if projection_mode == "alternating" else 1))
-        self.projection_lr = _lr_arg(projection_lr, "projection_lr")
-        self.unroll_lr = _lr_arg(unroll_lr, "unroll_lr")
-        self.unroll_steps = unroll_steps
-        self.projection_weight_decay = finite_or_raise(projection_weight_decay, "projection_weight_decay", 0.0)
-        self.angle_loss = angle_loss
-        self.reinit_every = reinit_every
-        self.group_size = group_size
-        self.group_mode = group_mode
-        self.small_layer_fallback = small_layer_fallback
+        self.hidden_weight = check_number("hidden_weight", hidden_weight, low=0, low_inclusive=True, owner=owner)
+        self.output_weight = check_number("output_weight", output_weight, low=0, low_inclusive=True, owner=owner)
         self.full_energy_every = full_energy_every
         self.eps = float(eps)
         self.chunk_size = chunk_size
@@ -235,6 +322,34 @@ class CoMHERegularizer(PenaltyCallback):
         self._drawn: dict[str, Tensor] = {}  # key -> random projections / permutation of the current period
         self._drawn_period: int | None = None
         self._prepared_step: int | None = None
+
+    @staticmethod
+    def _projection_options(projection: Any, flat: dict[str, Any], owner: str) -> CoMHEProjection:
+        """The :class:`CoMHEProjection` of ``projection`` (an object or a kind name) and the deprecated flat
+        keyword arguments ``flat`` (old name -> value; only those given)."""
+        if isinstance(projection, CoMHEProjection):
+            if flat:
+                argument_error(sorted(flat)[0], flat[sorted(flat)[0]], "not together with projection=CoMHEProjection(...)",
+                               owner=owner, fix="set the option on the CoMHEProjection (fields: "
+                               + ", ".join(f"{k} -> {FLAT_NAMES[k]}" for k in sorted(flat)) + ")")
+            return dataclasses.replace(projection)  # a validated copy: the callback never shares the user's object
+        if isinstance(projection, dict):  # (a mapping of fields, e.g. from a config read without jsonargparse)
+            return CoMHEProjection(**projection)
+        if not isinstance(projection, str):
+            argument_error("projection", projection, "a CoMHEProjection or a kind name: "
+                           + ", ".join(repr(p) for p in PROJECTIONS), owner=owner)
+        for old, value in flat.items():
+            renamed_argument(owner, old, f"projection=CoMHEProjection({FLAT_NAMES[old]}=...)", value, stacklevel=4)
+        options = CoMHEProjection.__new__(CoMHEProjection)
+        for f in dataclasses.fields(CoMHEProjection):
+            setattr(options, f.name, f.default)
+        options.kind = projection
+        for old, value in flat.items():
+            setattr(options, FLAT_NAMES[old], value)
+        names = {new: old for old, new in FLAT_NAMES.items() if old in flat}
+        names["kind"] = "projection"
+        options.validate(names, owner)
+        return options
 
     # ------------------------------------------------------------------ keys and draws
     def _key(self, layer: NeuronGroup, dim: int) -> str:
@@ -350,7 +465,7 @@ class CoMHERegularizer(PenaltyCallback):
             p = self._learned_projection(key, ws[0].shape[1], step, ws[0].device, dtype)
             if not due or self.projection_steps == 0:
                 continue
-            lr = self._lr(self.projection_lr, "projection_lr")
+            lr = self._lr(self.projection_lr, "projection_lr")  # (CoMHEProjection.lr)
             if self.projection == "angle_preserving":
                 p = angle_preserving_step(ws, p, lr=lr, steps=self.projection_steps, loss=self.angle_loss,
                                           weight_decay=self.projection_weight_decay)

@@ -24,8 +24,9 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
 from lightning_hyper.callbacks.base import InstanceStateKey, check_strategy
-from lightning_hyper.nn.decoupled import _DecoupledMixin
-from lightning_hyper.nn.sphere import _SphereMixin
+from lightning_hyper.functional.checks import check_number
+from lightning_hyper.nn.decoupled import DecoupledOperator
+from lightning_hyper.nn.sphere import SphereOperator
 
 __all__ = [
     "PretrainedInit",
@@ -51,9 +52,9 @@ def standard_layers(model: nn.Module, include_sphere: bool = True) -> list[tuple
     """
     out = []
     for name, m in model.named_modules():
-        if isinstance(m, _DecoupledMixin) and m.weighted == "none":
+        if isinstance(m, DecoupledOperator) and m.weighted == "none":
             out.append((name, m))
-        elif include_sphere and isinstance(m, _SphereMixin) and m.angle_fn != "none":
+        elif include_sphere and isinstance(m, SphereOperator) and m.angle_fn != "none":
             out.append((name, m))
     return out
 
@@ -80,25 +81,19 @@ def project_weights(layers: nn.Module | Iterable[nn.Module], scale: float = 1.0,
     return n
 
 
-def _positive(name: str, value: Any, integer: bool = False) -> None:
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
-        raise ValueError(f"{name} must be a positive {'integer' if integer else 'number'}, got {value!r}")
-
-
 class WeightProjection(InstanceStateKey, Callback):
     """Project the kernels of standard decoupled / Sphere layers onto the sphere of radius ``scale``.
 
     Fires after the optimizer step that makes ``trainer.global_step`` a multiple of ``every_n_steps``
-    (steps ``n, 2n, ...``; the reference code uses ``n = 100``, ``s = 1``); optimizer state is kept.
+    (optimizer steps ``n, 2n, ...``, not batches, like every callback's ``every_n_steps``; the reference code uses ``n = 100``, ``s = 1``); optimizer state is kept.
     The network's output is unchanged by a projection (up to the layers' ``eps``). Raises in ``setup``
     if the model has no such layer. State (steps and count of projections) under the ``state_key``
     ``"WeightProjection"`` (``"WeightProjection#k"`` for the k-th instance in one Trainer).
     """
 
     def __init__(self, every_n_steps: int = 100, scale: float = 1.0, include_sphere: bool = True) -> None:
-        _positive("every_n_steps", every_n_steps, integer=True)
-        _positive("scale", scale)
+        check_number("every_n_steps", every_n_steps, low=1, low_inclusive=True, integer=True, owner="WeightProjection")
+        check_number("scale", scale, low=0, owner="WeightProjection")
         self.every_n_steps = every_n_steps
         self.scale = float(scale)
         self.include_sphere = include_sphere
@@ -202,7 +197,7 @@ def init_from_cnn(
             f"missing={bad_missing[:5]}, unexpected={list(result.unexpected_keys)[:5]}"
         )
     for m in model.modules():
-        if isinstance(m, _DecoupledMixin) and m.radius_norm:
+        if isinstance(m, DecoupledOperator) and m.radius_norm:
             m.patch_norm_mean.fill_(1.0)
             m.num_batches_tracked.zero_()
     return missing
@@ -219,7 +214,7 @@ def warmup_patch_norms(model: nn.Module, inputs: Iterable[Any], forward: Any = N
     modes = {m: m.training for m in model.modules()}
     model.eval()
     for m in model.modules():
-        if isinstance(m, _DecoupledMixin):
+        if isinstance(m, DecoupledOperator):
             m.train()
     n = 0
     try:
@@ -250,8 +245,7 @@ class PretrainedInit(InstanceStateKey, Callback):
     """
 
     def __init__(self, source: Any, submodule: str = "", warmup_batches: int = 0, strict: bool = True) -> None:
-        if isinstance(warmup_batches, bool) or not isinstance(warmup_batches, int) or warmup_batches < 0:
-            raise ValueError(f"warmup_batches must be an integer >= 0, got {warmup_batches!r}")
+        check_number("warmup_batches", warmup_batches, low=0, low_inclusive=True, integer=True, owner="PretrainedInit")
         self.source = source
         self.submodule = submodule
         self.warmup_batches = warmup_batches

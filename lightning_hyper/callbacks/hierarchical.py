@@ -30,11 +30,12 @@ import torch
 from torch import Tensor
 
 from lightning_hyper.callbacks.base import DEFAULT_MAX_GRAD_NORM, PenaltyCallback, finite_or_raise
+from lightning_hyper.functional.checks import check_choice, check_number
 from lightning_hyper.functional.discrete import (
     DISCRETE_MODES,
     GM_FORMS,
-    _check_options,
     canonical_metric,
+    check_metric_options,
     grouped_metric_energy,
     metric_energy,
 )
@@ -182,7 +183,7 @@ class HierarchicalRegularizer(PenaltyCallback):
         discrete, clamp, gm, threshold: options of the metric (see
             :func:`~lightning_hyper.functional.discrete.pairwise_metric`).
         include, exclude, layer_types, output_layer, inputs, verbose, mode, labels, on_nonfinite,
-            max_grad_norm, prefix: see :class:`~lightning_hyper.callbacks.base.PenaltyCallback`
+            max_grad_norm, prefix, every_n_steps: see :class:`~lightning_hyper.callbacks.base.PenaltyCallback`
             (``max_grad_norm`` bounds the gradient through a plain output layer's rows; a
             ``HierarchicalLinear``'s geometry is read from the layer itself).
 
@@ -201,26 +202,25 @@ class HierarchicalRegularizer(PenaltyCallback):
                  inputs: Callable[[Any], Any] | None = None, verbose: bool = True,
                  mode: str = "auto", labels: Callable[[Any], Tensor | None] | None = None,
                  on_nonfinite: str = "error", max_grad_norm: float | None = DEFAULT_MAX_GRAD_NORM,
-                 prefix: str | None = None) -> None:
+                 prefix: str | None = None, every_n_steps: int = 1) -> None:
         super().__init__(include=include, exclude=exclude, layer_types=layer_types, output_layer=output_layer,
                          inputs=inputs, verbose=verbose, mode=mode, labels=labels, on_nonfinite=on_nonfinite,
-                         max_grad_norm=max_grad_norm, prefix=prefix)
+                         max_grad_norm=max_grad_norm, prefix=prefix, every_n_steps=every_n_steps)
+        owner = type(self).__name__
         self.metric = canonical_metric(metric)
-        if pairs not in PAIR_SCOPES:
-            raise ValueError(f"pairs={pairs!r} is not supported; accepted values: {list(PAIR_SCOPES)}")
-        if discrete not in DISCRETE_MODES:
-            raise ValueError(f"discrete={discrete!r} is not supported; accepted values: {list(DISCRETE_MODES)}")
-        if gm not in GM_FORMS:
-            raise ValueError(f"gm={gm!r} is not supported; accepted values: {list(GM_FORMS)}")
-        self.weight = finite_or_raise(weight, "weight", 0.0)
-        self.within_weight = finite_or_raise(within_weight, "within_weight", 0.0)
-        self.between_weight = finite_or_raise(between_weight, "between_weight", 0.0)
+        check_choice("pairs", pairs, PAIR_SCOPES, owner=owner)
+        check_choice("discrete", discrete, DISCRETE_MODES, owner=owner)
+        check_choice("gm", gm, GM_FORMS, owner=owner)
+        self.weight = check_number("weight", weight, low=0, low_inclusive=True, owner=owner)
+        self.within_weight = check_number("within_weight", within_weight, low=0, low_inclusive=True, owner=owner)
+        self.between_weight = check_number("between_weight", between_weight, low=0, low_inclusive=True, owner=owner)
         self.constraints = parse_constraints(constraints)
-        self.center_orthogonality = finite_or_raise(center_orthogonality, "center_orthogonality", 0.0)
+        self.center_orthogonality = check_number("center_orthogonality", center_orthogonality, low=0,
+                                                 low_inclusive=True, owner=owner)
         self.hierarchy = Hierarchy.parse(hierarchy) if hierarchy is not None else None
         self.pairs = pairs
         self.metric_kwargs = {"discrete": discrete, "clamp": clamp, "gm": gm, "threshold": threshold}
-        _check_options(discrete, clamp, gm, threshold)
+        check_metric_options(discrete, clamp, gm, threshold)
         self._warned_no_labels = False
 
     # ------------------------------------------------------------------ helpers

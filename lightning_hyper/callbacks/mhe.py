@@ -14,18 +14,25 @@ import warnings
 from typing import Any, Callable, Sequence
 
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 
-from lightning_hyper.callbacks.base import (DEFAULT_MAX_GRAD_NORM, MIN_NORM, ZERO_NORM_POLICIES, PenaltyCallback,
-                                           finite_or_raise)
-from lightning_hyper.functional.energy import hyperspherical_energy, output_energy_from_labels, _validate
-from lightning_hyper.functional import discrete as _dh2l
+from lightning_hyper.callbacks.base import DEFAULT_MAX_GRAD_NORM, MIN_NORM, ZERO_NORM_POLICIES, PenaltyCallback
+from lightning_hyper.functional.checks import argument_error, check_choice, check_number
+from lightning_hyper.functional.discrete import (METRICS as DH2L_METRICS, canonical_metric, metric_energy,
+                                                 metric_energy_from_labels)
+from lightning_hyper.functional.energy import hyperspherical_energy, output_energy_from_labels, validate_energy_args
+from lightning_hyper.functional.seeding import seeded_generator
 from lightning_hyper.nn.selection import NeuronGroup
 
-__all__ = ["MHERegularizer", "OUTPUT_MODES", "HIDDEN_REDUCTIONS"]
+__all__ = ["MHERegularizer", "OUTPUT_MODES", "HIDDEN_REDUCTIONS", "LARGE_OUTPUT"]
 
-OUTPUT_MODES = ("full", "labels", "unique_labels")
+OUTPUT_MODES = ("auto", "full", "labels", "unique_labels")
 HIDDEN_REDUCTIONS = ("sum", "mean")
+#: ``output_mode="auto"`` uses the mini-batch (``"labels"``) output term above this many output neurons
+#: (classes): the full output energy is O(C^2 d) per step (a 33k-word LM decoder made a small model's step
+#: 2.7x slower), the labels form O(B C d)
+LARGE_OUTPUT = 4096
 
 
 class MHERegularizer(PenaltyCallback):
@@ -44,8 +51,11 @@ class MHERegularizer(PenaltyCallback):
             ``0`` disables the hidden term.
         output_weight: λ_o for the output layer (``0`` disables it).
         output_mode: ``"full"`` (all classes), ``"labels"`` (mini-batch form of §5.3.6 / SphereFace+
-            Eq. 5.8: rows of the classes in the batch, with multiplicity, against all classes) or
-            ``"unique_labels"`` (each present class once).
+            Eq. 5.8: rows of the classes in the batch, with multiplicity, against all classes),
+            ``"unique_labels"`` (each present class once) or ``"auto"`` (default): ``"full"``, except for an
+            output layer of more than :data:`LARGE_OUTPUT` = 4096 neurons (e.g. a language model's decoder),
+            which gets ``"labels"``, with one notice on rank zero (pass ``output_mode="full"`` to keep the full
+            energy there). The mode in force is :attr:`resolved_output_mode` once the layers are resolved.
         hidden_reduction: ``"sum"`` over hidden layers (Eq. 5.4) or ``"mean"``.
         angle_unit: ``"radian"`` (thesis) or ``"pi"`` (θ/π, authors' code), angular metric only.
         eps: kernel epsilon (see :func:`hyperspherical_energy`).
@@ -58,16 +68,20 @@ class MHERegularizer(PenaltyCallback):
         chunk_size: Gram row-block size for very large layers.
         seed: seed of the neuron subsets.
         include, exclude, layer_types, output_layer, inputs, verbose, mode, labels, on_nonfinite,
-            max_grad_norm, prefix: see :class:`~lightning_hyper.callbacks.base.PenaltyCallback`.
+            max_grad_norm, prefix, every_n_steps: see :class:`~lightning_hyper.callbacks.base.PenaltyCallback`.
+
+    Penalty strength: two terms with their own strength, ``hidden_weight`` (λ_h) and ``output_weight`` (λ_o),
+    as in Eq. 5.4; the single-term callbacks call theirs ``weight``.
 
     Logs ``mhe/penalty`` and ``mhe/energy/<layer>`` (the layer's mean pairwise energy of the
-    configured variant, on all neurons).
+    configured variant, on all neurons; for an output layer of more than :data:`LARGE_OUTPUT` neurons in a
+    labels mode, the batch term the penalty uses, since all pairs are what that mode avoids computing).
     """
 
     prefix = "mhe"
 
     def __init__(self, s: float = 2.0, metric: str = "euclidean", half_space: bool = False,
-                 hidden_weight: float | None = None, output_weight: float = 1.0, output_mode: str = "full",
+                 hidden_weight: float | None = None, output_weight: float = 1.0, output_mode: str = "auto",
                  hidden_reduction: str = "sum", angle_unit: str = "radian", eps: float = 1e-6,
                  neuron_batch_size: int | None = None, warmup_steps: int = 0, zero_norm: str = "warn",
                  chunk_size: int | None = None, seed: int = 0,
@@ -76,41 +90,39 @@ class MHERegularizer(PenaltyCallback):
                  inputs: Callable[[Any], Any] | None = None, verbose: bool = True,
                  mode: str = "auto", labels: Callable[[Any], Tensor | None] | None = None,
                  on_nonfinite: str = "error", max_grad_norm: float | None = DEFAULT_MAX_GRAD_NORM,
-                 prefix: str | None = None) -> None:
+                 prefix: str | None = None, every_n_steps: int = 1) -> None:
         super().__init__(include=include, exclude=exclude, layer_types=layer_types, output_layer=output_layer,
                          inputs=inputs, verbose=verbose, mode=mode, labels=labels, on_nonfinite=on_nonfinite,
-                         max_grad_norm=max_grad_norm, prefix=prefix)
+                         max_grad_norm=max_grad_norm, prefix=prefix, every_n_steps=every_n_steps)
+        owner = type(self).__name__
         # DH2L names (functional/discrete.py), the baselines included; "angular" keeps its MHE meaning (A-MHE,
         # thesis §5.3.3): DH2L's continuous-angle metric of that name is not reachable from here
-        dh2l_names = [m for m in _dh2l.METRICS if m != "angular"]
+        dh2l_names = [m for m in DH2L_METRICS if m != "angular"]
         self._dh2l_metric = isinstance(metric, str) and (
             metric in dh2l_names or (metric.endswith("_prime") and metric[:-6] + "'" in dh2l_names))
         if not self._dh2l_metric and metric not in ("euclidean", "angular"):
-            raise ValueError(f"metric={metric!r} is not supported; accepted values: ['euclidean', 'angular'] or a "
-                             f"DH2L metric name {dh2l_names}")
+            argument_error("metric", metric, "'euclidean', 'angular' or a DH2L metric name "
+                           + ", ".join(repr(m) for m in dh2l_names), owner=owner)
         if self._dh2l_metric and half_space:
-            raise ValueError(f"half_space=True is not supported with the DH2L metric {metric!r}; accepted: "
-                             "half_space=False, or metric='euclidean'/'angular'")
-        _validate(s, "euclidean" if self._dh2l_metric else metric, "mean", angle_unit, eps)
-        if output_mode not in OUTPUT_MODES:
-            raise ValueError(f"output_mode={output_mode!r} is not supported; accepted values: {list(OUTPUT_MODES)}")
-        if hidden_reduction not in HIDDEN_REDUCTIONS:
-            raise ValueError(f"hidden_reduction={hidden_reduction!r} is not supported; accepted values: "
-                             f"{list(HIDDEN_REDUCTIONS)}")
-        if zero_norm not in ZERO_NORM_POLICIES:
-            raise ValueError(f"zero_norm={zero_norm!r} is not supported; accepted values: {list(ZERO_NORM_POLICIES)}")
-        if neuron_batch_size is not None and (not isinstance(neuron_batch_size, int) or neuron_batch_size < 2):
-            raise ValueError(f"neuron_batch_size={neuron_batch_size!r} is not supported; accepted values: None or "
-                             "an int >= 2")
-        if not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps={warmup_steps!r} is not supported; accepted values: an int >= 0")
+            argument_error("half_space", half_space, f"False with the DH2L metric {metric!r}", owner=owner,
+                           fix="half_space=False, or metric='euclidean'/'angular'")
+        validate_energy_args(s, "euclidean" if self._dh2l_metric else metric, "mean", angle_unit, eps)
+        check_choice("output_mode", output_mode, OUTPUT_MODES, owner=owner)
+        check_choice("hidden_reduction", hidden_reduction, HIDDEN_REDUCTIONS, owner=owner)
+        check_choice("zero_norm", zero_norm, ZERO_NORM_POLICIES, owner=owner)
+        check_number("neuron_batch_size", neuron_batch_size, low=2, low_inclusive=True, integer=True, allow_none=True,
+                     owner=owner)
+        check_number("warmup_steps", warmup_steps, low=0, low_inclusive=True, integer=True, owner=owner)
         self.s = float(s)
-        self.metric = _dh2l.canonical_metric(metric) if self._dh2l_metric else metric
+        self.metric = canonical_metric(metric) if self._dh2l_metric else metric
         self.half_space = bool(half_space)
         default_hidden = 1.0 if half_space else 10.0
-        self.hidden_weight = default_hidden if hidden_weight is None else finite_or_raise(hidden_weight, "hidden_weight", 0.0)
-        self.output_weight = finite_or_raise(output_weight, "output_weight", 0.0)
+        self.hidden_weight = default_hidden if hidden_weight is None else check_number(
+            "hidden_weight", hidden_weight, low=0, low_inclusive=True, owner=owner)
+        self.output_weight = check_number("output_weight", output_weight, low=0, low_inclusive=True, owner=owner)
         self.output_mode = output_mode
+        #: the output mode in force ("auto" resolved when the layers are resolved, on the first training batch)
+        self.resolved_output_mode = "full" if output_mode == "auto" else output_mode
         self.hidden_reduction = hidden_reduction
         self.angle_unit = angle_unit
         self.eps = float(eps)
@@ -122,6 +134,21 @@ class MHERegularizer(PenaltyCallback):
         self._warned_no_labels = False
 
     # ------------------------------------------------------------------ helpers
+    def validate_layers(self, layers: list[NeuronGroup]) -> None:
+        """Resolve ``output_mode="auto"``: ``"labels"`` for an output layer of more than :data:`LARGE_OUTPUT`
+        neurons (one notice on rank zero), else ``"full"``."""
+        if self.output_mode != "auto":
+            return
+        self.resolved_output_mode = "full"
+        for layer in layers:
+            shape = layer.shape
+            if layer.role == "output" and len(shape) == 2 and shape[0] > LARGE_OUTPUT and self.output_weight:
+                self.resolved_output_mode = "labels"
+                rank_zero_info(
+                    f"{type(self).__name__}: output layer {layer.name!r} has {shape[0]} neurons (> {LARGE_OUTPUT}): "
+                    "its energy term uses the batch's labels (output_mode='labels', the mini-batch form) instead of "
+                    f"all {shape[0]}x{shape[0]} pairs. Pass output_mode='full' to force the full output energy.")
+
     def energy(self, neurons: Tensor, role: str) -> Tensor:
         """Mean pairwise energy of this callback's variant for a layer of the given role: ``(N, d)`` ->
         its energy; ``(G, N, d)`` (a grouped convolution) -> the mean over the G groups."""
@@ -130,7 +157,7 @@ class MHERegularizer(PenaltyCallback):
                 return torch.stack([self.energy(n, role) for n in neurons]).mean()
             if self.energy_zero_norm == "exclude":
                 neurons, _ = _with_direction(neurons)
-            return _dh2l.metric_energy(neurons, metric=self.metric)
+            return metric_energy(neurons, metric=self.metric)
         e = hyperspherical_energy(
             neurons, s=self.s, metric=self.metric, half_space=self.half_space and role == "hidden",
             reduction="mean", angle_unit=self.angle_unit, eps=self.eps, chunk_size=self.chunk_size,
@@ -145,7 +172,7 @@ class MHERegularizer(PenaltyCallback):
         n = neurons.shape[-2]
         if self.neuron_batch_size is None or n <= self.neuron_batch_size:
             return neurons
-        gen = torch.Generator().manual_seed(hash((self.seed, step, layer_index)) & 0x7FFF_FFFF_FFFF_FFFF)
+        gen = seeded_generator(self.seed, step, layer_index)
         idx = torch.randperm(n, generator=gen)[: self.neuron_batch_size].to(neurons.device)
         return neurons[..., idx, :]
 
@@ -172,26 +199,33 @@ class MHERegularizer(PenaltyCallback):
             return {"penalty": (weight * ramp) * energy, "energy": full}
         if self.output_weight == 0:
             return None
-        full = self.energy(neurons, "output")
-        term = full
-        if self.output_mode != "full":
+        term = None
+        output_mode = self.resolved_output_mode
+        if output_mode != "full":
             if labels is None:
                 if not self._warned_no_labels:
-                    warnings.warn(f"MHERegularizer(output_mode={self.output_mode!r}) found no labels in the batch; "
+                    warnings.warn(f"MHERegularizer(output_mode={output_mode!r}) found no labels in the batch; "
                                   "using the full output energy. Pass labels=<batch -> labels getter>.", stacklevel=2)
                     self._warned_no_labels = True
             elif neurons.dim() == 2:  # (a grouped output convolution keeps the full energy)
                 labels = labels.flatten().long()
-                unique = self.output_mode == "unique_labels"
+                unique = output_mode == "unique_labels"
                 if self._dh2l_metric:
                     w = neurons
                     if self.energy_zero_norm == "exclude":
                         w, labels = _with_direction(neurons, labels)
-                    term = _dh2l.metric_energy_from_labels(w, labels, metric=self.metric, unique=unique)
+                    term = metric_energy_from_labels(w, labels, metric=self.metric, unique=unique)
                 else:
                     term = output_energy_from_labels(neurons, labels, s=self.s, metric=self.metric,
                                                      angle_unit=self.angle_unit, eps=self.eps, unique=unique,
                                                      zero_norm=self.energy_zero_norm)
+        if term is None:
+            full = term = self.energy(neurons, "output")
+        elif neurons.shape[-2] > LARGE_OUTPUT:
+            full = term.detach()  # all C^2 pairs of a large output layer are what the batch form avoids
+        else:
+            with torch.no_grad():
+                full = self.energy(neurons, "output")
         return {"penalty": (self.output_weight * ramp) * term, "energy": full}
 
 

@@ -8,8 +8,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_hyper.callbacks.base import MIN_NORM, NeuronCallback, TrainingDivergedError, check_strategy
-from lightning_hyper.functional.energy import _validate, hyperspherical_energy, pairwise_angles
+from lightning_hyper.callbacks.base import (MIN_NORM, NeuronCallback, TrainingDivergedError, check_strategy,
+                                           logger_writes_this_batch, step_in_schedule)
+from lightning_hyper.functional.checks import check_number
+from lightning_hyper.functional.energy import hyperspherical_energy, pairwise_angles, validate_energy_args
 
 __all__ = ["EnergyMonitor"]
 
@@ -29,7 +31,9 @@ class EnergyMonitor(NeuronCallback):
     smallest angle: the smallest within any group).
 
     Args:
-        every_n_steps: log period in training batches (the first batch is always logged).
+        every_n_steps: log period in optimizer steps (``trainer.global_step``, like every callback's
+            ``every_n_steps``): measured after the optimizer steps of index 0, n, 2n, ... (the first step is
+            always logged; under gradient accumulation a period spans ``n * accumulate_grad_batches`` batches).
         s, metric, half_space, angle_unit, eps: the energy variant (see ``hyperspherical_energy``).
         include, exclude, layer_types, output_layer, inputs, verbose: the selection, resolved on the first
             training batch and printed once (see :class:`~lightning_hyper.callbacks.base.NeuronCallback`).
@@ -39,8 +43,8 @@ class EnergyMonitor(NeuronCallback):
             ``<prefix>/angles/<layer>`` (``SummaryWriter.add_histogram``). Needs a
             ``TensorBoardLogger`` among the trainer's loggers; otherwise a warning is given at the
             start of ``fit`` and nothing is logged.
-        histogram_every_n_steps: histogram period in training batches (default: ``every_n_steps``;
-            the first batch is always logged).
+        histogram_every_n_steps: histogram period in optimizer steps (default: ``every_n_steps``; the
+            first step is always logged).
     """
 
     def __init__(self, every_n_steps: int = 50, s: float = 2.0, metric: str = "euclidean", half_space: bool = False,
@@ -51,13 +55,10 @@ class EnergyMonitor(NeuronCallback):
                  histogram_every_n_steps: int | None = None, inputs: Callable[[Any], Any] | None = None,
                  verbose: bool = True) -> None:
         super().__init__()
-        if not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"every_n_steps={every_n_steps!r} is not supported; accepted values: an int >= 1")
-        if histogram_every_n_steps is not None and (not isinstance(histogram_every_n_steps, int)
-                                                    or histogram_every_n_steps < 1):
-            raise ValueError(f"histogram_every_n_steps={histogram_every_n_steps!r} is not supported; accepted "
-                             "values: None (= every_n_steps) or an int >= 1")
-        _validate(s, metric, "mean", angle_unit, eps)
+        check_number("every_n_steps", every_n_steps, low=1, low_inclusive=True, integer=True, owner="EnergyMonitor")
+        check_number("histogram_every_n_steps", histogram_every_n_steps, low=1, low_inclusive=True, integer=True,
+                     allow_none=True, owner="EnergyMonitor", fix="None means every_n_steps")
+        validate_energy_args(s, metric, "mean", angle_unit, eps)
         self.every_n_steps = every_n_steps
         self.s, self.metric, self.half_space, self.angle_unit, self.eps = float(s), metric, half_space, angle_unit, eps
         self.prefix = prefix
@@ -67,10 +68,14 @@ class EnergyMonitor(NeuronCallback):
         self.histogram_every_n_steps = histogram_every_n_steps or every_n_steps
         self._writers: list[Any] = []
         self.history: list[dict[str, Any]] = []
-        self._batches = 0
+        self._batches = 0  # training batches that stepped (Lightning's count for writing logs)
+        self._last_step: int | None = None  # trainer.global_step after the previous training batch
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._assign_state_key(trainer)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_step = trainer.global_step  # (restored by now when resuming)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         check_strategy(trainer, type(self).__name__)
@@ -127,14 +132,21 @@ class EnergyMonitor(NeuronCallback):
     @torch.no_grad()
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        self._batches += 1
-        if self._writers and not (self._batches - 1) % self.histogram_every_n_steps and trainer.is_global_zero:
-            self.log_angle_histograms(trainer.global_step)
-        scheduled = not (self._batches - 1) % self.every_n_steps
+        step = trainer.global_step
+        previous = step - 1 if self._last_step is None else self._last_step
+        self._last_step = step
+        stepped = step > previous or not pl_module.automatic_optimization
+        if stepped:
+            self._batches += 1
+        if self._writers and step_in_schedule(previous, step, self.histogram_every_n_steps) and trainer.is_global_zero:
+            self.log_angle_histograms(step)
+        scheduled = step_in_schedule(previous, step, self.every_n_steps)
         # Lightning writes on-step metrics to the loggers only every log_every_n_steps batches, and then the
         # latest value logged this epoch: log a fresh value on those batches too, so the logger never records
         # an energy measured at an earlier step (or none at all when an epoch is shorter than the period)
-        if not (scheduled or _logger_flushes(trainer)):
+        written = logger_writes_this_batch(trainer, stepped,
+                                           step if pl_module.automatic_optimization else self._batches)
+        if not (scheduled or written):
             return
         sync = trainer.world_size > 1
         prefix = self.log_prefix
@@ -167,11 +179,3 @@ def _sets(neurons: Tensor) -> list[Tensor]:
         return [n for n in sets if n.shape[0] >= 2]
     kept = [n[v >= MIN_NORM] for n, v in zip(sets, norms)]
     return [n for n in kept if n.shape[0] >= 2]
-
-
-def _logger_flushes(trainer: L.Trainer) -> bool:
-    """True if this batch's on-step metrics go to the trainer's loggers (Lightning's own condition)."""
-    if not trainer.loggers:
-        return False
-    connector = getattr(trainer, "_logger_connector", None)
-    return bool(getattr(connector, "should_update_logs", False))

@@ -23,11 +23,12 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_hyper.callbacks.base import DEFAULT_MAX_GRAD_NORM, PenaltyCallback, finite_or_raise
-from lightning_hyper.functional.sphere_ops import ORTHOGONALITY_FORMS, check_choice, kernel_orthogonality
-from lightning_hyper.nn.decoupled import _DecoupledMixin
+from lightning_hyper.callbacks.base import DEFAULT_MAX_GRAD_NORM, PenaltyCallback
+from lightning_hyper.functional.checks import check_choice, check_number
+from lightning_hyper.functional.sphere_ops import ORTHOGONALITY_FORMS, kernel_orthogonality
+from lightning_hyper.nn.decoupled import DecoupledOperator
 from lightning_hyper.nn.selection import NeuronGroup
-from lightning_hyper.nn.sphere import _SphereMixin
+from lightning_hyper.nn.sphere import SphereOperator
 
 __all__ = ["LAYER_SCOPES", "SphereOrthogonalityRegularizer", "is_operator_layer"]
 
@@ -37,9 +38,9 @@ LAYER_SCOPES: tuple[str, ...] = ("operators", "all")
 
 def is_operator_layer(module: nn.Module) -> bool:
     """True for SphereConv*/SphereLinear (``angle_fn != "none"``) and DecoupledConv*/DecoupledLinear layers."""
-    if isinstance(module, _SphereMixin):
+    if isinstance(module, SphereOperator):
         return module.angle_fn != "none"
-    return isinstance(module, _DecoupledMixin)
+    return isinstance(module, DecoupledOperator)
 
 
 class SphereOrthogonalityRegularizer(PenaltyCallback):
@@ -58,7 +59,7 @@ class SphereOrthogonalityRegularizer(PenaltyCallback):
             The output classifier is never regularized (thesis: every SphereConv layer including the
             hidden FC layer, not the classifier).
         include, exclude, layer_types, output_layer, inputs, verbose, mode, on_nonfinite, max_grad_norm,
-            prefix: see :class:`~lightning_hyper.callbacks.base.PenaltyCallback`.
+            prefix, every_n_steps: see :class:`~lightning_hyper.callbacks.base.PenaltyCallback`.
 
     A grouped convolution's term is the mean of its channel groups' terms.
 
@@ -75,15 +76,17 @@ class SphereOrthogonalityRegularizer(PenaltyCallback):
                  layer_types: str | type | Sequence[str | type] | None = None, output_layer: str | None = None,
                  inputs: Callable[[Any], Any] | None = None, verbose: bool = True, mode: str = "auto",
                  labels: Callable[[Any], Tensor | None] | None = None, on_nonfinite: str = "error",
-                 max_grad_norm: float | None = DEFAULT_MAX_GRAD_NORM, prefix: str | None = None) -> None:
+                 max_grad_norm: float | None = DEFAULT_MAX_GRAD_NORM, prefix: str | None = None,
+                 every_n_steps: int = 1) -> None:
         super().__init__(include=include, exclude=exclude, layer_types=layer_types, output_layer=output_layer,
                          inputs=inputs, verbose=verbose, mode=mode, labels=labels, on_nonfinite=on_nonfinite,
-                         max_grad_norm=max_grad_norm, prefix=prefix)
-        self.weight = finite_or_raise(weight, "weight", 0.0)
-        self.form = check_choice("form", form, ORTHOGONALITY_FORMS)
+                         max_grad_norm=max_grad_norm, prefix=prefix, every_n_steps=every_n_steps)
+        owner = type(self).__name__
+        self.weight = check_number("weight", weight, low=0, low_inclusive=True, owner=owner)
+        self.form = check_choice("form", form, ORTHOGONALITY_FORMS, owner=owner)
         self.normalize = bool(normalize)
-        self.eps = finite_or_raise(eps, "eps", 0.0)
-        self.layers_scope = check_choice("layers", layers, LAYER_SCOPES)
+        self.eps = check_number("eps", eps, low=0, low_inclusive=True, owner=owner)
+        self.layers_scope = check_choice("layers", layers, LAYER_SCOPES, owner=owner)
 
     def _applies(self, layer: NeuronGroup) -> bool:
         if layer.role == "output":

@@ -382,3 +382,5 @@ def grouped_metric_energy(neurons: Tensor, groups: Tensor | Sequence[int], metri
         t = pairwise_term(x, None, metric, **kwargs).masked_fill(~same, 0.0)
         sums = torch.zeros_like(pairs_per_group).index_add_(0, g, t.sum(dim=1))
         return (sums[active] / pairs_per_group[active]).mean()
+
+check_metric_options = _check_options  # public name of the check of discrete / clamp / gm / threshold (callbacks)

@@ -599,3 +599,5 @@ def minimum_energy(n: int, d: int, s: float = 2.0, metric: str = "euclidean", ha
 
 
 __all__ += ["minimum_energy"]
+
+validate_energy_args = _validate  # public name of the argument check of hyperspherical_energy (used by the callbacks)

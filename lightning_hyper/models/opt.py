@@ -124,6 +124,13 @@ class OPTMixin:
             sched._last_lr = [g["lr"] for g in optimizer.param_groups]
         return result
 
+    @property
+    def ogd_optimizer(self) -> torch.optim.Optimizer | None:
+        """The OGD optimizer of the rotations (``opt_method="ogd"``: built in ``configure_optimizers``, stepped
+        after the main optimizer), else ``None``. Callbacks that reset the rotations' optimizer state
+        (``SOPTResampler``) read it here."""
+        return self._ogd
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self._ogd is not None:
             checkpoint["ogd_optimizer"] = self._ogd.state_dict()

@@ -411,3 +411,6 @@ class DecoupledLinear(_DecoupledMixin, nn.Linear):
 
     def extra_repr(self) -> str:  # noqa: D102
         return super().extra_repr() + self._decoupled_extra_repr()
+
+
+DecoupledOperator = _DecoupledMixin  # public name of the base of every Decoupled* layer (isinstance checks, callbacks)

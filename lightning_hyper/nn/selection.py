@@ -590,3 +590,5 @@ def selection_table(groups: Sequence[NeuronGroup], skipped: Sequence[tuple[str, 
             lines.append(f"  {'excluded'.ljust(width)}  {len(excluded)} by include/exclude/layer_types: "
                          f"{_preview(excluded, 8)}")
     return "\n".join(lines)
+
+check_patterns = _as_patterns  # public name of the include / exclude / layer_types check (callbacks)

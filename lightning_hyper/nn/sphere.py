@@ -274,3 +274,6 @@ class SphereNorm(SphereConv2d):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, *args: Any, angle_fn: str = "cosine",
                  affine: bool = False, **kwargs: Any) -> None:
         super().__init__(in_channels, out_channels, kernel_size, *args, angle_fn=angle_fn, affine=affine, **kwargs)
+
+
+SphereOperator = _SphereMixin  # public name of the base of every Sphere* layer (for isinstance checks, e.g. callbacks)

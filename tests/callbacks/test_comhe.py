@@ -448,3 +448,71 @@ def test_tied_lr_outside_a_trainer_is_a_clear_error():
     cb.layers = cb.selection.resolve(model)
     with pytest.raises(ValueError, match="projection_lr='tied'"):
         cb.layer_terms(cb.layers[0], None, 0)
+
+
+# ---------------------------------------------------------------- projection options: one object
+from lightning_hyper.callbacks import CoMHEProjection  # noqa: E402
+from lightning_hyper.callbacks.comhe import FLAT_NAMES  # noqa: E402
+
+RESOLVED = ("projection", "projection_dim", "num_projections", "refresh_every", "aggregate", "share_projection",
+            "projection_mode", "projection_steps", "projection_update_every", "projection_lr", "unroll_lr",
+            "unroll_steps", "projection_weight_decay", "angle_loss", "reinit_every", "group_size", "group_mode",
+            "small_layer_fallback")
+
+
+def _resolved(cb):
+    return {name: getattr(cb, name) for name in RESOLVED}
+
+
+@pytest.mark.parametrize("kind,flat", [
+    ("random", dict(projection_dim=K, num_projections=3, refresh_every=None, aggregate="max",
+                    share_projection=False, small_layer_fallback="project")),
+    ("ap", dict(projection_dim=K, projection_mode="alternating", projection_steps=3, projection_update_every=2,
+                projection_lr=0.5, unroll_lr=0.1, unroll_steps=2, projection_weight_decay=1e-4, angle_loss="cos_sq",
+                reinit_every=7)),
+    ("group", dict(group_size=4, group_mode="stochastic", refresh_every=3)),
+])
+def test_flat_arguments_are_deprecated_and_equal_to_the_options_object(kind, flat):
+    with pytest.warns(DeprecationWarning) as caught:
+        old = CoMHERegularizer(projection=kind, **flat)
+    messages = [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)]
+    for name in flat:  # one warning per flat argument, naming it and its new place
+        assert any(f"CoMHERegularizer({name}=" in m and f"CoMHEProjection({FLAT_NAMES[name]}=" in m
+                   for m in messages), name
+    options = CoMHEProjection(kind=kind, **{FLAT_NAMES[k]: v for k, v in flat.items()})
+    new = CoMHERegularizer(projection=options)
+    assert _resolved(new) == _resolved(old)
+    assert new.projection_options == old.projection_options and new.projection_options is not options
+    # and the same penalty on the same weights (random draws from the same seed)
+    model = net()
+    for cb in (old, new):
+        cb.layers = cb.selection.resolve(model)
+    if kind != "ap":  # (angle-preserving with a tied lr needs a trainer)
+        torch.testing.assert_close(new.penalty(model, log=False), old.penalty(model, log=False))
+
+
+def test_projection_options_defaults_names_and_errors():
+    assert _resolved(CoMHERegularizer()) == _resolved(CoMHERegularizer(projection=CoMHEProjection()))
+    assert CoMHEProjection("ap").kind == "angle_preserving"
+    ap = CoMHERegularizer(projection=CoMHEProjection("adv"))
+    assert (ap.projection, ap.projection_steps, ap.num_projections, ap.share_projection) == ("adversarial", 10, 1,
+                                                                                           False)
+    with pytest.raises(ValueError, match=r"CoMHEProjection: steps=-1 is not supported; accepted values: None or an "
+                                         r"int >= 0"):
+        CoMHEProjection(steps=-1)
+    with pytest.raises(ValueError, match=r"CoMHEProjection: kind='pca' is not supported; accepted values: 'random'"):
+        CoMHEProjection(kind="pca")
+    with pytest.raises(ValueError, match=r"CoMHEProjection: shared='yes' is not supported"):
+        CoMHEProjection(shared="yes")
+    with pytest.raises(ValueError, match=r"projection_dim=10 is not supported; accepted values: not together with "
+                                         r"projection=CoMHEProjection\(...\).*projection_dim -> projection_dim"):
+        CoMHERegularizer(projection=CoMHEProjection(), projection_dim=10)
+    with pytest.raises(ValueError, match=r"projection=3 is not supported; accepted values: a CoMHEProjection"):
+        CoMHERegularizer(projection=3)
+    with pytest.raises(TypeError):
+        CoMHERegularizer("random", 30)  # everything after projection is keyword-only (no silent shift)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CoMHERegularizer(projection="ap", every_n_steps=2)  # the new form warns about nothing

@@ -228,7 +228,7 @@ def test_labels_outside_the_hierarchy():
 def test_bad_arguments():
     with pytest.raises(ValueError, match=r"metric='euclidean' is not supported; accepted values: \[.*'AMcos'"):
         HierarchicalRegularizer(metric="euclidean")
-    with pytest.raises(ValueError, match=r"pairs='some' is not supported; accepted values: \['batch', 'full'\]"):
+    with pytest.raises(ValueError, match=r"pairs='some' is not supported; accepted values: 'batch', 'full'"):
         HierarchicalRegularizer(pairs="some")
     with pytest.raises(ValueError, match=r"constraints: 'C4' is not supported; accepted values: \['C1', 'C2', 'C3'\]"):
         HierarchicalRegularizer(constraints=["C4"])
@@ -287,10 +287,10 @@ def test_mhe_regularizer_dh2l_penalty_and_errors(tmp_path):
                 + 0.5 * metric_energy_from_labels(model.out.weight, batch[1], "GMcos'"))
     assert cb.penalty(model, batch, log=False).item() == pytest.approx(expected.item(), rel=1e-6)
     assert MHERegularizer(metric="AM_prime").metric == "AM'"
-    with pytest.raises(ValueError, match=r"metric='manhattan' is not supported; accepted values: \['euclidean', "
-                                         r"'angular'\] or a DH2L metric name \[.*'HMcos'"):
+    with pytest.raises(ValueError, match=r"metric='manhattan' is not supported; accepted values: 'euclidean', "
+                                         r"'angular' or a DH2L metric name .*'HMcos'"):
         MHERegularizer(metric="manhattan")
-    with pytest.raises(ValueError, match="half_space=True is not supported with the DH2L metric 'AM'"):
+    with pytest.raises(ValueError, match="half_space=True is not supported; accepted values: False with the DH2L metric 'AM'"):
         MHERegularizer(metric="AM", half_space=True)
 
 

@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_hyper.callbacks import (
+    CoMHEProjection,
     CoMHERegularizer,
     EnergyMonitor,
     HierarchicalRegularizer,
@@ -74,7 +75,7 @@ def make(family: str, mode: str = "auto", on_nonfinite: str = "error", lr: float
                EnergyMonitor(every_n_steps=1)]
     elif family == "comhe":
         model = PlainNet(in_features=IN, hidden=HIDDEN, classes=CLASSES, lr=lr)
-        cbs = [CoMHERegularizer(projection="angle_preserving", projection_dim=4, projection_lr=0.5, seed=3,
+        cbs = [CoMHERegularizer(projection=CoMHEProjection("angle_preserving", projection_dim=4, lr=0.5), seed=3,
                                 full_energy_every=1, mode=mode, on_nonfinite=on_nonfinite)]
     elif family == "hierarchical":
         model = HierNet(lr=lr)
@@ -83,7 +84,7 @@ def make(family: str, mode: str = "auto", on_nonfinite: str = "error", lr: float
     elif family == "orthogonal":
         model = PlainNet(in_features=IN, hidden=HIDDEN, classes=CLASSES, lr=lr)
         apply_opt(model, "relaxed", sopt=True, seed=0)
-        cbs = [OrthogonalRegularizer(beta=0.5, mode=mode, on_nonfinite=on_nonfinite),
+        cbs = [OrthogonalRegularizer(weight=0.5, mode=mode, on_nonfinite=on_nonfinite),
                SOPTResampler(every_n_steps=2, seed=1), OrthogonalityMonitor(every_n_steps=1)]
     elif family == "dcnet":
         model = DCNet(lr=lr)
