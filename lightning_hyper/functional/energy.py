@@ -518,11 +518,12 @@ def output_energy_from_labels(
         return w.sum() * 0.0
     spec = _Kernel(float(s), metric, float(eps), angle_unit, False)
     with torch.autocast(device_type=w.device.type, enabled=False):
-        unit = w / torch.linalg.vector_norm(w, dim=-1, keepdim=True)  # autograd path (m x N only)
-        c = unit[labels] @ unit.T  # (m, N)
-        self_pair = torch.nn.functional.one_hot(labels, n).bool()
-        c = c.masked_fill(self_pair, 0.0)  # safe value before the kernel
-        f = _PairKernelFn.apply(c, spec).masked_fill(self_pair, 0.0)
+        # autograd path on (m, N) only: the cosines are rescaled, the (N, d) weight is never normalized
+        inv = torch.linalg.vector_norm(w, dim=-1).reciprocal()
+        c = ((w[labels] * inv[labels, None]) @ w.T) * inv  # (m, N)
+        self_pair = (torch.arange(m, device=w.device), labels)  # m entries, no (m, N) mask
+        c = c.index_put(self_pair, c.new_zeros(()))  # safe value before the kernel
+        f = _PairKernelFn.apply(c, spec).index_put(self_pair, c.new_zeros(()))
         return f.sum() / (m * (n - 1))
 
 
