@@ -71,6 +71,7 @@ from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
+from lightning_hyper.functional.distributed import gather_rows, is_dtensor, local_rows
 from lightning_hyper.functional.neurons import as_neurons
 
 __all__ = ["NeuronGroup", "SkippedLayer", "explain_selection", "select_neurons", "selection_table"]
@@ -111,11 +112,28 @@ class NeuronGroup:
     layout: str = "rows"
 
     def weight(self) -> Tensor:
-        """The effective raw weight (or packed part of it), read now; gradients flow to the parameter."""
+        """The effective raw weight (or packed part of it), read now; gradients flow to the parameter.
+        A sharded weight (FSDP2 / tensor-parallel ``DTensor``) is this layer's full weight, all-gathered on
+        every rank (a collective: every rank must read it; :func:`~lightning_hyper.functional.distributed.
+        gather_rows`)."""
         w = getattr(self.module, self.parameter_name)
+        if is_dtensor(w):
+            w = gather_rows(w)
         if self.rows is not None:
             w = w[self.rows[0]:self.rows[1]]
         return w
+
+    def local_neurons(self) -> tuple[Tensor, Any] | None:
+        """``(this rank's neuron rows (n_r, d), process group)`` of a row-sharded weight (FSDP2's ``Shard(0)``)
+        of a plain layer (one neuron per weight row, no packed part, no channel groups); else ``None``."""
+        w = getattr(self.module, self.parameter_name)
+        if self.layout != "rows" or self.groups != 1 or self.rows is not None:
+            return None
+        local = local_rows(w)
+        if local is None:
+            return None
+        rows, group = local
+        return rows.reshape(rows.shape[0], -1), group
 
     def neurons(self) -> Tensor:
         """The effective neurons, read at call time (a view of the weight where possible).
@@ -123,17 +141,26 @@ class NeuronGroup:
         Shapes:
             - output: :math:`(N, d)`, or :math:`(G, N/G, d)` for a grouped convolution.
         """
+        return self._as_neurons(self.weight())
+
+    def _as_neurons(self, weight: Tensor) -> Tensor:
         if self.layout == "transposed":
-            n = _transposed(self.weight(), self.groups)  # as_neurons(module)'s layout, without its pyg import
+            n = _transposed(weight, self.groups)  # as_neurons(module)'s layout, without its pyg import
         else:
-            n = as_neurons(self.weight())
+            n = as_neurons(weight)
         if self.groups > 1:
             n = n.reshape(self.groups, n.shape[0] // self.groups, n.shape[1])
         return n
 
     @property
     def shape(self) -> tuple[int, ...]:
-        """Shape of :meth:`neurons` (computed without autograd)."""
+        """Shape of :meth:`neurons` (computed without autograd; a sharded weight is not gathered)."""
+        w = getattr(self.module, self.parameter_name)
+        if is_dtensor(w):  # from the global shape: no collective (the selection table prints on rank zero only)
+            w = torch.empty(w.shape, dtype=w.dtype, device="meta")
+            if self.rows is not None:
+                w = w[self.rows[0]:self.rows[1]]
+            return tuple(self._as_neurons(w).shape)
         with torch.no_grad():
             return tuple(self.neurons().shape)
 
