@@ -308,3 +308,32 @@ def use_ring(weight: Tensor, method: str) -> bool:
 
 
 __all__ += ["use_ring"]
+
+
+class _BoundShardedGradientNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, max_norm: float, group: Any) -> Tensor:  # type: ignore[override]
+        ctx.max_norm, ctx.group = max_norm, group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        import torch.distributed as dist
+
+        sq = torch.linalg.vector_norm(grad.detach().double()).square().reshape(1)
+        dist.all_reduce(sq, group=ctx.group)
+        norm = sq.sqrt()[0]
+        scale = ctx.max_norm / norm if bool(torch.isfinite(norm)) and float(norm) > ctx.max_norm else 1.0
+        return grad * scale, None, None
+
+
+def bound_sharded_gradient_norm(x: Tensor, max_norm: float, group: Any = None) -> Tensor:
+    """:func:`~lightning_hyper.functional.safeguards.bound_gradient_norm` for one rank's rows of a sharded
+    matrix: the Frobenius norm is that of the whole gradient (an all-reduce over ``group`` in the backward),
+    so every rank scales its rows by the same factor."""
+    if not x.requires_grad:
+        return x
+    return _BoundShardedGradientNorm.apply(x, float(max_norm), group)
+
+
+__all__ += ["bound_sharded_gradient_norm"]

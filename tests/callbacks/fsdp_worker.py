@@ -1,0 +1,157 @@
+"""One training run of the sharded-model tests (tests/callbacks/test_fsdp.py), as a script.
+
+``python -m tests.callbacks.fsdp_worker --strategy fsdp|ddp --out DIR [--variant default|ring] [--steps 4]
+[--save-at 2] [--resume CKPT]`` trains a tiny MLP on 2 CPU processes (gloo) with ``MHERegularizer``,
+``CoMHERegularizer`` and ``EnergyMonitor``: under ``ModelParallelStrategy`` (``fully_shard`` on every layer in
+``configure_model``: each weight is a DTensor, its rows split over the ranks, 15 rows as 8 + 7) or under DDP
+with the same seed. Lightning's launcher starts rank 1 by running this module again. Each rank writes
+``DIR/rank{r}.pt``: every value the callbacks logged (raw, per rank), the synced ``callback_metrics``, the final
+full parameters, the callbacks' state and the printed selection table (rank 0).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import os
+
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_hyper.callbacks import CoMHERegularizer, EnergyMonitor, MHERegularizer
+
+IN, HIDDEN, MID, CLASSES = 12, 16, 15, 5
+PREFIXES = ("mhe/", "mhe_labels/", "comhe/", "monitor/")
+
+
+class ShardedNet(L.LightningModule):
+    """fc1 (16 x 12), fc2 (15 x 16), out (5 x 15); FSDP2 shards each layer (and the root) over the data-parallel
+    mesh when the strategy gives one."""
+
+    def __init__(self, lr: float = 0.2) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(IN, HIDDEN)
+        self.fc2 = nn.Linear(HIDDEN, MID)
+        self.out = nn.Linear(MID, CLASSES)
+        self.lr = lr
+
+    def configure_model(self) -> None:
+        if self.device_mesh is None:  # DDP: nothing to shard
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in (self.fc1, self.fc2, self.out):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def full_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter, whole (DTensors all-gathered: every rank calls this)."""
+    out = {}
+    for name, p in module.named_parameters():
+        t = p.detach()
+        out[name] = (t.full_tensor() if hasattr(t, "full_tensor") else t).clone()
+    return out
+
+
+class Recorder(L.Callback):
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self.raw: dict[str, list[float]] = {}
+        self.logged: dict[str, list[float]] = {}
+
+    def setup(self, trainer, pl_module, stage):
+        torch.set_num_threads(1)
+        original = pl_module.log
+
+        def log(name, value, *args, **kwargs):
+            if name.startswith(PREFIXES):
+                self.raw.setdefault(name, []).append(float(value))
+            return original(name, value, *args, **kwargs)
+
+        pl_module.log = log
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        for name in self.raw:
+            self.logged.setdefault(name, []).append(float(trainer.callback_metrics[name]))
+
+    def on_train_end(self, trainer, pl_module):
+        states = {c.state_key: c.state_dict() for c in trainer.callbacks
+                  if type(c).__module__.startswith("lightning_hyper") and c.state_dict()}
+        torch.save({"raw": self.raw, "logged": self.logged, "params": full_state(pl_module), "states": states,
+                    "world_size": trainer.world_size, "strategy": type(trainer.strategy).__name__,
+                    "global_step": trainer.global_step,
+                    "weight_types": {n: type(p).__name__ for n, p in pl_module.named_parameters()}},
+                   os.path.join(self.folder, f"rank{trainer.global_rank}.pt"))
+
+
+def loader() -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, IN, generator=g)  # 2 batches per rank and epoch: the checkpoint of step 2 ends an epoch
+    y = torch.randint(0, CLASSES, (32,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=8)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--strategy", choices=["fsdp", "ddp"], required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--variant", choices=["default", "ring-gradient", "ring-loss", "gather-gradient"], default="default")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--save-at", type=int, default=0)
+    parser.add_argument("--resume", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    L.seed_everything(0, verbose=False)
+    model = ShardedNet()
+    # a penalty of each rank's own labels (SphereFace+ output term): DDP averages its gradient over the ranks
+    labels = dict(prefix="mhe_labels", hidden_weight=0.0, output_weight=2.0, output_mode="labels")
+    if args.variant != "default":  # e.g. "ring-gradient": every sharded layer's energy on the ring, penalty
+        method, mode = args.variant.split("-")  # gradients added to .grad
+        mhe = MHERegularizer(sharded_energy=method, mode=mode)
+        by_labels = MHERegularizer(**labels, mode=mode)
+        monitor = EnergyMonitor(every_n_steps=1, sharded_energy=method)
+    else:  # the defaults
+        mhe = MHERegularizer()
+        by_labels = MHERegularizer(**labels)
+        monitor = EnergyMonitor(every_n_steps=1)
+    callbacks = [mhe, by_labels, CoMHERegularizer(projection_dim=4, num_projections=3, seed=5), monitor,
+                 Recorder(args.out)]
+    if args.save_at:
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        callbacks.append(ModelCheckpoint(dirpath=args.out, filename="{step}", every_n_train_steps=args.save_at,
+                                         save_top_k=-1, save_last=False))
+    if args.strategy == "fsdp":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    else:
+        strategy = "ddp"
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=args.steps, logger=False,
+                        enable_checkpointing=bool(args.save_at), enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=args.out, log_every_n_steps=1,
+                        callbacks=callbacks)
+    printed = io.StringIO()  # what Lightning's logger prints (rank_zero_info: the selection tables)
+    handler = logging.StreamHandler(printed)
+    logging.getLogger("lightning.pytorch").addHandler(handler)
+    trainer.fit(model, loader(), ckpt_path=args.resume)
+    with open(os.path.join(args.out, f"printed{trainer.global_rank}.txt"), "w") as f:
+        f.write(printed.getvalue())
+
+
+if __name__ == "__main__":
+    main()
