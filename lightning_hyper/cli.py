@@ -733,6 +733,29 @@ def _is_torch_file(path: str) -> bool:
         return f.read(1) == b"\x80"
 
 
+def _is_distributed_checkpoint(path: str) -> bool:
+    """A folder written by Lightning's ModelParallelStrategy / FSDP (``torch.distributed.checkpoint`` shards and
+    ``meta.pt``)."""
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "meta.pt"))
+
+
+def _load_distributed(path: str, unsafe: bool) -> dict[str, Any]:
+    """A distributed checkpoint as one checkpoint dict: ``meta.pt`` (hyper-parameters, callbacks, loops) and the
+    consolidated full ``state_dict`` (read on CPU in this process, no process group)."""
+    from pathlib import Path
+
+    from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+    meta_path = os.path.join(path, "meta.pt")
+    try:
+        meta = torch.load(meta_path, map_location="cpu", weights_only=not unsafe)
+    except Exception as err:  # noqa: BLE001
+        raise CheckpointError(f"{meta_path}: safe loading (torch.load weights_only=True) refused it "
+                              f"({_first_line(err)}); if you trust the file, rerun with --unsafe-load") from None
+    state = _load_distributed_checkpoint(Path(path))
+    return {**meta, "state_dict": state.get("state_dict", state)}
+
+
 def _load_checkpoint(path: str, unsafe: bool = False) -> Any:
     """``torch.load`` on CPU with ``weights_only=True`` (tensors and plain containers only); ``unsafe``:
     full unpickling, which runs arbitrary code from the file (only for files you trust).
@@ -740,6 +763,8 @@ def _load_checkpoint(path: str, unsafe: bool = False) -> Any:
     Raises:
         CheckpointError: the file is not a PyTorch checkpoint, or holds objects safe loading refuses.
     """
+    if _is_distributed_checkpoint(path):
+        return _load_distributed(path, unsafe)
     if unsafe:
         return torch.load(path, map_location="cpu", weights_only=False)
     try:
@@ -932,8 +957,9 @@ def energy_main(argv: Sequence[str], verbose: bool = False) -> int:
     args = parser.parse_args(list(argv))  # argparse exits with status 2 on bad options
     path = Path(args.checkpoint)
     try:
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
+        if not (path.is_file() or _is_distributed_checkpoint(str(path))):
+            raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file (or a distributed "
+                                  "checkpoint folder with meta.pt)")
         result = checkpoint_energies(str(path), s=args.s, metric=args.metric, half_space=args.half_space,
                                      class_path=args.model, unsafe_load=args.unsafe_load)
     except Exception as err:  # noqa: BLE001  (unreadable file, bad s, ...: one clear line, status 2)

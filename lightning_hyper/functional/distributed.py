@@ -12,8 +12,8 @@ Two ways to get the energy of a weight whose rows live on several ranks:
   travel around a ring of point-to-point sends, and every rank sums the pair terms of its rows against
   each block as it passes (an all-reduce adds the ranks' sums). The backward runs the same ring again and
   recomputes the block terms: the gradient of rank r's rows is :math:`2\sum_q K_{rq}\hat W_q`, so no
-  gradient is ever sent. Per-rank memory: O(N/p·d + chunk·N/p), never the full weight or Gram matrix.
-  Row chunks are sized like the energy core's (``chunk_size``). Both ranks' gradients are those of the
+  gradient is ever sent. Per-rank memory: O(N/p·d + block²) (Gram tiles of ``block`` = :data:`RING_BLOCK`
+  rows and columns, or ``chunk_size``), never the full weight or a full row of the Gram matrix. Both ranks' gradients are those of the
   one global energy, which every rank holds.
 
 :func:`sharded_hyperspherical_energy` picks one of them for a ``DTensor`` (``method="gather" | "ring" |
@@ -41,6 +41,8 @@ __all__ = ["SHARDED_ENERGY_METHODS", "RING_MIN_ROWS", "is_dtensor", "gather_rows
            "ring_hyperspherical_energy", "sharded_hyperspherical_energy", "all_finite"]
 
 SHARDED_ENERGY_METHODS = ("gather", "ring", "auto")
+#: default tile of the ring: ``RING_BLOCK`` x ``RING_BLOCK`` Gram entries at a time (16 MiB in float32)
+RING_BLOCK = 2048
 #: ``method="auto"`` uses the ring for a row-sharded weight of at least this many rows (a 8192 x 8192
 #: float32 Gram is 256 MiB; smaller layers are cheaper to gather)
 RING_MIN_ROWS = 8192
@@ -147,28 +149,27 @@ def _ring(unit: Tensor, sizes: list[int], rank: int, world: int, group: Any, glo
             block = nxt
 
 
-def _block_terms(unit: Tensor, cols: Tensor, same: bool, spec: _Kernel, rows: int, need_slope: bool,
+def _block_terms(unit: Tensor, cols: Tensor, same: bool, spec: _Kernel, block: int, need_slope: bool,
                  g_out: Tensor | None) -> Tensor:
-    """Sum of the pair terms of ``unit`` (this rank's rows) against ``cols`` (one rank's rows), row chunk by
-    row chunk; ``same``: ``cols`` is ``unit`` (its diagonal is left out). ``g_out``: accumulate
-    ``K @ cols`` into it (the slopes K, for the backward)."""
+    """Sum of the pair terms of ``unit`` (this rank's rows) against ``cols`` (one rank's rows), in
+    ``block`` x ``block`` tiles of the Gram matrix; ``same``: ``cols`` is ``unit`` (its diagonal is left out).
+    ``g_out``: accumulate ``K @ cols`` into it (the slopes K, for the backward)."""
     total = torch.zeros((), dtype=torch.float64, device=unit.device)
-    n = unit.shape[0]
-    for a in range(0, n, rows):
-        b = min(a + rows, n)
-        if same:  # the chunk's own columns first, so the diagonal is the leading (b-a) x (b-a) block
-            c_cols = torch.cat([cols[a:b], cols[:a], cols[b:]])
-            c = unit[a:b] @ c_cols.T
-            eye = torch.eye(b - a, dtype=torch.bool, device=c.device)
-            c[:, : b - a].masked_fill_(eye, 0.0)  # safe value before the kernel
-            t, k = spec.sum_and_slope_(c.unsqueeze(0), eye, need_slope)
-        else:
-            c_cols = cols
-            c = unit[a:b] @ cols.T
-            t, k = spec.sum_and_slope_(c.unsqueeze(0), None, need_slope)
-        total += t[0]
-        if g_out is not None and k is not None:
-            g_out[a:b] += k[0] @ c_cols
+    n, m = unit.shape[0], cols.shape[0]
+    for a in range(0, n, block):
+        b = min(a + block, n)
+        for c0 in range(0, m, block):
+            c1 = min(c0 + block, m)
+            c = unit[a:b] @ cols[c0:c1].T
+            if same and c0 == a:  # a diagonal tile (square: rows and columns are cut alike)
+                eye = torch.eye(b - a, dtype=torch.bool, device=c.device)
+                c.diagonal().zero_()  # safe value before the kernel
+                t, k = spec.sum_and_slope_(c.unsqueeze(0), eye, need_slope)
+            else:
+                t, k = spec.sum_and_slope_(c.unsqueeze(0), None, need_slope)
+            total += t[0]
+            if g_out is not None and k is not None:
+                g_out[a:b] += k[0] @ cols[c0:c1]
     return total
 
 
@@ -224,8 +225,9 @@ def ring_hyperspherical_energy(
     Every rank of ``group`` (default: the whole world) calls it with its own rows ``(n_r, d)`` (``n_r`` may
     differ, or be 0); each returns the same global energy, equal to :func:`hyperspherical_energy` of the
     concatenated rows (in rank order), and its gradient flows to this rank's rows only. Arguments as in
-    :func:`~lightning_hyper.functional.energy.hyperspherical_energy` (2-D neurons only). Memory per rank:
-    O(n_r·d + chunk·max n_q); time: one row block GEMM per rank pair, forward and backward.
+    :func:`~lightning_hyper.functional.energy.hyperspherical_energy` (2-D neurons only; ``chunk_size``: the
+    side of the Gram tiles, default :data:`RING_BLOCK`). Memory per rank: O(n_r·d + block²); time: every rank
+    computes its rows against all N rows (N·n_r·d per pass), forward and again in the backward.
     """
     import torch.distributed as dist
 
@@ -264,8 +266,8 @@ def ring_hyperspherical_energy(
         if n == 1:
             total = x.sum() * 0.0
         else:
-            rows = _block_rows(max(sizes), chunk_size)
-            total = _RingEnergyFn.apply(x, norms, spec, rows, group, sizes, rank, global_ranks)
+            block = RING_BLOCK if chunk_size is None else _block_rows(n, chunk_size)
+            total = _RingEnergyFn.apply(x, norms, spec, block, group, sizes, rank, global_ranks)
         if half_space:
             total = total + 2 * n * spec.antipodal_value()
             pairs = 2 * n * (2 * n - 1)

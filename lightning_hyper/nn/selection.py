@@ -116,9 +116,7 @@ class NeuronGroup:
         A sharded weight (FSDP2 / tensor-parallel ``DTensor``) is this layer's full weight, all-gathered on
         every rank (a collective: every rank must read it; :func:`~lightning_hyper.functional.distributed.
         gather_rows`)."""
-        w = getattr(self.module, self.parameter_name)
-        if is_dtensor(w):
-            w = gather_rows(w)
+        w = _read_weight(self.module, self.parameter_name)
         if self.rows is not None:
             w = w[self.rows[0]:self.rows[1]]
         return w
@@ -155,9 +153,9 @@ class NeuronGroup:
     @property
     def shape(self) -> tuple[int, ...]:
         """Shape of :meth:`neurons` (computed without autograd; a sharded weight is not gathered)."""
-        w = getattr(self.module, self.parameter_name)
-        if is_dtensor(w):  # from the global shape: no collective (the selection table prints on rank zero only)
-            w = torch.empty(w.shape, dtype=w.dtype, device="meta")
+        if _sharded_sources(self.module, self.parameter_name):
+            # from the global shapes: no collective (the selection table prints on rank zero only)
+            w = _read_weight(self.module, self.parameter_name, meta=True)
             if self.rows is not None:
                 w = w[self.rows[0]:self.rows[1]]
             return tuple(self._as_neurons(w).shape)
@@ -228,6 +226,65 @@ def _sources(module: nn.Module, pname: str) -> list[nn.Parameter]:
     return list(module.parameters())
 
 
+def _sharded_sources(module: nn.Module, pname: str) -> dict[str, Tensor]:
+    """The ``DTensor`` (FSDP2-sharded) leaf parameters the weight ``pname`` is read from, by name in ``module``."""
+    if not any(is_dtensor(p) for p in module.parameters()):
+        return {}
+    ids = {id(p) for p in _sources(module, pname)}
+    return {n: p for n, p in module.named_parameters() if id(p) in ids and is_dtensor(p)}
+
+
+class _Call(nn.Module):
+    """``forward()`` = ``fn(inner)``: lets ``torch.func.functional_call`` swap the leaves ``fn`` reads."""
+
+    def __init__(self, inner: nn.Module, fn: Any) -> None:
+        super().__init__()
+        self.inner, self.fn = inner, fn
+
+    def forward(self) -> Any:
+        return self.fn(self.inner)
+
+
+def call_whole(module: nn.Module, fn: Any) -> Any:
+    """``fn(module)`` with every FSDP2-sharded (``DTensor``) parameter of ``module`` replaced by its full tensor
+    (all-gathered on every rank: a collective; differentiable, the gradient averaged back onto the shards), so
+    code that reads a module's parameters (an OPT rotation, a DTH2L head's geometry) sees whole tensors. Without
+    sharded parameters it is ``fn(module)``."""
+    sharded = {n: p for n, p in module.named_parameters() if is_dtensor(p)}
+    if not sharded:
+        return fn(module)
+    return torch.func.functional_call(_Call(module, fn), _prefixed({n: gather_rows(p) for n, p in sharded.items()}),
+                                      ())
+
+
+def _read_weight(module: nn.Module, pname: str, meta: bool = False) -> Tensor:
+    """``getattr(module, pname)``, whole. A weight sharded by FSDP2 (``DTensor``) is all-gathered on every rank
+    (a collective; its gradient is averaged back onto the shards, ``functional/distributed.py``); a parametrized
+    (OPT) or computed weight whose leaves are sharded is computed from the gathered leaves. ``meta``: computed
+    from meta copies of the sharded leaves instead (its shape, with no collective)."""
+    sharded = _sharded_sources(module, pname)
+    if not sharded:
+        return getattr(module, pname)
+    own = module._parameters.get(pname)
+    if own is not None and not parametrize.is_parametrized(module, pname):
+        return torch.empty(own.shape, dtype=own.dtype, device="meta") if meta else gather_rows(own)
+    if meta:
+        swap = {n: torch.empty(p.shape, dtype=p.dtype, device="meta") for n, p in sharded.items()}
+        swap.update({n: b.to("meta") for n, b in module.named_buffers()})
+        with torch.no_grad():
+            try:
+                return torch.func.functional_call(_Call(module, lambda m: getattr(m, pname)), _prefixed(swap), ())
+            except Exception:  # noqa: BLE001 - an op without a meta kernel: the shape of the first sharded leaf
+                first = next(iter(sharded.values()))
+                return torch.empty(first.shape, dtype=first.dtype, device="meta")
+    full = {n: gather_rows(p) for n, p in sharded.items()}
+    return torch.func.functional_call(_Call(module, lambda m: getattr(m, pname)), _prefixed(full), ())
+
+
+def _prefixed(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {f"inner.{n}": t for n, t in tensors.items()}
+
+
 def _tie_key(module: nn.Module, pname: str) -> tuple:
     """What identifies a weight: its Parameter (or the parametrization's ``original``), else the module."""
     if parametrize.is_parametrized(module, pname):
@@ -266,6 +323,8 @@ def _type_matches(module: nn.Module, module_name: str, types: list[str | type], 
 
 def _weight_or_none(module: nn.Module, pname: str) -> Any:
     try:
+        if _sharded_sources(module, pname):  # FSDP2: its shape only, no collective
+            return _read_weight(module, pname, meta=True)
         return getattr(module, pname)
     except Exception:  # a computed weight that fails (e.g. a lazy dependency)
         return None

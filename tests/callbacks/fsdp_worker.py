@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_hyper.callbacks import CoMHERegularizer, EnergyMonitor, MHERegularizer
 
 IN, HIDDEN, MID, CLASSES = 12, 16, 15, 5
-PREFIXES = ("mhe/", "mhe_labels/", "comhe/", "monitor/")
+PREFIXES = ("mhe/", "mhe_labels/", "comhe/", "monitor/", "dh2l/", "orthogonal/", "orthogonality/", "sphere_orthogonality/")
 
 
 class ShardedNet(L.LightningModule):
@@ -105,6 +105,34 @@ def loader() -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=8)
 
 
+def _strategy(name: str):
+    if name == "fsdp":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    return "ddp"
+
+
+def _shard_every_layer(self) -> None:
+    """``configure_model``: ``fully_shard`` every module that owns parameters (children first), then the root."""
+    if self.device_mesh is None:
+        return
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = self.device_mesh["data_parallel"]
+    for name, module in list(self.named_modules())[::-1]:
+        if module is not self and name.count(".") == 0 and any(True for _ in module.parameters()):
+            fully_shard(module, mesh=mesh)
+    fully_shard(self, mesh=mesh)
+
+
+def sharded_copy(model: L.LightningModule) -> L.LightningModule:
+    """``model`` as an instance of a subclass whose ``configure_model`` shards it (FSDP2)."""
+    cls = type(model)
+    model.__class__ = type(f"Sharded{cls.__name__}", (cls,), {"configure_model": _shard_every_layer})
+    return model
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--strategy", choices=["fsdp", "ddp"], required=True)
@@ -113,10 +141,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--save-at", type=int, default=0)
     parser.add_argument("--resume", default=None)
+    parser.add_argument("--family", default=None, help="a model + callbacks of tests/reliability/families.py")
     args = parser.parse_args()
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
     model = ShardedNet()
+    if args.family:
+        from tests.reliability.families import loader as family_loader, make
+
+        model, callbacks = make(args.family)
+        model = sharded_copy(model)
+        callbacks.append(Recorder(args.out))
+        trainer = L.Trainer(accelerator="cpu", devices=2, strategy=_strategy(args.strategy), max_steps=args.steps,
+                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, default_root_dir=args.out, log_every_n_steps=1,
+                            callbacks=callbacks)
+        trainer.fit(model, family_loader())
+        return
     # a penalty of each rank's own labels (SphereFace+ output term): DDP averages its gradient over the ranks
     labels = dict(prefix="mhe_labels", hidden_weight=0.0, output_weight=2.0, output_mode="labels")
     if args.variant != "default":  # e.g. "ring-gradient": every sharded layer's energy on the ring, penalty
@@ -135,13 +176,7 @@ def main() -> None:
 
         callbacks.append(ModelCheckpoint(dirpath=args.out, filename="{step}", every_n_train_steps=args.save_at,
                                          save_top_k=-1, save_last=False))
-    if args.strategy == "fsdp":
-        from lightning.pytorch.strategies import ModelParallelStrategy
-
-        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
-    else:
-        strategy = "ddp"
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=args.steps, logger=False,
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=_strategy(args.strategy), max_steps=args.steps, logger=False,
                         enable_checkpointing=bool(args.save_at), enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=args.out, log_every_n_steps=1,
                         callbacks=callbacks)

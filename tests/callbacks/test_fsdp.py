@@ -177,3 +177,19 @@ def test_sharded_energy_argument_is_checked():
         MHERegularizer(sharded_energy="all")
     with pytest.raises(ValueError, match="EnergyMonitor: sharded_energy='x'"):
         EnergyMonitor(sharded_energy="x")
+
+
+@pytest.mark.spawn
+@pytest.mark.timeout(600)
+def test_cli_energy_reads_a_distributed_checkpoint(runs, capsys):
+    """``lightning-hyper energy`` on the folder ModelParallelStrategy wrote at step 2: the consolidated weights'
+    energies (float64) equal what EnergyMonitor logged after that step."""
+    from lightning_hyper.cli import checkpoint_energies, energy_main
+
+    result = checkpoint_energies(str(runs.ckpt))
+    got = {row["layer"]: row for row in result["layers"]}
+    assert set(got) == {"fc1", "fc2", "out"} and (got["fc2"]["neurons"], got["fc2"]["dim"]) == (15, 16)
+    for layer, row in got.items():
+        assert row["energy"] == pytest.approx(runs.fsdp[0]["raw"][f"monitor/energy/{layer}"][SAVE_AT - 1], rel=1e-6)
+    assert energy_main([str(runs.ckpt), "--format", "csv"]) in (0, None)
+    assert "fc2,-,15,16," in capsys.readouterr().out
