@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_hyper.callbacks import CoMHERegularizer, EnergyMonitor, MHERegularizer
 
 IN, HIDDEN, MID, CLASSES = 12, 16, 15, 5
-PREFIXES = ("mhe/", "mhe_labels/", "comhe/", "monitor/", "dh2l/", "orthogonal/", "orthogonality/", "sphere_orthogonality/")
+PREFIXES = ("mhe/", "mhe_labels/", "comhe/", "monitor/", "dh2l/", "orthogonal/", "orthogonality/", "sphere_orth/")
 
 
 class ShardedNet(L.LightningModule):
@@ -92,6 +92,7 @@ class Recorder(L.Callback):
         states = {c.state_key: c.state_dict() for c in trainer.callbacks
                   if type(c).__module__.startswith("lightning_hyper") and c.state_dict()}
         torch.save({"raw": self.raw, "logged": self.logged, "params": full_state(pl_module), "states": states,
+                    "buffers": {n: b.detach().clone() for n, b in pl_module.named_buffers()},
                     "world_size": trainer.world_size, "strategy": type(trainer.strategy).__name__,
                     "global_step": trainer.global_step,
                     "weight_types": {n: type(p).__name__ for n, p in pl_module.named_parameters()}},
@@ -133,6 +134,25 @@ def sharded_copy(model: L.LightningModule) -> L.LightningModule:
     return model
 
 
+def mixed() -> tuple[L.LightningModule, list]:
+    """Every other callback family on one model: an S-OPT layer (relaxed, OPT callbacks), a decoupled layer
+    (SphereNet/DCNet callbacks) and a DH2L hierarchical head (HierarchicalRegularizer)."""
+    from lightning_hyper.callbacks import (HierarchicalRegularizer, OrthogonalityMonitor, OrthogonalRegularizer,
+                                           SOPTResampler, SphereOrthogonalityRegularizer, WeightedGradients,
+                                           WeightProjection)
+    from lightning_hyper.nn import DecoupledLinear
+    from lightning_hyper.nn.opt import apply_opt
+    from tests.reliability.families import HierNet
+
+    model = HierNet()
+    model.fc2 = DecoupledLinear(16, 16, magnitude="tanh", radius_norm=False)
+    apply_opt(model, "relaxed", include="fc1", sopt=True, seed=0)  # before sharding
+    return model, [HierarchicalRegularizer(weight=1.0, pairs="batch", constraints=["C3"]),
+                   SphereOrthogonalityRegularizer(weight=0.05), OrthogonalRegularizer(beta=0.5),
+                   SOPTResampler(every_n_steps=2, seed=1), OrthogonalityMonitor(every_n_steps=1),
+                   WeightProjection(every_n_steps=2, scale=2.0), WeightedGradients()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--strategy", choices=["fsdp", "ddp"], required=True)
@@ -149,7 +169,7 @@ def main() -> None:
     if args.family:
         from tests.reliability.families import loader as family_loader, make
 
-        model, callbacks = make(args.family)
+        model, callbacks = mixed() if args.family == "mixed" else make(args.family)
         model = sharded_copy(model)
         callbacks.append(Recorder(args.out))
         trainer = L.Trainer(accelerator="cpu", devices=2, strategy=_strategy(args.strategy), max_steps=args.steps,

@@ -144,6 +144,33 @@ def test_ring_energy_and_resume_from_distributed_checkpoint(runs):
             assert torch.equal(states[comhe]["drawn"][dim], draw), dim
 
 
+@pytest.mark.spawn
+@pytest.mark.timeout(600)
+def test_other_families_on_fsdp2_equal_ddp(tmp_path):
+    """The other callback families on one sharded model (fsdp_worker.mixed): an S-OPT layer converted before
+    sharding (OrthogonalRegularizer, SOPTResampler, OrthogonalityMonitor: the rotation from the gathered P,
+    V re-drawn from it), a decoupled layer (SphereOrthogonalityRegularizer, WeightProjection,
+    WeightedGradients) and a DH2L hierarchical head with a computed weight (HierarchicalRegularizer, each
+    rank's own label pairs). Logs, weights, OPT buffers and callback states equal DDP's."""
+    ddp = _run(tmp_path / "ddp", "--strategy", "ddp", "--family", "mixed")
+    fsdp = _run(tmp_path / "fsdp", "--strategy", "fsdp", "--family", "mixed")
+    assert {"fc1.parametrizations.weight.original", "out.surface", "fc2.weight"} <= set(fsdp[0]["weight_types"])
+    assert set(fsdp[0]["weight_types"].values()) == {"DTensor"}
+    prefixes = {name.split("/")[0] for name in ddp[0]["raw"]}
+    assert prefixes == {"dh2l", "orthogonal", "orthogonality", "sphere_orth"}, prefixes
+    for rank in (0, 1):
+        assert fsdp[rank]["raw"].keys() == ddp[rank]["raw"].keys()
+        for name, want in ddp[rank]["raw"].items():
+            got = fsdp[rank]["raw"][name]
+            assert len(got) == STEPS and all(_close(g, w) for g, w in zip(got, want)), (rank, name, got, want)
+        for name, buf in ddp[0]["buffers"].items():  # OPT's V and S-OPT indices, re-drawn twice
+            torch.testing.assert_close(fsdp[rank]["buffers"][name], buf, rtol=1e-5, atol=1e-6, msg=name)
+        assert fsdp[rank]["states"] == ddp[0]["states"]
+    assert ddp[0]["states"]["SOPTResampler"]["episodes"] == ddp[0]["states"]["WeightProjection"]["num_projections"] == 2
+    assert ddp[0]["raw"]["dh2l/penalty"] != pytest.approx(ddp[1]["raw"]["dh2l/penalty"], rel=1e-4)  # own labels
+    _assert_same_weights(fsdp, ddp[0]["params"])
+
+
 # ------------------------------------------------------------------ which strategies are refused (no spawn)
 def _strategy(name: str):
     from lightning.pytorch import strategies
