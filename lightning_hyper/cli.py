@@ -833,8 +833,9 @@ def checkpoint_energies(path: str, s: float = 2.0, metric: str = "euclidean", ha
                         class_path: str | None = None, unsafe_load: bool = False) -> dict[str, Any]:
     r"""Per-layer hyperspherical energy of a saved model (thesis Eq. 5.1, mean over ordered pairs).
 
-    ``path`` is a Lightning checkpoint (``state_dict`` + ``hyper_parameters``), a plain
-    ``state_dict`` or a pickled ``nn.Module``. A Lightning checkpoint of a library module is rebuilt
+    ``path`` is a Lightning checkpoint (``state_dict`` + ``hyper_parameters``; also the folder a sharded run
+    writes with ``ModelParallelStrategy``: its shards are consolidated on CPU), a plain ``state_dict`` or a
+    pickled ``nn.Module``. A Lightning checkpoint of a library module is rebuilt
     (class from ``class_path``, the checkpoint's ``_class_path`` or a search over
     ``lightning_hyper.models``) so that layers are the ones the callbacks see (``select_neurons``,
     effective weights of parametrized layers such as OPT, roles hidden/output). Otherwise every
