@@ -94,7 +94,8 @@ def report(rows: list[dict]) -> str:
     for n in sorted({r["N"] for r in rows}):
         g, q = by[(n, "gather")], by[(n, "ring")]
         rel = abs(q["energy"] - g["energy"]) / abs(g["energy"])
-        lines.append(f"  N={n}: time x{q['seconds'] / g['seconds']:.2f}, memory x{q['peak_mb'] / max(g['peak_mb'], 1e-9):.2f}, "
+        memory = q["peak_mb"] / max(g["peak_mb"], 1e-9)
+        lines.append(f"  N={n}: time x{q['seconds'] / g['seconds']:.2f}, memory x{memory:.2f}, "
                      f"energy rel. diff {rel:.1e}, grad-norm rel. diff "
                      f"{abs(q['grad_norm'] - g['grad_norm']) / g['grad_norm']:.1e}")
     return "\n".join(lines)

@@ -13,8 +13,8 @@ Two ways to get the energy of a weight whose rows live on several ranks:
   each block as it passes (an all-reduce adds the ranks' sums). The backward runs the same ring again and
   recomputes the block terms: the gradient of rank r's rows is :math:`2\sum_q K_{rq}\hat W_q`, so no
   gradient is ever sent. Per-rank memory: O(N/p·d + block²) (Gram tiles of ``block`` = :data:`RING_BLOCK`
-  rows and columns, or ``chunk_size``), never the full weight or a full row of the Gram matrix. Both ranks' gradients are those of the
-  one global energy, which every rank holds.
+  rows and columns, or ``chunk_size``), never the full weight or a full row of the Gram matrix. Both ranks'
+  gradients are those of the one global energy, which every rank holds.
 
 :func:`sharded_hyperspherical_energy` picks one of them for a ``DTensor`` (``method="gather" | "ring" |
 "auto"``); :func:`hyperspherical_energy` itself gathers a ``DTensor`` argument.

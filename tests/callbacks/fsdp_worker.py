@@ -157,7 +157,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--strategy", choices=["fsdp", "ddp"], required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--variant", choices=["default", "ring-gradient", "ring-loss", "gather-gradient"], default="default")
+    parser.add_argument("--variant", choices=["default", "ring-gradient", "ring-loss", "gather-gradient"],
+                        default="default")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--save-at", type=int, default=0)
     parser.add_argument("--resume", default=None)
@@ -196,7 +197,8 @@ def main() -> None:
 
         callbacks.append(ModelCheckpoint(dirpath=args.out, filename="{step}", every_n_train_steps=args.save_at,
                                          save_top_k=-1, save_last=False))
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=_strategy(args.strategy), max_steps=args.steps, logger=False,
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=_strategy(args.strategy), max_steps=args.steps,
+                        logger=False,
                         enable_checkpointing=bool(args.save_at), enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=args.out, log_every_n_steps=1,
                         callbacks=callbacks)

@@ -6,7 +6,7 @@ own state agrees, and every value the callbacks log on a step equals the mean ov
 values they computed (``sync_dist``). The label-dependent penalties (MHE ``output_mode="labels"``,
 DH2L ``pairs="batch"``) differ between the ranks' batches, so those checks can fail. Data come in
 the DataModules' shuffled order (``EpochShuffleSampler``), which Lightning shards with a shuffling
-``DistributedSampler``. Every callback refuses FSDP1 and DeepSpeed (FSDP2 is tests/callbacks/test_fsdp.py) at the start of
+``DistributedSampler``. Every callback refuses FSDP1 and DeepSpeed (FSDP2: tests/callbacks/test_fsdp.py) at the start of
 fit with an error naming the supported ones, and the shipped modules (OPT layers included) and the
 callbacks survive the pickling that ``ddp_spawn`` needs.
 
