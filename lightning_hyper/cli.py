@@ -733,6 +733,32 @@ def _is_torch_file(path: str) -> bool:
         return f.read(1) == b"\x80"
 
 
+def _is_distributed_checkpoint(path: str) -> bool:
+    """A folder written by Lightning's ModelParallelStrategy / FSDP (``torch.distributed.checkpoint`` shards and
+    ``meta.pt``)."""
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "meta.pt"))
+
+
+def _load_distributed(path: str, unsafe: bool) -> dict[str, Any]:
+    """A distributed checkpoint as one checkpoint dict: ``meta.pt`` (hyper-parameters, callbacks, loops) and the
+    consolidated full ``state_dict`` (read on CPU in this process, no process group)."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    meta_path = os.path.join(path, "meta.pt")
+    try:
+        meta = torch.load(meta_path, map_location="cpu", weights_only=not unsafe)
+    except Exception as err:  # noqa: BLE001
+        raise CheckpointError(f"{meta_path}: safe loading (torch.load weights_only=True) refused it "
+                              f"({_first_line(err)}); if you trust the file, rerun with --unsafe-load") from None
+    with tempfile.TemporaryDirectory() as tmp:  # torch's public converter: the shards as one torch.save file
+        full = os.path.join(tmp, "full.pt")
+        dcp_to_torch_save(path, full)
+        state = torch.load(full, map_location="cpu", weights_only=not unsafe)
+    return {**meta, "state_dict": state.get("state_dict", state)}
+
+
 def _load_checkpoint(path: str, unsafe: bool = False) -> Any:
     """``torch.load`` on CPU with ``weights_only=True`` (tensors and plain containers only); ``unsafe``:
     full unpickling, which runs arbitrary code from the file (only for files you trust).
@@ -740,6 +766,8 @@ def _load_checkpoint(path: str, unsafe: bool = False) -> Any:
     Raises:
         CheckpointError: the file is not a PyTorch checkpoint, or holds objects safe loading refuses.
     """
+    if _is_distributed_checkpoint(path):
+        return _load_distributed(path, unsafe)
     if unsafe:
         return torch.load(path, map_location="cpu", weights_only=False)
     try:
@@ -808,8 +836,9 @@ def checkpoint_energies(path: str, s: float = 2.0, metric: str = "euclidean", ha
                         class_path: str | None = None, unsafe_load: bool = False) -> dict[str, Any]:
     r"""Per-layer hyperspherical energy of a saved model (thesis Eq. 5.1, mean over ordered pairs).
 
-    ``path`` is a Lightning checkpoint (``state_dict`` + ``hyper_parameters``), a plain
-    ``state_dict`` or a pickled ``nn.Module``. A Lightning checkpoint of a library module is rebuilt
+    ``path`` is a Lightning checkpoint (``state_dict`` + ``hyper_parameters``; also the folder a sharded run
+    writes with ``ModelParallelStrategy``: its shards are consolidated on CPU), a plain ``state_dict`` or a
+    pickled ``nn.Module``. A Lightning checkpoint of a library module is rebuilt
     (class from ``class_path``, the checkpoint's ``_class_path`` or a search over
     ``lightning_hyper.models``) so that layers are the ones the callbacks see (``select_neurons``,
     effective weights of parametrized layers such as OPT, roles hidden/output). Otherwise every
@@ -932,8 +961,9 @@ def energy_main(argv: Sequence[str], verbose: bool = False) -> int:
     args = parser.parse_args(list(argv))  # argparse exits with status 2 on bad options
     path = Path(args.checkpoint)
     try:
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
+        if not (path.is_file() or _is_distributed_checkpoint(str(path))):
+            raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file (or a distributed "
+                                  "checkpoint folder with meta.pt)")
         result = checkpoint_energies(str(path), s=args.s, metric=args.metric, half_space=args.half_space,
                                      class_path=args.model, unsafe_load=args.unsafe_load)
     except Exception as err:  # noqa: BLE001  (unreadable file, bad s, ...: one clear line, status 2)

@@ -30,6 +30,8 @@ from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 
 from lightning_hyper.functional.checks import check_choice, check_number
+from lightning_hyper.callbacks.strategies import SUPPORTED_STRATEGIES, unsupported_strategy
+from lightning_hyper.functional.distributed import all_finite, bound_sharded_gradient_norm, is_dtensor, use_ring
 from lightning_hyper.functional.safeguards import bound_gradient_norm
 from lightning_hyper.nn.selection import NeuronGroup, SkippedLayer, check_patterns, select_neurons, selection_table
 
@@ -47,7 +49,6 @@ MIN_NORM = 1e-6
 #: (CoMHE); ~10x the largest, so it does not bind there. Nearly identical rows of a zero-initialized
 #: ViT head reach 7.5e6 without it.
 DEFAULT_MAX_GRAD_NORM = 25.0
-_UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed")
 #: module -> the global step whose optimizer step a penalty asked to skip (shared by every penalty callback
 #: of that module; kept here, not on the user's module)
 _SKIPPED_STEP: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -72,6 +73,9 @@ def _first_nonfinite(named: Iterable[tuple[str, Tensor | None]]) -> str | None:
     items = [(n, t.detach()) for n, t in named if t is not None]
     if not items:
         return None
+    if any(is_dtensor(t) for _, t in items):  # FSDP2: each rank checks its shards, the ranks agree (all-reduce)
+        flags = all_finite([t for _, t in items])
+        return next((n for (n, _), ok in zip(items, flags) if not ok), None)
     flags = torch.stack([torch.isfinite(t).all() for _, t in items])
     if bool(flags.all()):
         return None
@@ -123,12 +127,10 @@ def check_strategy(trainer: L.Trainer, owner: str) -> None:
     if strategy is None:
         return
     register_gloo_cleanup()
-    name = type(strategy).__name__
-    if any(tag.lower() in name.lower() for tag in _UNSUPPORTED_STRATEGIES):
-        raise RuntimeError(
-            f"{owner} does not support strategy {name}: neurons are sharded across ranks there. "
-            "Supported strategies: single device ('auto'), 'ddp', 'ddp_spawn', 'ddp_find_unused_parameters_true'"
-        )
+    reason = unsupported_strategy(strategy)  # isinstance checks (callbacks/strategies.py)
+    if reason is not None:
+        raise RuntimeError(f"{owner} does not support strategy {type(strategy).__name__}: {reason}. "
+                           f"Supported strategies: {SUPPORTED_STRATEGIES}")
 
 
 _GLOO_CLEANUP_REGISTERED = False
@@ -559,6 +561,28 @@ class PenaltyCallback(NeuronCallback):
             cache[group.name] = n
         return n
 
+    #: how the energy of a sharded (FSDP2 ``DTensor``) layer is computed: ``"gather"`` (its full weight on every
+    #: rank), ``"ring"`` (row blocks passed around the ranks) or ``"auto"``; callbacks with an energy take it as
+    #: the ``sharded_energy`` argument (functional/distributed.py)
+    sharded_energy: str = "gather"
+
+    def ring_neurons(self, group: NeuronGroup) -> tuple[Tensor, Any] | None:
+        """``(this rank's neuron rows, process group)`` if ``group``'s energy is computed on the ring (a
+        row-sharded weight and ``sharded_energy`` "ring", or "auto" for a large layer), else ``None``. The
+        rows carry the ``max_grad_norm`` bound of the whole layer's gradient."""
+        if self.sharded_energy == "gather":
+            return None
+        if not use_ring(getattr(group.module, group.parameter_name), self.sharded_energy):
+            return None
+        local = group.local_neurons()
+        if local is None:
+            return None
+        rows, pg = local
+        limit = self._limit if self._cache is not None else self.max_grad_norm
+        if limit is not None and rows.requires_grad and torch.is_grad_enabled():
+            rows = bound_sharded_gradient_norm(rows, limit, pg)
+        return rows, pg
+
     def directions(self, group: NeuronGroup) -> int:
         """Rows of ``group`` with a direction (norm >= 1e-6) in this :meth:`penalty` call (all rows when the
         zero-norm policy is ``"error"``)."""
@@ -642,9 +666,18 @@ class PenaltyCallback(NeuronCallback):
         sync for all groups); ``"warn"`` warns once per fit when some rows have none."""
         if not self.layers:
             return
-        neurons = [self.neurons(g).detach() for g in self.layers]
+        rings = [self.ring_neurons(g) for g in self.layers]  # sharded layers on the ring: count their shards
+        neurons = [r[0].detach() if r is not None else self.neurons(g).detach() for g, r in zip(self.layers, rings)]
         small = [(torch.linalg.vector_norm(n.float(), dim=-1) < MIN_NORM).sum() for n in neurons]
         counts = torch.stack(small).tolist()
+        for i, r in enumerate(rings):
+            if r is not None:
+                import torch.distributed as dist
+
+                both = torch.tensor([counts[i], neurons[i].shape[0]], dtype=torch.int64)
+                dist.all_reduce(both, group=r[1])
+                counts[i] = int(both[0])
+                neurons[i] = neurons[i].new_empty((int(both[1]), 0))  # (only its number of rows is read below)
         self._directions = {}
         zero = []
         for g, n, c in zip(self.layers, neurons, counts):
@@ -802,7 +835,8 @@ class PenaltyCallback(NeuronCallback):
         """Average the penalty gradients of the selected layers' parameters over the DDP ranks
         (one flat all-reduce; the same parameters on every rank, zeros where a rank has no gradient)."""
         owned = {id(p) for layer in self.layers for p in layer.parameters()}
-        index = [i for i, p in enumerate(params) if id(p) in owned]
+        # sharded (DTensor, FSDP2) weights: the gather's backward already averaged their penalty gradient
+        index = [i for i, p in enumerate(params) if id(p) in owned and not is_dtensor(p)]
         if not index:
             return list(grads)
         parts = [grads[i] if grads[i] is not None else torch.zeros_like(params[i]) for i in index]

@@ -49,7 +49,7 @@ from lightning_hyper.nn.hierarchical import (
     safe_norm,
     sibling_margin_violations,
 )
-from lightning_hyper.nn.selection import NeuronGroup
+from lightning_hyper.nn.selection import NeuronGroup, call_whole
 
 __all__ = ["CONSTRAINTS", "PAIR_SCOPES", "HierarchicalRegularizer", "hierarchical_penalty", "parse_constraints"]
 
@@ -242,7 +242,7 @@ class HierarchicalRegularizer(PenaltyCallback):
     def geometry(self, layer: NeuronGroup) -> HierarchyGeometry:
         """The layer's current hierarchical geometry (with autograd graph)."""
         if isinstance(layer.module, HierarchicalLinear):
-            return layer.module.geometry()
+            return call_whole(layer.module, lambda m: m.geometry())  # (FSDP2: from its gathered parameters)
         rows = self.neurons(layer)
         if rows.dim() != 2 or rows.shape[0] != self.hierarchy.num_classes:
             raise ValueError(f"hierarchy covers {self.hierarchy.num_classes} classes but layer {layer.name!r} has "

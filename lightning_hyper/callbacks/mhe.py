@@ -23,6 +23,7 @@ from lightning_hyper.functional.discrete import (METRICS as DH2L_METRICS, canoni
                                                  metric_energy_from_labels)
 from lightning_hyper.functional.energy import hyperspherical_energy, output_energy_from_labels, validate_energy_args
 from lightning_hyper.functional.seeding import seeded_generator
+from lightning_hyper.functional.distributed import SHARDED_ENERGY_METHODS, ring_hyperspherical_energy
 from lightning_hyper.nn.selection import NeuronGroup
 
 __all__ = ["MHERegularizer", "OUTPUT_MODES", "HIDDEN_REDUCTIONS", "LARGE_OUTPUT"]
@@ -67,6 +68,13 @@ class MHERegularizer(PenaltyCallback):
             ``"exclude"`` (the same, silently) or ``"error"`` (stop, naming the layer).
         chunk_size: Gram row-block size for very large layers.
         seed: seed of the neuron subsets.
+        sharded_energy: how the energy of a layer sharded by FSDP2 (``ModelParallelStrategy``, a ``DTensor``
+            weight) is computed: ``"gather"`` (its full weight on every rank, one layer at a time), ``"ring"``
+            (each rank keeps its rows; row blocks pass around the ranks, docs/distributed.md) or ``"auto"``
+            (default: the ring from :data:`~lightning_hyper.functional.distributed.RING_MIN_ROWS` rows). The
+            ring applies to the full-space and half-space energies of plain (ungrouped) layers without
+            ``neuron_batch_size`` and, for the output layer, ``output_mode="full"``; others are gathered.
+            Unsharded weights ignore it.
         include, exclude, layer_types, output_layer, inputs, verbose, mode, labels, on_nonfinite,
             max_grad_norm, prefix, every_n_steps: see :class:`~lightning_hyper.callbacks.base.PenaltyCallback`.
 
@@ -84,7 +92,7 @@ class MHERegularizer(PenaltyCallback):
                  hidden_weight: float | None = None, output_weight: float = 1.0, output_mode: str = "auto",
                  hidden_reduction: str = "sum", angle_unit: str = "radian", eps: float = 1e-6,
                  neuron_batch_size: int | None = None, warmup_steps: int = 0, zero_norm: str = "warn",
-                 chunk_size: int | None = None, seed: int = 0,
+                 chunk_size: int | None = None, seed: int = 0, sharded_energy: str = "auto",
                  include: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None,
                  layer_types: str | type | Sequence[str | type] | None = None, output_layer: str | None = None,
                  inputs: Callable[[Any], Any] | None = None, verbose: bool = True,
@@ -131,6 +139,8 @@ class MHERegularizer(PenaltyCallback):
         self.zero_norm = zero_norm
         self.chunk_size = chunk_size
         self.seed = int(seed)
+        self.sharded_energy = check_choice("sharded_energy", sharded_energy, SHARDED_ENERGY_METHODS,
+                                           owner="MHERegularizer")
         self._warned_no_labels = False
 
     # ------------------------------------------------------------------ helpers
@@ -180,6 +190,9 @@ class MHERegularizer(PenaltyCallback):
     def layer_terms(self, layer: NeuronGroup, labels: Tensor | None, step: int) -> dict[str, Tensor] | None:
         if self.directions(layer) < 2:
             return None
+        ring = self._ring(layer)
+        if ring is not None:  # a row-sharded (FSDP2) layer whose rows stay on their ranks
+            return self._ring_terms(layer, ring, step)
         neurons = self.neurons(layer)
         if neurons.shape[-2] < 2:
             return None
@@ -227,6 +240,33 @@ class MHERegularizer(PenaltyCallback):
             with torch.no_grad():
                 full = self.energy(neurons, "output")
         return {"penalty": (self.output_weight * ramp) * term, "energy": full}
+
+
+    def _ring(self, layer: NeuronGroup) -> tuple[Tensor, Any] | None:
+        if self._dh2l_metric or self.neuron_batch_size is not None:
+            return None
+        if layer.role == "output" and self.output_mode != "full":
+            return None
+        return self.ring_neurons(layer)
+
+    def _ring_terms(self, layer: NeuronGroup, ring: tuple[Tensor, Any], step: int) -> dict[str, Tensor] | None:
+        """The terms of a row-sharded layer from :func:`~lightning_hyper.functional.distributed.
+        ring_hyperspherical_energy` (the same values as the gathered path)."""
+        if layer.role == "hidden":
+            if self.hidden_weight == 0:
+                return None
+            n_hidden = sum(1 for ref in self.layers if ref.role == "hidden")
+            weight = self.hidden_weight / (n_hidden if self.hidden_reduction == "mean" else 1)
+        else:
+            if self.output_weight == 0:
+                return None
+            weight = self.output_weight
+        rows, group = ring
+        energy = ring_hyperspherical_energy(
+            rows, group=group, s=self.s, metric=self.metric, half_space=self.half_space and layer.role == "hidden",
+            reduction="mean", angle_unit=self.angle_unit, eps=self.eps, chunk_size=self.chunk_size,
+            zero_norm=self.energy_zero_norm)
+        return {"penalty": (weight * self._ramp(step)) * energy, "energy": energy}
 
 
 def _with_direction(w: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor | None]:

@@ -1,6 +1,8 @@
 """EnergyMonitor: logs per-layer hyperspherical energy; never changes training."""
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Any, Callable, Sequence
 
 import lightning as L
@@ -10,7 +12,9 @@ from torch import Tensor
 
 from lightning_hyper.callbacks.base import (MIN_NORM, NeuronCallback, TrainingDivergedError, check_strategy,
                                            logger_writes_this_batch, step_in_schedule)
-from lightning_hyper.functional.checks import check_number
+from lightning_hyper.callbacks.strategies import has_sharded_parameters
+from lightning_hyper.functional.checks import check_choice, check_number
+from lightning_hyper.functional.distributed import SHARDED_ENERGY_METHODS, ring_hyperspherical_energy, use_ring
 from lightning_hyper.functional.energy import hyperspherical_energy, pairwise_angles, validate_energy_args
 
 __all__ = ["EnergyMonitor"]
@@ -45,6 +49,9 @@ class EnergyMonitor(NeuronCallback):
             start of ``fit`` and nothing is logged.
         histogram_every_n_steps: histogram period in optimizer steps (default: ``every_n_steps``; the
             first step is always logged).
+        sharded_energy: the energy of a layer sharded by FSDP2 (a ``DTensor`` weight): ``"gather"`` (its
+            full weight on every rank, one layer at a time), ``"ring"`` (row blocks passed around the ranks)
+            or ``"auto"`` (default: the ring for large plain layers); see ``MHERegularizer``.
     """
 
     def __init__(self, every_n_steps: int = 50, s: float = 2.0, metric: str = "euclidean", half_space: bool = False,
@@ -53,7 +60,7 @@ class EnergyMonitor(NeuronCallback):
                  layer_types: str | type | Sequence[str | type] | None = None, output_layer: str | None = None,
                  log_min_angle: bool = False, prefix: str = "monitor", log_histograms: bool = False,
                  histogram_every_n_steps: int | None = None, inputs: Callable[[Any], Any] | None = None,
-                 verbose: bool = True) -> None:
+                 verbose: bool = True, sharded_energy: str = "auto") -> None:
         super().__init__()
         check_number("every_n_steps", every_n_steps, low=1, low_inclusive=True, integer=True, owner="EnergyMonitor")
         check_number("histogram_every_n_steps", histogram_every_n_steps, low=1, low_inclusive=True, integer=True,
@@ -66,6 +73,8 @@ class EnergyMonitor(NeuronCallback):
         self.log_min_angle = log_min_angle
         self.log_histograms = bool(log_histograms)
         self.histogram_every_n_steps = histogram_every_n_steps or every_n_steps
+        self.sharded_energy = check_choice("sharded_energy", sharded_energy, SHARDED_ENERGY_METHODS,
+                                           owner="EnergyMonitor")
         self._writers: list[Any] = []
         self.history: list[dict[str, Any]] = []
         self._batches = 0  # training batches that stepped (Lightning's count for writing logs)
@@ -110,6 +119,11 @@ class EnergyMonitor(NeuronCallback):
             self.layers, self.skipped = self.selection.resolve(pl_module, return_skipped=True)
         out = {}
         for layer in self.layers:
+            ring = self._ring_energy(layer)
+            if ring is not None:
+                if not math.isnan(ring):
+                    out[layer.name] = ring
+                continue
             neurons = layer.neurons().detach()
             if neurons.shape[-2] < 2:
                 continue
@@ -138,7 +152,9 @@ class EnergyMonitor(NeuronCallback):
         stepped = step > previous or not pl_module.automatic_optimization
         if stepped:
             self._batches += 1
-        if self._writers and step_in_schedule(previous, step, self.histogram_every_n_steps) and trainer.is_global_zero:
+        # (a sharded model's weights are gathered by every rank; only rank zero's writer records them)
+        if (self._writers and step_in_schedule(previous, step, self.histogram_every_n_steps)
+                and (trainer.is_global_zero or has_sharded_parameters(pl_module))):
             self.log_angle_histograms(step)
         scheduled = step_in_schedule(previous, step, self.every_n_steps)
         # Lightning writes on-step metrics to the loggers only every log_every_n_steps batches, and then the
@@ -162,6 +178,37 @@ class EnergyMonitor(NeuronCallback):
                     angle = torch.stack([pairwise_angles(n.float(), degrees=True).min() for n in sets]).min()
                     pl_module.log(f"{prefix}/min_angle/{layer.name}", angle, on_step=True, on_epoch=False,
                                   sync_dist=sync, batch_size=1)
+
+    def _ring_energy(self, layer: Any) -> float | None:
+        """The energy of a row-sharded layer on the ring (``sharded_energy``), ``nan`` when it has fewer than two
+        rows with a direction; ``None`` when the layer is read whole."""
+        if self.sharded_energy == "gather" or not use_ring(getattr(layer.module, layer.parameter_name),
+                                                           self.sharded_energy):
+            return None
+        local = layer.local_neurons()
+        if local is None:
+            return None
+        import torch.distributed as dist
+
+        rows, group = local
+        rows = rows.detach()
+        count = (torch.linalg.vector_norm(rows.float(), dim=-1) >= MIN_NORM).sum().reshape(1).cpu()
+        dist.all_reduce(count, group=group)
+        if int(count) < 2:
+            return math.nan  # fewer than two rows with a direction: no energy (as unsharded layers)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                energy = ring_hyperspherical_energy(
+                    rows, group=group, s=self.s, metric=self.metric,
+                    half_space=self.half_space and layer.role == "hidden", angle_unit=self.angle_unit, eps=self.eps,
+                    zero_norm="exclude")
+        except ValueError as err:
+            raise TrainingDivergedError(
+                f"Training diverged: the weights of layer {layer.name!r} contain NaN or Inf, so EnergyMonitor "
+                "cannot measure their energy. To fix: lower the learning rate (lr) or clip gradients "
+                "(Trainer(gradient_clip_val=1.0))") from err
+        return float(energy)
 
     def state_dict(self) -> dict[str, Any]:
         return {"batches": self._batches}

@@ -18,7 +18,7 @@ from lightning_hyper.functional.checks import argument_error, check_number
 from lightning_hyper.functional.orthogonal import orthogonality_error, relaxed_orthogonality_penalty
 from lightning_hyper.functional.seeding import seeded_generator
 from lightning_hyper.nn.opt import get_opt, opt_layers, orthogonality_errors, sopt_resample
-from lightning_hyper.nn.selection import NeuronGroup
+from lightning_hyper.nn.selection import NeuronGroup, call_whole
 
 __all__ = ["OrthogonalRegularizer", "OrthogonalityMonitor", "SOPTResampler"]
 
@@ -27,7 +27,8 @@ def _rotation(layer: NeuronGroup) -> Tensor | None:
     param = get_opt(layer.module)
     if param is None:
         return None
-    return param.rotation(layer.module.parametrizations["weight"].original)
+    # (FSDP2: from the gathered P)
+    return call_whole(layer.module, lambda m: param.rotation(m.parametrizations["weight"].original))
 
 
 class OrthogonalRegularizer(PenaltyCallback):

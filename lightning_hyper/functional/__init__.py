@@ -130,3 +130,8 @@ from lightning_hyper.functional.orthogonal import (
 
 __all__ += ["cayley", "gram_schmidt", "householder", "lowdin", "matrix_exp", "orthogonality_error",
             "orthogonalize"]
+
+from lightning_hyper.functional.distributed import (gather_rows, ring_hyperspherical_energy,  # noqa: E402
+                                                    sharded_hyperspherical_energy)
+
+__all__ += ["gather_rows", "ring_hyperspherical_energy", "sharded_hyperspherical_energy"]  # distributed.py (FSDP2)

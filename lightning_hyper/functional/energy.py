@@ -253,6 +253,21 @@ def warn_no_pairs(n: int, owner: str) -> None:
                   "Select layers with at least 2 neurons", UserWarning, stacklevel=3)
 
 
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # pragma: no cover - torch built without distributed
+    _DTensor = ()  # type: ignore[assignment,misc]
+
+
+def _whole(x):
+    """A ``DTensor`` (FSDP2 / tensor-parallel weight) all-gathered (``functional/distributed.py``), else ``x``."""
+    if isinstance(x, _DTensor):
+        from lightning_hyper.functional.distributed import gather_rows
+
+        return gather_rows(x)
+    return x
+
+
 def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -435,6 +450,7 @@ def hyperspherical_energy(
 def _energy(neurons: Tensor, s: float, metric: str, half_space: bool, reduction: str, angle_unit: str, eps: float,
             chunk_size: int | None, min_norm: float, zero_norm: str, quiet: bool = False) -> Tensor:
     _validate(s, metric, reduction, angle_unit, eps)
+    neurons = _whole(neurons)
     with autocast_off(neurons.device.type if isinstance(neurons, Tensor) else "cpu"):
         try:
             x, norms = _prepare(neurons, min_norm, zero_norm, "neurons", batched=True)
@@ -490,6 +506,7 @@ def output_energy_from_labels(
     _validate(s, metric, "mean", angle_unit, eps)
     if zero_norm not in ZERO_NORM_POLICIES:
         raise ValueError(f"zero_norm={zero_norm!r} is not supported; accepted values: {list(ZERO_NORM_POLICIES)}")
+    weight = _whole(weight)
     if zero_norm == "exclude" and isinstance(weight, Tensor) and weight.dim() == 2 and weight.shape[0]:
         norms = torch.linalg.vector_norm(weight.detach().to(_compute_dtype(weight)), dim=-1)
         keep = norms >= min_norm
@@ -529,7 +546,7 @@ def output_energy_from_labels(
 
 def pairwise_angles(neurons: Tensor, degrees: bool = False) -> Tensor:
     """Angles between all unordered pairs i < j of rows, shape ``(N(N-1)/2,)`` (radians by default)."""
-    x, _ = _prepare(neurons, 1e-6, "error", "neurons")
+    x, _ = _prepare(_whole(neurons), 1e-6, "error", "neurons")
     with torch.autocast(device_type=x.device.type, enabled=False):
         unit = x / torch.linalg.vector_norm(x, dim=-1, keepdim=True)
         n = unit.shape[0]

@@ -338,9 +338,12 @@ def split_opt_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.
 @torch.no_grad()
 def orthogonality_errors(model: nn.Module, norm: str = "max") -> dict[str, float]:
     """``{layer: ‖RᵀR − I‖}`` of every OPT layer (blocks: the largest over blocks)."""
+    from lightning_hyper.nn.selection import call_whole
+
     out = {}
     for name, m in opt_layers(model).items():
-        R = get_opt(m).rotation(m.parametrizations["weight"].original)
+        with torch.no_grad():  # (an FSDP2-sharded P is gathered: every rank calls this)
+            R = call_whole(m, lambda layer: get_opt(layer).rotation(layer.parametrizations["weight"].original))
         out[name] = float(orthogonality_error(R, norm=norm))
     return out
 
@@ -662,10 +665,24 @@ def absorb_rotation(model: nn.Module) -> int:
     count = 0
     for layer in opt_layers(model).values():
         param, P = get_opt(layer), layer.parametrizations["weight"].original
-        param.V.copy_(param.effective(P))
-        P.copy_(param.identity_parameter())
+        param.V.copy_(param.effective(_whole(P)))
+        _assign(P, param.identity_parameter())
         count += 1
     return count
+
+
+def _whole(t: Tensor) -> Tensor:
+    """An FSDP2-sharded (``DTensor``) P all-gathered (every rank calls it), else ``t``."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _assign(P: Tensor, value: Tensor) -> None:
+    """``P.copy_(value)`` for a whole ``value``; a sharded P keeps its own rows of it."""
+    if hasattr(P, "full_tensor"):
+        from torch.distributed.tensor import distribute_tensor
+
+        value = distribute_tensor(value.to(P.dtype), P.device_mesh, P.placements)
+    P.copy_(value)
 
 
 @torch.no_grad()
@@ -682,8 +699,8 @@ def sopt_resample(model: nn.Module,
         if not param.sopt:
             continue
         P = layer.parametrizations["weight"].original
-        param.V.copy_(param.effective(P))
-        P.copy_(param.identity_parameter())
+        param.V.copy_(param.effective(_whole(P)))
+        _assign(P, param.identity_parameter())
         param.indices.copy_(sample_subset(param.d, param.indices.numel(), generator).to(param.indices.device))
         for opt in optimizers:
             opt.state.pop(P, None)

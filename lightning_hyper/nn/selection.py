@@ -71,6 +71,7 @@ from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
+from lightning_hyper.functional.distributed import gather_rows, is_dtensor, local_rows
 from lightning_hyper.functional.neurons import as_neurons
 
 __all__ = ["NeuronGroup", "SkippedLayer", "explain_selection", "select_neurons", "selection_table"]
@@ -111,11 +112,26 @@ class NeuronGroup:
     layout: str = "rows"
 
     def weight(self) -> Tensor:
-        """The effective raw weight (or packed part of it), read now; gradients flow to the parameter."""
-        w = getattr(self.module, self.parameter_name)
+        """The effective raw weight (or packed part of it), read now; gradients flow to the parameter.
+        A sharded weight (FSDP2 / tensor-parallel ``DTensor``) is this layer's full weight, all-gathered on
+        every rank (a collective: every rank must read it; :func:`~lightning_hyper.functional.distributed.
+        gather_rows`)."""
+        w = _read_weight(self.module, self.parameter_name)
         if self.rows is not None:
             w = w[self.rows[0]:self.rows[1]]
         return w
+
+    def local_neurons(self) -> tuple[Tensor, Any] | None:
+        """``(this rank's neuron rows (n_r, d), process group)`` of a row-sharded weight (FSDP2's ``Shard(0)``)
+        of a plain layer (one neuron per weight row, no packed part, no channel groups); else ``None``."""
+        w = getattr(self.module, self.parameter_name)
+        if self.layout != "rows" or self.groups != 1 or self.rows is not None:
+            return None
+        local = local_rows(w)
+        if local is None:
+            return None
+        rows, group = local
+        return rows.reshape(rows.shape[0], -1), group
 
     def neurons(self) -> Tensor:
         """The effective neurons, read at call time (a view of the weight where possible).
@@ -123,17 +139,26 @@ class NeuronGroup:
         Shapes:
             - output: :math:`(N, d)`, or :math:`(G, N/G, d)` for a grouped convolution.
         """
+        return self._as_neurons(self.weight())
+
+    def _as_neurons(self, weight: Tensor) -> Tensor:
         if self.layout == "transposed":
-            n = _transposed(self.weight(), self.groups)  # as_neurons(module)'s layout, without its pyg import
+            n = _transposed(weight, self.groups)  # as_neurons(module)'s layout, without its pyg import
         else:
-            n = as_neurons(self.weight())
+            n = as_neurons(weight)
         if self.groups > 1:
             n = n.reshape(self.groups, n.shape[0] // self.groups, n.shape[1])
         return n
 
     @property
     def shape(self) -> tuple[int, ...]:
-        """Shape of :meth:`neurons` (computed without autograd)."""
+        """Shape of :meth:`neurons` (computed without autograd; a sharded weight is not gathered)."""
+        if _sharded_sources(self.module, self.parameter_name):
+            # from the global shapes: no collective (the selection table prints on rank zero only)
+            w = _read_weight(self.module, self.parameter_name, meta=True)
+            if self.rows is not None:
+                w = w[self.rows[0]:self.rows[1]]
+            return tuple(self._as_neurons(w).shape)
         with torch.no_grad():
             return tuple(self.neurons().shape)
 
@@ -201,6 +226,65 @@ def _sources(module: nn.Module, pname: str) -> list[nn.Parameter]:
     return list(module.parameters())
 
 
+def _sharded_sources(module: nn.Module, pname: str) -> dict[str, Tensor]:
+    """The ``DTensor`` (FSDP2-sharded) leaf parameters the weight ``pname`` is read from, by name in ``module``."""
+    if not any(is_dtensor(p) for p in module.parameters()):
+        return {}
+    ids = {id(p) for p in _sources(module, pname)}
+    return {n: p for n, p in module.named_parameters() if id(p) in ids and is_dtensor(p)}
+
+
+class _Call(nn.Module):
+    """``forward()`` = ``fn(inner)``: lets ``torch.func.functional_call`` swap the leaves ``fn`` reads."""
+
+    def __init__(self, inner: nn.Module, fn: Any) -> None:
+        super().__init__()
+        self.inner, self.fn = inner, fn
+
+    def forward(self) -> Any:
+        return self.fn(self.inner)
+
+
+def call_whole(module: nn.Module, fn: Any) -> Any:
+    """``fn(module)`` with every FSDP2-sharded (``DTensor``) parameter of ``module`` replaced by its full tensor
+    (all-gathered on every rank: a collective; differentiable, the gradient averaged back onto the shards), so
+    code that reads a module's parameters (an OPT rotation, a DTH2L head's geometry) sees whole tensors. Without
+    sharded parameters it is ``fn(module)``."""
+    sharded = {n: p for n, p in module.named_parameters() if is_dtensor(p)}
+    if not sharded:
+        return fn(module)
+    return torch.func.functional_call(_Call(module, fn), _prefixed({n: gather_rows(p) for n, p in sharded.items()}),
+                                      ())
+
+
+def _read_weight(module: nn.Module, pname: str, meta: bool = False) -> Tensor:
+    """``getattr(module, pname)``, whole. A weight sharded by FSDP2 (``DTensor``) is all-gathered on every rank
+    (a collective; its gradient is averaged back onto the shards, ``functional/distributed.py``); a parametrized
+    (OPT) or computed weight whose leaves are sharded is computed from the gathered leaves. ``meta``: computed
+    from meta copies of the sharded leaves instead (its shape, with no collective)."""
+    sharded = _sharded_sources(module, pname)
+    if not sharded:
+        return getattr(module, pname)
+    own = module._parameters.get(pname)
+    if own is not None and not parametrize.is_parametrized(module, pname):
+        return torch.empty(own.shape, dtype=own.dtype, device="meta") if meta else gather_rows(own)
+    if meta:
+        swap = {n: torch.empty(p.shape, dtype=p.dtype, device="meta") for n, p in sharded.items()}
+        swap.update({n: b.to("meta") for n, b in module.named_buffers()})
+        with torch.no_grad():
+            try:
+                return torch.func.functional_call(_Call(module, lambda m: getattr(m, pname)), _prefixed(swap), ())
+            except Exception:  # noqa: BLE001 - an op without a meta kernel: the shape of the first sharded leaf
+                first = next(iter(sharded.values()))
+                return torch.empty(first.shape, dtype=first.dtype, device="meta")
+    full = {n: gather_rows(p) for n, p in sharded.items()}
+    return torch.func.functional_call(_Call(module, lambda m: getattr(m, pname)), _prefixed(full), ())
+
+
+def _prefixed(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {f"inner.{n}": t for n, t in tensors.items()}
+
+
 def _tie_key(module: nn.Module, pname: str) -> tuple:
     """What identifies a weight: its Parameter (or the parametrization's ``original``), else the module."""
     if parametrize.is_parametrized(module, pname):
@@ -239,6 +323,8 @@ def _type_matches(module: nn.Module, module_name: str, types: list[str | type], 
 
 def _weight_or_none(module: nn.Module, pname: str) -> Any:
     try:
+        if _sharded_sources(module, pname):  # FSDP2: its shape only, no collective
+            return _read_weight(module, pname, meta=True)
         return getattr(module, pname)
     except Exception:  # a computed weight that fails (e.g. a lazy dependency)
         return None
