@@ -4,7 +4,7 @@ Class weights are normalized (``||W_j|| = 1``) and have no bias; the logit of cl
 ``||x|| g(theta_j)`` with ``theta_j`` the angle between the feature ``x`` and ``W_j`` and ``g`` an angle
 function (linear, cosine, sigmoid). GA-Softmax adds a multiplicative angular margin ``m`` on the
 target class: its logit becomes ``||x|| psi(theta_y)`` with the monotone ``psi`` of
-:func:`lightning_hyper.functional.sphere_ops.ga_psi` (linear ``psi = 1 - 2 m theta / pi``; cosine =
+:func:`lightning_hyper.functional.margin.ga_psi` (linear ``psi = 1 - 2 m theta / pi``; cosine =
 SphereFace's A-Softmax). The margin is applied only when labels are passed; the loss is plain
 cross-entropy on the returned logits. Optional annealing mix (App. A.7):
 ``f_y = (lambda_ ||x|| g(theta_y) + ||x|| psi(theta_y)) / (1 + lambda_)``, with ``lambda_`` fixed
@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_hyper.functional.margin import LAMBDA_PRESETS, lambda_schedule as _lambda_at, resolve_lambda_schedule
-from lightning_hyper.functional.sphere_ops import PSI_MODES, angular_activation, check_choice, ga_psi
+from lightning_hyper.functional.checks import argument_error, check_choice, check_number
+from lightning_hyper.functional.margin import PSI_MODES, LAMBDA_PRESETS, ga_psi, lambda_schedule as _lambda_at, resolve_lambda_schedule
+from lightning_hyper.functional.operators import angular_activation
 from lightning_hyper.nn.registry import register_head
 
 __all__ = ["GASoftmaxHead", "WSoftmaxHead", "HEAD_ANGLE_FNS"]
@@ -86,11 +87,10 @@ class GASoftmaxHead(nn.Module):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-            raise ValueError(f"m must be an integer >= 1, got {m!r}")
+            argument_error("m", m, "an int >= 1 (1, 2, 3, 4, ...)", owner=type(self).__name__)
         self.g = check_choice("g", g, HEAD_ANGLE_FNS)
         self.psi_mode = check_choice("psi_mode", psi_mode, PSI_MODES)
-        if isinstance(k, bool) or not isinstance(k, (int, float)) or not math.isfinite(k) or k <= 0:
-            raise ValueError(f"k must be a finite number > 0, got {k!r}")
+        check_number("k", k, low=0.0, owner=type(self).__name__)
         if isinstance(margin_lambda, bool) or not isinstance(margin_lambda, (int, float)) or margin_lambda < 0:
             raise ValueError(f"margin_lambda must be a number >= 0, got {margin_lambda!r}")
         if s is not None and (isinstance(s, bool) or not isinstance(s, (int, float)) or s <= 0):

@@ -48,13 +48,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_hyper.functional.margin import (
-    _additive_angular,
-    _additive_cosine,
-    _check_m,
-    _psi,
     additive_angular_margin,
     additive_cosine_margin,
+    check_m,
     lambda_schedule,
+    psi,
     resolve_lambda_schedule,
 )
 from lightning_hyper.nn.registry import register_head
@@ -96,7 +94,7 @@ class _CaffeASoftmaxFn(torch.autograd.Function):
         xn = x.norm(dim=1, keepdim=True)
         wx_y = wx.gather(1, idx)
         c = (wx_y / xn.clamp_min(eps)).clamp(-1.0, 1.0)
-        p = _psi(c, m)
+        p = psi(c, m, check_finite=False)
         f_y = (lam * wx_y + xn * p) / (1.0 + lam)
         ctx.save_for_backward(x, w_hat, labels, c, p, xn)
         ctx.m, ctx.lam, ctx.eps = m, lam, eps
@@ -112,7 +110,7 @@ class _CaffeASoftmaxFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             with torch.enable_grad():
                 cc = c.detach().requires_grad_(True)
-                (dpsi,) = torch.autograd.grad(_psi(cc, m).sum(), cc)
+                (dpsi,) = torch.autograd.grad(psi(cc, m, check_finite=False).sum(), cc)
             a = dpsi
             b = (p - c * dpsi) / xn.clamp_min(eps)
             norm = (a * a + b * b).sqrt().clamp_min(eps)
@@ -177,7 +175,7 @@ class AngularMarginHead(nn.Module):
         self.weight_norm_mode = _choice("weight_norm_mode", weight_norm_mode, WEIGHT_NORM_MODES)
         self.gradient_mode = _choice("gradient_mode", gradient_mode, GRADIENT_MODES)
         if margin_type == "multiplicative":
-            self.m: float = _check_m(m)
+            self.m: float = check_m(m)
         elif margin_type == "additive_cos":
             additive_cosine_margin(torch.zeros(1), m)  # validates
             self.m = float(m)
@@ -279,11 +277,11 @@ class AngularMarginHead(nn.Module):
         # unchecked forms: non-finite features give non-finite logits, which the training module detects
         # (SphereFaceModule.on_divergence) -- no extra host sync per forward
         if self.margin_type == "multiplicative":
-            return _psi(cos, int(self.m))
+            return psi(cos, int(self.m), check_finite=False)
         if self.margin_type == "additive_cos":
-            return _additive_cosine(cos, self.m)
+            return additive_cosine_margin(cos, self.m, check_finite=False)
         if self.margin_type == "additive_angle":
-            return _additive_angular(cos, self.m)
+            return additive_angular_margin(cos, self.m, check_finite=False)
         return cos
 
     # ----------------------------------------------------------------------------- forward
