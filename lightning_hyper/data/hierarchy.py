@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from lightning_hyper.data.cifar import CIFAR100DataModule
 from lightning_hyper.data.digits import DigitsDataModule
 from lightning_hyper.data.sampling import epoch_loader
-from lightning_hyper.nn.hierarchical import register_hierarchy
+from lightning_hyper.functional.hierarchy import register_hierarchy
 
 __all__ = [
     "CIFAR100_COARSE_LABELS",

@@ -136,3 +136,7 @@ from lightning_hyper.functional.checks import check_choice, check_fraction, chec
 from lightning_hyper.functional.seeding import derive_seed, seeded_generator
 
 __all__ += ["check_choice", "check_fraction", "check_number", "derive_seed", "seeded_generator"]
+# hierarchy.py (DH2L: the label tree and the hierarchical penalty)
+from lightning_hyper.functional.hierarchy import Hierarchy, hierarchical_penalty, mean_geometry
+
+__all__ += ["Hierarchy", "hierarchical_penalty", "mean_geometry"]
