@@ -24,7 +24,8 @@ from typing import Any, NoReturn, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["argument_error", "check_choice", "check_fraction", "check_labels", "check_number", "describe_range"]
+__all__ = ["argument_error", "check_choice", "check_fraction", "check_labels", "check_number", "describe_range",
+           "shown"]
 
 
 def argument_error(name: str, value: Any, accepted: str, *, owner: str | None = None, fix: str | None = None,
@@ -91,11 +92,14 @@ def check_fraction(name: str, value: Any, *, allow_zero: bool = True, allow_one:
                         owner=owner, fix=fix)
 
 
-class _Described(str):
-    """A value shown as written (``labels=<...>``), not as a quoted string."""
-
+class _Shown(str):
     def __repr__(self) -> str:
         return str(self)
+
+
+def shown(text: str) -> str:
+    """A value that :func:`argument_error` prints as written, not quoted: ``labels=<tensor of shape (3, 2)>``."""
+    return _Shown(text)
 
 
 def check_labels(labels: Any, num_classes: int, *, batch_size: int | None = None, allow_column: bool = False,
@@ -109,12 +113,12 @@ def check_labels(labels: Any, num_classes: int, *, batch_size: int | None = None
     if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.dtype.is_complex \
             or labels.dtype == torch.bool:
         got = f"<tensor of dtype {labels.dtype}>" if isinstance(labels, Tensor) else f"<{type(labels).__name__}>"
-        argument_error("labels", _Described(got), "an integer tensor of class indices", owner=owner, exc=dtype_error)
+        argument_error("labels", shown(got), "an integer tensor of class indices", owner=owner, exc=dtype_error)
     n = "B" if batch_size is None else str(batch_size)
     ok_shape = labels.dim() == 1 or (allow_column and labels.dim() == 2 and labels.shape[1] == 1)
     if not ok_shape or (batch_size is not None and labels.shape[0] != batch_size):
         accepted = f"an integer tensor of class indices of shape ({n},)" + (f" or ({n}, 1)" if allow_column else "")
-        argument_error("labels", _Described(f"<tensor of shape {tuple(labels.shape)}>"), accepted, owner=owner)
+        argument_error("labels", shown(f"<tensor of shape {tuple(labels.shape)}>"), accepted, owner=owner)
     if allow_column:
         labels = labels.flatten()
     if labels.numel():
@@ -122,5 +126,5 @@ def check_labels(labels: Any, num_classes: int, *, batch_size: int | None = None
         if low < 0 or high >= num_classes:
             accepted = f"class indices in [0, {num_classes - 1}] (num_classes={num_classes}" \
                        + (f": {what})" if what else ")")
-            argument_error("labels", _Described(f"<class indices in range [{low}, {high}]>"), accepted, owner=owner)
+            argument_error("labels", shown(f"<class indices in range [{low}, {high}]>"), accepted, owner=owner)
     return labels

@@ -7,7 +7,8 @@ The module knows nothing about hyperspherical energies: MHE and friends are call
 Loss: cross-entropy on the head's logits. Heads with ``needs_labels = True`` (angular-margin heads)
 are called as ``head(features, labels)`` in training, so the margin enters the training logits
 (``train/acc`` is therefore measured on the margin logits), and as ``head(features)`` otherwise.
-Accuracy: torchmetrics ``MulticlassAccuracy(average="micro")``, i.e. the plain fraction correct.
+A margin head's λ step follows ``trainer.global_step`` (:class:`~lightning_hyper.models.margin_sync.MarginStepSync`,
+the same rule as ``SphereFaceModule``'s). Accuracy: torchmetrics ``MulticlassAccuracy(average="micro")``, i.e. the plain fraction correct.
 Logged keys: ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc``.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_hyper.models.backbones import build_backbone
+from lightning_hyper.models.margin_sync import MarginStepSync
 from lightning_hyper.nn.registry import build_head
 
 __all__ = ["HypersphericalClassifier"]
@@ -29,7 +31,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("step", "multistep", "cosine")
 
 
-class HypersphericalClassifier(L.LightningModule):
+class HypersphericalClassifier(MarginStepSync, L.LightningModule):
     """Backbone -> head classifier trained with cross-entropy.
 
     Args:
@@ -102,6 +104,7 @@ class HypersphericalClassifier(L.LightningModule):
         self.backbone = backbone
         self.head = build_head(head, out_features, num_classes, **(head_kwargs or {}))
         self.head_needs_labels = bool(getattr(self.head, "needs_labels", False))
+        self.drive_margin_head()  # a margin head's λ step follows trainer.global_step (models/margin_sync.py)
 
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
@@ -125,6 +128,7 @@ class HypersphericalClassifier(L.LightningModule):
     # ------------------------------------------------------------------- steps
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = self._unpack(batch)
+        self.sync_margin_step()
         features = self.backbone(x)
         logits = self.head(features, y) if self.head_needs_labels else self.head(features)
         loss = F.cross_entropy(logits, y)

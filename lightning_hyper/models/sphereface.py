@@ -2,9 +2,10 @@
 with open-set verification at validation / test (thesis Ch. 2.3, spec sphereface.md §3, §5, §8, §9).
 
 Training: ``logits = head(backbone(x), y)`` (margin on the target class, λ-annealed), loss =
-cross-entropy. The module sets ``head.global_step`` from ``trainer.global_step`` before every
-training forward, so the λ schedule counts optimizer steps and continues correctly after a resume
-(with gradient accumulation all micro-batches of one step share λ; Caffe counted forwards).
+cross-entropy. The module drives the head's λ step from ``trainer.global_step``
+(:class:`~lightning_hyper.models.margin_sync.MarginStepSync`, the same rule as ``HypersphericalClassifier``'s), so
+the λ schedule counts optimizer steps and continues correctly after a resume (with gradient accumulation all
+micro-batches of one step share λ; Caffe counted forwards).
 
 Evaluation batches are dispatched by kind (``eval_kinds`` of the module, else of the DataModule,
 else inferred: 3- or 4-tuples are pairs, 2-tuples closed-set):
@@ -50,6 +51,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_hyper.metrics import AngularFisherScore, VerificationAccuracy
 from lightning_hyper.models.backbones import build_backbone
+from lightning_hyper.models.margin_sync import MarginStepSync
 from lightning_hyper.nn.registry import build_head
 
 __all__ = ["SphereFaceModule", "TrainingDivergedError"]
@@ -62,7 +64,7 @@ class TrainingDivergedError(RuntimeError):
     """Raised by :class:`SphereFaceModule` when training diverges (``on_divergence="raise"``)."""
 
 
-class SphereFaceModule(L.LightningModule):
+class SphereFaceModule(MarginStepSync, L.LightningModule):
     """Backbone -> angular-margin head, trained with cross-entropy, evaluated by open-set verification.
 
     Args:
@@ -153,8 +155,8 @@ class SphereFaceModule(L.LightningModule):
         self.backbone = backbone
         self.head = build_head(head, out_features, num_classes, **(head_kwargs or {}))  # registered last
         self.head_needs_labels = bool(getattr(self.head, "needs_labels", False))
-        if hasattr(self.head, "auto_step"):
-            self.head.auto_step = False  # λ is driven by trainer.global_step (see _set_head_step)
+        self.margin_warm_start_steps = warm_start_steps
+        self.drive_margin_head()  # λ is driven by trainer.global_step (models/margin_sync.py)
         self.num_classes = num_classes
         self.embedding_dim = out_features * (2 if flip_test else 1)
         self.diverged_at: int | None = None
@@ -178,22 +180,10 @@ class SphereFaceModule(L.LightningModule):
         """Plain logits (no margin)."""
         return self.head(self.backbone(x))
 
-    # ------------------------------------------------------------------ λ
-    def _set_head_step(self) -> None:
-        if not hasattr(self.head, "global_step"):
-            return
-        step = self.trainer.global_step if self._trainer is not None else 0
-        warm = self.hparams.warm_start_steps
-        if step < warm:
-            self.head.global_step = 0
-            self.head.lambda_ = math.inf  # plain softmax logits
-        else:
-            self.head.global_step = step - warm
-
     # ------------------------------------------------------------------ training
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         x, y = batch[0], batch[1]
-        self._set_head_step()
+        self.sync_margin_step()
         feats = self.backbone(x)
         lam = float(getattr(self.head, "lambda_", 0.0))
         logits = self.head(feats, y) if self.head_needs_labels else self.head(feats)
