@@ -48,8 +48,9 @@ __all__ += [
 from lightning_hyper.nn.hierarchical import HierarchicalLinear, Hierarchy, register_hierarchy
 
 __all__ += ["HierarchicalLinear", "Hierarchy", "register_hierarchy"]
-# opt.py (OPT)
-from lightning_hyper.nn.opt import StiefelCayleySGD, apply_opt, attach_ogd, remove_opt
+# opt.py (OPT); the OGD optimizer lives in lightning_hyper.optim (re-exported here)
+from lightning_hyper.nn.opt import apply_opt, remove_opt
+from lightning_hyper.optim import StiefelCayleySGD, attach_ogd
 
 __all__ += ["StiefelCayleySGD", "apply_opt", "attach_ogd", "remove_opt"]
 # selection.py (the one neuron-selection core, DESIGN.md contract 1)
