@@ -35,8 +35,8 @@ from lightning_hyper.callbacks.base import DEFAULT_MAX_GRAD_NORM, PenaltyCallbac
 from lightning_hyper.functional.discrete import (
     DISCRETE_MODES,
     GM_FORMS,
-    _check_options,
     canonical_metric,
+    check_metric_options,
 )
 from lightning_hyper.functional.hierarchy import (
     CONSTRAINTS,
@@ -114,7 +114,7 @@ class HierarchicalRegularizer(PenaltyCallback):
         self.hierarchy = Hierarchy.parse(hierarchy) if hierarchy is not None else None
         self.pairs = pairs
         self.metric_kwargs = {"discrete": discrete, "clamp": clamp, "gm": gm, "threshold": threshold}
-        _check_options(discrete, clamp, gm, threshold)
+        check_metric_options(discrete, clamp, gm, threshold)
         self._warned_no_labels = False
 
     # ------------------------------------------------------------------ helpers

@@ -52,10 +52,13 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from lightning_hyper.functional.checks import check_choice, check_labels, check_number
+
 from lightning_hyper.functional.energy import hyperspherical_energy, normalize_neurons, pair_kernel, warn_no_pairs
 
 __all__ = [
     "DH2L_METRICS",
+    "check_metric_options",
     "ENERGY_METRICS",
     "METRIC_DIRECTIONS",
     "METRICS",
@@ -106,16 +109,15 @@ def canonical_metric(metric: str) -> str:
                      "(a trailing ' may also be written _prime)")
 
 
-def _check_options(discrete: str, clamp: float, gm: str, threshold: float) -> None:
-    if discrete not in DISCRETE_MODES:
-        raise ValueError(f"discrete={discrete!r} is not supported; accepted values: {list(DISCRETE_MODES)}")
-    if gm not in GM_FORMS:
-        raise ValueError(f"gm={gm!r} is not supported; accepted values: {list(GM_FORMS)}")
-    if isinstance(clamp, bool) or not isinstance(clamp, (int, float)) or not 0.0 < clamp <= 1.0:
-        raise ValueError(f"clamp={clamp!r} is not supported; accepted values: a number in (0, 1] "
-                         "(the paper uses 0.99)")
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not (0.0 <= threshold < math.inf):
-        raise ValueError(f"threshold={threshold!r} is not supported; accepted values: a finite number >= 0")
+def check_metric_options(discrete: str, clamp: float, gm: str, threshold: float) -> None:
+    """Validate the options of the DH2L metrics (see :func:`pairwise_metric`)."""
+    check_choice("discrete", discrete, DISCRETE_MODES)
+    check_choice("gm", gm, GM_FORMS)
+    check_number("clamp", clamp, low=0.0, high=1.0, fix="the paper uses 0.99")
+    check_number("threshold", threshold, low=0.0, low_inclusive=True)
+
+
+_check_options = check_metric_options  # the name callbacks used before it was public
 
 
 # ---------------------------------------------------------------------------- sign + STE
@@ -149,7 +151,7 @@ def sign_ste(x: Tensor, ternary: bool = False, threshold: float = 0.0) -> Tensor
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"x: expected a Tensor, got {type(x).__name__}")
-    _check_options("binary", 0.99, "product", threshold)
+    check_metric_options("binary", 0.99, "product", threshold)
     thr = None
     if ternary and threshold > 0 and x.numel():
         thr = threshold * x.detach().abs().mean(dim=-1, keepdim=True)
@@ -280,7 +282,7 @@ def pairwise_metric(x: Tensor, y: Tensor | None = None, metric: str = "AM", *, d
         threshold: ternary dead zone, relative to each row's mean :math:`|w|` (see :func:`sign_ste`).
     """
     metric = canonical_metric(metric)
-    _check_options(discrete, clamp, gm, threshold)
+    check_metric_options(discrete, clamp, gm, threshold)
     if METRIC_DIRECTIONS[metric] == "energy":
         xs, ys = _pair_inputs(x, y)
         ux, _ = normalize_neurons(xs)
@@ -340,12 +342,8 @@ def metric_energy_from_labels(weight: Tensor, labels: Tensor, metric: str = "AM"
     metric = canonical_metric(metric)
     w = _prepare(weight, "weight")
     n = w.shape[0]
-    if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.dtype.is_floating_point:
-        raise ValueError("labels: expected a 1-D integer tensor of class indices")
-    labels = labels.to(w.device)
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n):
-        raise ValueError(f"labels: class indices must lie in [0, {n - 1}] (weight has {n} rows), got range "
-                         f"[{int(labels.min())}, {int(labels.max())}]")
+    labels = check_labels(labels, n, owner="metric_energy_from_labels", what=f"the {n} rows of weight",
+                          dtype_error=ValueError).to(w.device)
     if unique:
         labels = torch.unique(labels)
     m = labels.numel()

@@ -2,7 +2,7 @@
 
 Thesis Chapter 7 (spec ``opt.md`` §7.2, §10). :class:`OPTMixin` converts a module's layers with
 :func:`~lightning_hyper.nn.opt.apply_opt` and, for ``method="ogd"``, takes the rotations out of the
-main optimizer and steps them with :class:`~lightning_hyper.nn.opt.StiefelCayleySGD` right after
+main optimizer and steps them with :class:`~lightning_hyper.optim.StiefelCayleySGD` right after
 every main optimizer step (its state is saved in checkpoints). The CNNs of the thesis (Table F.1,
 CNN-6/9: [3×3, 64]×k per stage, BN + ReLU, 2×2 max-pool, FC 64 without BN/ReLU/bias, He init) are the
 library's plain ``cnn6`` / ``cnn9`` backbones with ``widths=[64, 64, 64]`` and ``fc_features=64``;
@@ -16,12 +16,8 @@ import torch
 from torch import nn
 
 from lightning_hyper.models.classifier import HypersphericalClassifier
-from lightning_hyper.nn.opt import (
-    _canonical_method,
-    apply_opt,
-    attach_ogd,
-    rotation_parameters,
-)
+from lightning_hyper.nn.opt import apply_opt, canonical_method, rotation_parameters
+from lightning_hyper.optim import attach_ogd
 
 __all__ = ["OPTClassifier", "OPTMixin"]
 
@@ -69,7 +65,7 @@ class OPTMixin:
                 raise ValueError(f"opt_kwargs={kwargs!r} given without opt_method; set opt_method (e.g. 'cayley')")
             self.opt_method = None
             return
-        self.opt_method = _canonical_method(method)
+        self.opt_method = canonical_method(method)
         if not ogd_lr > 0:
             raise ValueError(f"ogd_lr must be > 0, got {ogd_lr!r}")
         self._ogd_lr, self._ogd_momentum = float(ogd_lr), float(ogd_momentum)

@@ -52,6 +52,7 @@ from lightning_hyper.functional.operators import (
 )
 
 __all__ = [
+    "DecoupledMixin",
     "DecoupledConv1d",
     "DecoupledConv2d",
     "DecoupledConv3d",
@@ -90,7 +91,7 @@ def canonical_angular(name: str) -> str:
     return check_choice("angular", key, ANGULAR_ACTIVATIONS)
 
 
-#: The options of every decoupled layer, passed by keyword to ``_DecoupledMixin._setup_decoupled``.
+#: The options of every decoupled layer, passed by keyword to ``DecoupledMixin._setup_decoupled``.
 _DECOUPLED_OPTIONS: tuple[str, ...] = (
     "magnitude", "angular", "alpha", "seg_beta", "mix_log_weight", "weighted", "learn_radius", "radius_init",
     "radius_param", "radius_granularity", "radius_norm", "radius_norm_momentum", "radius_norm_detach", "sigmoid_k",
@@ -122,7 +123,7 @@ def debiased_weight(momentum: float, t: int) -> float:
     return momentum / -math.expm1(t * math.log(beta)) if beta > 0.0 else 1.0
 
 
-class _DecoupledMixin:
+class DecoupledMixin:
     """Shared construction/forward of the decoupled layers."""
 
     hyperspherical_layer = True
@@ -269,7 +270,10 @@ class _DecoupledMixin:
         return s
 
 
-class _DecoupledConvNd(_DecoupledMixin):
+_DecoupledMixin = DecoupledMixin  # the name callbacks imported before it was public
+
+
+class _DecoupledConvNd(DecoupledMixin):
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
         padding = self.padding
         if self.padding_mode != "zeros":
@@ -370,7 +374,7 @@ class DecoupledConv3d(_DecoupledConvNd, nn.Conv3d):
         self._setup_decoupled(out_channels, **_decoupled_options(locals()))
 
 
-class DecoupledLinear(_DecoupledMixin, nn.Linear):
+class DecoupledLinear(DecoupledMixin, nn.Linear):
     __doc__ = (
         "Decoupled fully connected layer ``h(||W_i||, ||x||) g(theta(W_i, x))`` (thesis §4.3, DCLinear), a subclass "
         "of ``nn.Linear``; input ``(..., in_features)``, ``E{||x||}`` = batch mean of ``||x||``."

@@ -70,6 +70,7 @@ from lightning_hyper.optim.stiefel import StiefelCayleySGD, attach_ogd
 
 __all__ = [
     "OPT_METHODS",
+    "canonical_method",
     "OPTParametrization",
     "OPTSizeWarning",
     "StiefelCayleySGD",
@@ -94,7 +95,8 @@ _DIRECT_ALIASES = {"or": "relaxed", "upt": "unconstrained"}
 R_INITS = ("normal", "identity", "orthogonal")
 
 
-def _canonical_method(method: str) -> str:
+def canonical_method(method: str) -> str:
+    """The canonical name of an OPT method (accepts the spec's short names gs/hr/ls/cp/exp/or/upt)."""
     if not isinstance(method, str):
         raise TypeError(f"method must be a string, got {type(method).__name__}")
     low = method.lower()
@@ -164,7 +166,7 @@ class OPTParametrization(nn.Module):
         super().__init__()
         if weight.dim() < 2:
             raise ValueError(f"weight must have at least 2 dimensions (neurons, ...), got shape {tuple(weight.shape)}")
-        self.method = _canonical_method(method)
+        self.method = canonical_method(method)
         self.method_kwargs = dict(method_kwargs or {})
         if self.method in _DIRECT and self.method_kwargs:
             raise ValueError(f"method={self.method!r} takes no method kwargs, got {sorted(self.method_kwargs)}")
@@ -551,7 +553,7 @@ def apply_opt(
             not dividing ``d``, nothing to convert (the message holds the selection table).
         TypeError: ``include`` names only layers OPT cannot convert.
     """
-    _canonical_method(method)
+    canonical_method(method)
     if refine is not None and refine not in REFINE_OBJECTIVES:
         raise ValueError(f"refine={refine!r} is not supported; accepted values: {[None, *REFINE_OBJECTIVES]}")
     if not 0 < sopt_fraction <= 1:

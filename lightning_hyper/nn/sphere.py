@@ -26,6 +26,7 @@ from lightning_hyper.functional.checks import check_choice, check_number
 from lightning_hyper.functional.operators import ANGLE_FNS, sphere_conv, sphere_linear
 
 __all__ = [
+    "SphereMixin",
     "K_SHARING",
     "SphereConv1d",
     "SphereConv2d",
@@ -47,7 +48,7 @@ def make_shared_k(k: float = 0.5, k_min: float = 0.05) -> nn.Parameter:
     return nn.Parameter(torch.tensor([k - k_min]))
 
 
-class _SphereMixin:
+class SphereMixin:
     """Shared construction/forward of the Sphere layers (mixed into an ``nn.Conv*d`` / ``nn.Linear``)."""
 
     angle_fn: str
@@ -127,7 +128,10 @@ class _SphereMixin:
         return s
 
 
-class _SphereConvNd(_SphereMixin):
+_SphereMixin = SphereMixin  # the name callbacks imported before it was public
+
+
+class _SphereConvNd(SphereMixin):
     def _conv_input(self, x: Tensor) -> tuple[Tensor, Any]:
         if self.padding_mode != "zeros":  # pad once explicitly so both convolutions see the same patches
             return F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode), 0
@@ -226,7 +230,7 @@ class SphereConv3d(_SphereConvNd, nn.Conv3d):
         )
 
 
-class SphereLinear(_SphereMixin, nn.Linear):
+class SphereLinear(SphereMixin, nn.Linear):
     __doc__ = (
         "SphereLinear: ``g(theta(W_i, x))`` with ``cos theta = x.W_i / (||x|| ||W_i||)`` -- the SphereConv whose "
         "kernel covers the whole input (spherenet spec §1.3); input ``(..., in_features)``."
