@@ -24,8 +24,8 @@ from typing import Any, NoReturn, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["argument_error", "check_choice", "check_fraction", "check_labels", "check_number", "describe_range",
-           "shown"]
+__all__ = ["argument_error", "check_choice", "check_fraction", "check_labels", "check_number", "check_positive_int",
+           "check_positive_ints", "describe_range", "shown"]
 
 
 def argument_error(name: str, value: Any, accepted: str, *, owner: str | None = None, fix: str | None = None,
@@ -90,6 +90,20 @@ def check_fraction(name: str, value: Any, *, allow_zero: bool = True, allow_one:
     """A fraction in ``[0, 1)`` by default (``allow_zero`` / ``allow_one`` open or close the ends)."""
     return check_number(name, value, low=0.0, high=1.0, low_inclusive=allow_zero, high_inclusive=allow_one,
                         owner=owner, fix=fix)
+
+
+def check_positive_int(name: str, value: Any, *, owner: str | None = None, fix: str | None = None) -> int:
+    """An ``int >= 1`` (a size, a count)."""
+    return check_number(name, value, low=1, low_inclusive=True, integer=True, owner=owner, fix=fix)
+
+
+def check_positive_ints(name: str, values: Any, *, owner: str | None = None) -> tuple[int, ...]:
+    """A non-empty sequence of ``int >= 1`` (layer widths), returned as a tuple."""
+    values = tuple(values) if isinstance(values, (list, tuple)) else values
+    if not isinstance(values, tuple) or not values or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+        argument_error(name, values, "a non-empty sequence of ints >= 1", owner=owner)
+    return values
 
 
 class _Shown(str):

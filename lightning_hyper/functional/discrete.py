@@ -18,7 +18,8 @@ Metrics (all in [0, 1]; ``'`` = the primed variant, which uses :math:`a'` instea
 name                value                                      kind         term minimized
 ==================  =========================================  ===========  ==================
 ``bin``, ``ter``    :math:`a` (binary / ternary sign)          distance     :math:`1-D`
-``angular``         :math:`b`                                  distance     :math:`1-D`
+``angular``         :math:`b` (also ``theta``; not A-MHE's     distance     :math:`1-D`
+                    ``"angular"`` of ``energy.METRICS``)
 ``AM``              :math:`(a+b)/2`                            distance     :math:`1-D`
 ``GM``              :math:`ab` (as printed; ``gm="sqrt"``:     distance     :math:`1-D`
                     :math:`\sqrt{ab}`)
@@ -62,6 +63,8 @@ __all__ = [
     "ENERGY_METRICS",
     "METRIC_DIRECTIONS",
     "METRICS",
+    "METRIC_ALIASES",
+    "PAIR_METRICS",
     "DISCRETE_MODES",
     "GM_FORMS",
     "canonical_metric",
@@ -85,7 +88,13 @@ DH2L_METRICS: tuple[str, ...] = (
 )
 #: the paper's continuous baselines (energies, §4.1)
 ENERGY_METRICS: tuple[str, ...] = ("N-euclidean2", "angular2", "cosine")
-METRICS: tuple[str, ...] = DH2L_METRICS + ENERGY_METRICS
+#: every pairwise metric name of this module. Not :data:`lightning_hyper.functional.energy.METRICS` (the distance of
+#: MHE's energies, where ``"angular"`` means the geodesic angle kernel of A-MHE): here ``"angular"`` is DH2L's
+#: normalized angle distance :math:`b = \theta/\pi`, which may also be written ``"theta"``.
+PAIR_METRICS: tuple[str, ...] = DH2L_METRICS + ENERGY_METRICS
+METRICS = PAIR_METRICS  # the old name, kept
+#: unambiguous spellings accepted by :func:`canonical_metric`
+METRIC_ALIASES: dict[str, str] = {"theta": "angular"}
 #: how each metric is turned into the term that is minimized (so that vectors move apart)
 METRIC_DIRECTIONS: dict[str, str] = {
     **{m: "distance" for m in DH2L_METRICS if m.rstrip("'") in ("bin", "ter", "angular", *_BASE_DISTANCES)},
@@ -98,11 +107,13 @@ REDUCTIONS = ("mean", "sum")
 
 
 def canonical_metric(metric: str) -> str:
-    """Validate a metric name and return its canonical spelling (``"AM_prime"`` -> ``"AM'"``)."""
+    """Validate a metric name and return its canonical spelling (``"AM_prime"`` -> ``"AM'"``, ``"theta"`` ->
+    ``"angular"``)."""
     if isinstance(metric, str):
         name = metric.strip()
         if name.endswith("_prime"):
             name = name[: -len("_prime")] + "'"
+        name = METRIC_ALIASES.get(name, name)
         if name in METRIC_DIRECTIONS:
             return name
     raise ValueError(f"metric={metric!r} is not supported; accepted values: {list(METRICS)} "
