@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_hyper.functional.checks import check_choice, check_number
 from lightning_hyper.models.backbones import build_backbone
 from lightning_hyper.models.margin_sync import MarginStepSync
 from lightning_hyper.nn.registry import build_head
@@ -73,18 +74,13 @@ class HypersphericalClassifier(MarginStepSync, L.LightningModule):
         max_epochs_for_cosine: int | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer={optimizer!r} is unknown; accepted values: {list(OPTIMIZERS)}")
-        if scheduler is not None and scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler={scheduler!r} is unknown; accepted values: {[*SCHEDULERS, None]}")
+        check_number("num_classes", num_classes, low=2, low_inclusive=True, integer=True, owner=type(self).__name__)
+        check_choice("optimizer", optimizer, OPTIMIZERS, owner=type(self).__name__)
+        check_choice("scheduler", scheduler, (*SCHEDULERS, None), owner=type(self).__name__)
         if scheduler == "multistep" and not milestones:
             raise ValueError("scheduler='multistep' needs milestones (a list of epochs), got none")
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr!r}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        check_number("lr", lr, low=0.0, owner=type(self).__name__)
+        check_number("weight_decay", weight_decay, low=0.0, low_inclusive=True, owner=type(self).__name__)
         if nesterov and optimizer != "sgd":
             raise ValueError(f"nesterov=True needs optimizer='sgd', got optimizer={optimizer!r}")
         if isinstance(backbone, nn.Module):

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from lightning_hyper.functional.checks import check_number
 from lightning_hyper.models.classifier import HypersphericalClassifier
 from lightning_hyper.nn.opt import apply_opt, canonical_method, rotation_parameters
 from lightning_hyper.optim import attach_ogd
@@ -56,8 +57,7 @@ class OPTMixin:
                   r_init: str | None = None) -> None:
         """``apply_opt(target, method, output_layer=output_layer, **opt_kwargs)`` (``opt_kwargs`` may set
         ``output_layer`` themselves, or the deprecated ``exclude_output`` / ``layers``)."""
-        if not (isinstance(lr_scale, (int, float)) and not isinstance(lr_scale, bool) and lr_scale > 0):
-            raise ValueError(f"opt_lr_scale must be a number > 0, got {lr_scale!r}")
+        check_number("opt_lr_scale", lr_scale, low=0.0)
         self._opt_lr_scale = float(lr_scale)
         kwargs = dict(opt_kwargs or {})
         if method is None:
@@ -66,8 +66,7 @@ class OPTMixin:
             self.opt_method = None
             return
         self.opt_method = canonical_method(method)
-        if not ogd_lr > 0:
-            raise ValueError(f"ogd_lr must be > 0, got {ogd_lr!r}")
+        check_number("ogd_lr", ogd_lr, low=0.0)
         self._ogd_lr, self._ogd_momentum = float(ogd_lr), float(ogd_momentum)
         if not {"output_layer", "exclude_output", "layers"} & kwargs.keys():
             kwargs["output_layer"] = output_layer

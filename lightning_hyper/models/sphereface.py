@@ -49,6 +49,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_hyper.functional.checks import check_choice, check_number
 from lightning_hyper.metrics import AngularFisherScore, VerificationAccuracy
 from lightning_hyper.models.backbones import build_backbone
 from lightning_hyper.models.margin_sync import MarginStepSync
@@ -121,18 +122,16 @@ class SphereFaceModule(MarginStepSync, L.LightningModule):
         max_feature_norm: float = 1e5,
     ) -> None:
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr!r}")
-        if weight_decay < 0 or (head_weight_decay is not None and head_weight_decay < 0):
-            raise ValueError("weight_decay and head_weight_decay must be >= 0")
+        check_number("num_classes", num_classes, low=2, low_inclusive=True, integer=True, owner=type(self).__name__)
+        check_number("lr", lr, low=0.0, owner=type(self).__name__)
+        check_number("weight_decay", weight_decay, low=0.0, low_inclusive=True, owner=type(self).__name__)
+        check_number("head_weight_decay", head_weight_decay, low=0.0, low_inclusive=True, allow_none=True,
+                     owner=type(self).__name__)
         if any(not (ms > 0) for ms in lr_milestones):
             raise ValueError(f"lr_milestones must be positive (fractions < 1 or step numbers), got {list(lr_milestones)}")
-        if isinstance(warm_start_steps, bool) or not isinstance(warm_start_steps, int) or warm_start_steps < 0:
-            raise ValueError(f"warm_start_steps must be a non-negative integer, got {warm_start_steps!r}")
-        if on_divergence not in ON_DIVERGENCE:
-            raise ValueError(f"on_divergence={on_divergence!r} is unknown; accepted values: {list(ON_DIVERGENCE)}")
+        check_number("warm_start_steps", warm_start_steps, low=0, low_inclusive=True, integer=True,
+                     owner=type(self).__name__)
+        check_choice("on_divergence", on_divergence, ON_DIVERGENCE, owner=type(self).__name__)
         bad = [m for m in init_modules if m not in ("backbone", "head")]
         if bad:
             raise ValueError(f"init_modules must be a subset of ['backbone', 'head'], got {list(init_modules)}")
