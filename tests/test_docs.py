@@ -201,3 +201,29 @@ def test_example_gives_what_it_promises(ident, seed, tmp_path, monkeypatch):
     with contextlib.redirect_stdout(buffer):
         exec(compile(EXAMPLES[ident], ident, "exec"), ns)
     CHECKS[ident][0](ns, buffer.getvalue())
+
+
+# ------------------------------------------------------------------------------- one home per formula
+FORMULA_ROW = re.compile(r"^\| (?P<formula>[^|]+) \| \[`(?P<file>[^`]+\.py)`\]\([^)]*\) \| (?P<names>[^|]+) \|", re.M)
+
+
+def test_every_page_points_to_the_file_that_holds_each_formula():
+    """Each docs page ends with a "Where each formula lives" table; every public name in it is defined in the file
+    of its row (a reader gets from the name to the formula in two hops: the table, then the file)."""
+    import importlib
+
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        text = page.read_text()
+        assert "## Where each formula lives" in text, page.name
+        rows = list(FORMULA_ROW.finditer(text.split("## Where each formula lives", 1)[1]))
+        assert rows, page.name
+        for row in rows:
+            file = row["file"]
+            assert (ROOT / "lightning_hyper" / file).is_file(), (page.name, file)
+            home = importlib.import_module("lightning_hyper." + file[:-3].replace("/", "."))
+            for dotted in re.findall(r"`([a-z_]+(?:\.[A-Za-z_0-9]+)+)`", row["names"]):
+                *mod, name = dotted.split(".")
+                obj = getattr(importlib.import_module(".".join(["lightning_hyper", *mod])), name)
+                assert getattr(home, name, None) is obj, (page.name, dotted, file)
+                if isinstance(obj, type) or callable(obj):
+                    assert obj.__module__ == home.__name__, (page.name, dotted, obj.__module__, file)

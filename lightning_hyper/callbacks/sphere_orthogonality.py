@@ -10,7 +10,7 @@ on the raw kernels (so it also pins every ``||w_i||`` near 1, which keeps the ``
 of the operator near 1), with ``lambda = 1e-4`` in the reference code. DCNet (thesis §4.5, App. C.1)
 uses the *orthogonal* form :math:`\\|W W^\\top - \\mathrm{diag}(W W^\\top)\\|_F^2` on normalized kernels
 (its reference code: ``1e-5 * ½ ||Ŵ Ŵᵀ − I||²``, i.e. ``weight=5e-6``, ``form="orthogonal"``,
-``normalize=True``). The formula is :func:`lightning_hyper.functional.sphere_ops.kernel_orthogonality`.
+``normalize=True``). The formula is :func:`lightning_hyper.functional.orthogonal.kernel_orthogonality`.
 
 This is not OPT's :class:`~lightning_hyper.callbacks.orthogonal.OrthogonalRegularizer`, which penalizes
 the learned rotation ``R`` of OPT layers (square, ``RᵀR = I``); here the kernels themselves are pushed
@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from lightning_hyper.callbacks.base import DEFAULT_MAX_GRAD_NORM, PenaltyCallback
 from lightning_hyper.functional.checks import check_choice, check_number
-from lightning_hyper.functional.sphere_ops import ORTHOGONALITY_FORMS, kernel_orthogonality
+from lightning_hyper.functional.orthogonal import ORTHOGONALITY_FORMS, kernel_orthogonality
 from lightning_hyper.nn.decoupled import DecoupledOperator
 from lightning_hyper.nn.selection import NeuronGroup
 from lightning_hyper.nn.sphere import SphereOperator

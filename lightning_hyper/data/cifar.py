@@ -31,6 +31,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from lightning_hyper.functional.checks import check_positive_int
 from lightning_hyper.data.sampling import epoch_loader
 
 __all__ = ["CIFAR10DataModule", "CIFAR100DataModule", "IF_MISSING", "SyntheticCIFAR"]
@@ -126,8 +127,7 @@ class CIFAR10DataModule(L.LightningDataModule):
         synthetic_size: int = 1000,
     ) -> None:
         super().__init__()
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        check_positive_int("batch_size", batch_size)
         if isinstance(val_size, bool) or not isinstance(val_size, int) or val_size < 0:
             raise ValueError(f"val_size must be a non-negative integer, got {val_size!r}")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:

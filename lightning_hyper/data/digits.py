@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_hyper.functional.checks import check_positive_int
 from lightning_hyper.data.sampling import epoch_loader
 
 __all__ = ["DigitsDataModule"]
@@ -46,8 +47,7 @@ class DigitsDataModule(L.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        check_positive_int("batch_size", batch_size)
         if not 0.0 < float(val_fraction) < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:

@@ -24,6 +24,8 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from lightning_hyper.functional.checks import check_fraction
+
 __all__ = ["GraphDataModule", "KarateClubDataModule", "PlanetoidDataModule", "SyntheticGraphDataModule"]
 
 PLANETOID_NAMES = ("Cora", "CiteSeer", "PubMed")
@@ -96,12 +98,6 @@ class GraphDataModule(L.LightningDataModule):
         return self._loader()
 
 
-def _check_fraction(name: str, value: float) -> float:
-    if not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
-    return float(value)
-
-
 class KarateClubDataModule(GraphDataModule):
     """Zachary's karate club (torch-geometric ``KarateClub``; 34 nodes, 34 one-hot features, 4 classes).
 
@@ -114,7 +110,7 @@ class KarateClubDataModule(GraphDataModule):
 
     def __init__(self, val_fraction: float = 0.5, train_per_class: int | None = None, seed: int = 0) -> None:
         super().__init__()
-        self.val_fraction = _check_fraction("val_fraction", val_fraction)
+        self.val_fraction = check_fraction("val_fraction", val_fraction, allow_one=True)
         if train_per_class is not None and (not isinstance(train_per_class, int) or train_per_class < 1):
             raise ValueError(f"train_per_class must be None or a positive integer, got {train_per_class!r}")
         self.train_per_class = train_per_class
@@ -157,9 +153,9 @@ class SyntheticGraphDataModule(GraphDataModule):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if num_classes < 2 or num_nodes < num_classes:
             raise ValueError(f"need num_classes >= 2 and num_nodes >= num_classes, got {num_classes}, {num_nodes}")
-        self.p_in = _check_fraction("p_in", p_in)
-        self.p_out = _check_fraction("p_out", p_out)
-        self.val_fraction = _check_fraction("val_fraction", val_fraction)
+        self.p_in = check_fraction("p_in", p_in, allow_one=True)
+        self.p_out = check_fraction("p_out", p_out, allow_one=True)
+        self.val_fraction = check_fraction("val_fraction", val_fraction, allow_one=True)
         self.num_nodes, self._num_classes, self._num_features = num_nodes, num_classes, num_features
         self.signal, self.train_per_class, self.seed = float(signal), train_per_class, seed
         self.save_hyperparameters()

@@ -30,10 +30,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from lightning_hyper.functional.checks import check_positive_int
 from lightning_hyper.data.cifar import CIFAR100DataModule
 from lightning_hyper.data.digits import DigitsDataModule
 from lightning_hyper.data.sampling import epoch_loader
-from lightning_hyper.nn.hierarchical import register_hierarchy
+from lightning_hyper.functional.hierarchy import register_hierarchy
 
 __all__ = [
     "CIFAR100_COARSE_LABELS",
@@ -107,11 +108,6 @@ class WithCoarseLabels(Dataset):
         return x, y, self.coarse[int(y)]
 
 
-def _check_batch_size(batch_size: int) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-
-
 class HierarchicalGaussianDataModule(L.LightningDataModule):
     r"""Offline two-level data: Gaussian-mixture classes nested in Gaussian super-classes.
 
@@ -147,7 +143,7 @@ class HierarchicalGaussianDataModule(L.LightningDataModule):
         for name, v in (("super_scale", super_scale), ("class_scale", class_scale), ("noise", noise)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
                 raise ValueError(f"{name} must be a number >= 0, got {v!r}")
-        _check_batch_size(batch_size)
+        check_positive_int("batch_size", batch_size)
         self.save_hyperparameters()
         self.num_super_classes = num_super
         self.num_classes = num_super * classes_per_super

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_hyper.functional.checks import check_positive_int
 from lightning_hyper.data.sampling import epoch_loader
 
 __all__ = ["MNIST1DDataModule", "make_mnist1d"]
@@ -65,8 +66,7 @@ class MNIST1DDataModule(L.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        check_positive_int("batch_size", batch_size)
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 20:
             raise ValueError(f"num_samples must be an integer >= 20 (two per class per split), got {num_samples!r}")
         if not 0.0 < float(train_split) < 1.0:

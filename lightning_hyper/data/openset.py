@@ -28,6 +28,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from lightning_hyper.functional.seeding import derive_seed
+from lightning_hyper.functional.checks import check_positive_int
 from lightning_hyper.data.sampling import epoch_loader, epoch_sampler
 
 __all__ = ["LFWPairsDataModule", "OpenSetDataModule", "make_verification_pairs", "read_lfw_pairs"]
@@ -128,8 +130,7 @@ class OpenSetDataModule(L.LightningDataModule):
             raise ValueError(f"need >= 2 training and >= 2 held-out classes, got {train} and {heldout}")
         if not 0.0 < float(val_fraction) < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        check_positive_int("batch_size", batch_size)
         if num_folds < 2 or num_pairs % (2 * num_folds) or num_pairs <= 0:
             raise ValueError(f"num_pairs must be a positive multiple of 2 * num_folds = {2 * num_folds}, got {num_pairs}")
         self.save_hyperparameters()
@@ -184,7 +185,7 @@ class OpenSetDataModule(L.LightningDataModule):
         self.val_open = TensorDataset(x[hv], y[hv])
         self.test_open = TensorDataset(x[ht], y[ht])
         self.val_pairs = _pairs_dataset(x[hv], y[hv], self.num_pairs, self.num_folds, self.seed)
-        self.test_pairs = _pairs_dataset(x[ht], y[ht], self.num_pairs, self.num_folds, self.seed + 1)
+        self.test_pairs = _pairs_dataset(x[ht], y[ht], self.num_pairs, self.num_folds, derive_seed(self.seed, 1))
         self._ready = True
 
     def _loader(self, ds: Dataset, shuffle: bool = False) -> DataLoader:

@@ -25,17 +25,16 @@ from lightning_hyper.functional.margin import (
     additive_angular_margin,
     additive_cosine_margin,
     chebyshev_cos_m,
+    ga_psi,
     lambda_schedule,
     margin_index,
     psi,
 )
-from lightning_hyper.functional.sphere_ops import (
+from lightning_hyper.functional.operators import (
     angle_function,
     angular_activation,
     decoupled_conv,
     decoupled_linear,
-    ga_psi,
-    kernel_orthogonality,
     magnitude_function,
     patch_norms,
     safe_acos,
@@ -57,12 +56,13 @@ __all__ = [
     "minimum_energy",
     "output_energy_from_labels",
     "pairwise_angles",
-    # margin.py / verification.py (SphereFace)
+    # margin.py (every margin: SphereFace, CosFace, ArcFace, GA-Softmax) / verification.py
     "LAMBDA_PRESETS",
     "additive_angular_margin",
     "additive_cosine_margin",
     "angular_fisher_score",
     "chebyshev_cos_m",
+    "ga_psi",
     "identification_rank1",
     "lambda_schedule",
     "margin_index",
@@ -70,13 +70,11 @@ __all__ = [
     "psi",
     "tar_at_far",
     "verification_accuracy",
-    # sphere_ops.py (SphereNet, DCNet)
+    # operators.py (SphereNet, DCNet operator core)
     "angle_function",
     "angular_activation",
     "decoupled_conv",
     "decoupled_linear",
-    "ga_psi",
-    "kernel_orthogonality",
     "magnitude_function",
     "patch_norms",
     "safe_acos",
@@ -117,19 +115,31 @@ __all__ += [
     "pairwise_term",
     "sign_ste",
 ]
-# orthogonal.py (OPT)
+# orthogonal.py (OPT maps; the one ||W W^T - I|| penalty used by OPT, SphereNet, DCNet and DH2L)
 from lightning_hyper.functional.orthogonal import (
     cayley,
     gram_schmidt,
     householder,
+    kernel_orthogonality,
     lowdin,
     matrix_exp,
     orthogonality_error,
+    orthogonality_penalty,
     orthogonalize,
+    relaxed_orthogonality_penalty,
 )
 
-__all__ += ["cayley", "gram_schmidt", "householder", "lowdin", "matrix_exp", "orthogonality_error",
-            "orthogonalize"]
+__all__ += ["cayley", "gram_schmidt", "householder", "kernel_orthogonality", "lowdin", "matrix_exp",
+            "orthogonality_error", "orthogonality_penalty", "orthogonalize", "relaxed_orthogonality_penalty"]
+# checks.py / seeding.py (one argument-check message style, one seed derivation)
+from lightning_hyper.functional.checks import check_choice, check_fraction, check_number
+from lightning_hyper.functional.seeding import derive_seed, seeded_generator
+
+__all__ += ["check_choice", "check_fraction", "check_number", "derive_seed", "seeded_generator"]
+# hierarchy.py (DH2L: the label tree and the hierarchical penalty)
+from lightning_hyper.functional.hierarchy import Hierarchy, hierarchical_penalty, mean_geometry
+
+__all__ += ["Hierarchy", "hierarchical_penalty", "mean_geometry"]
 
 from lightning_hyper.functional.distributed import (gather_rows, ring_hyperspherical_energy,  # noqa: E402
                                                     sharded_hyperspherical_energy)

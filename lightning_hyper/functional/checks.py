@@ -14,13 +14,18 @@ Every error names the argument, the value given, the accepted values and (where 
     3
 
 No Lightning, no torch modules: ``functional/``, ``nn/``, callbacks, models and data all import from here.
+:func:`check_labels` is the one check of a batch's class labels (margin heads, DH2L, discrete metrics).
 """
 from __future__ import annotations
 
 import math
 from typing import Any, NoReturn, Sequence
 
-__all__ = ["argument_error", "check_choice", "check_fraction", "check_number", "describe_range"]
+import torch
+from torch import Tensor
+
+__all__ = ["argument_error", "check_choice", "check_fraction", "check_labels", "check_number", "check_positive_int",
+           "check_positive_ints", "describe_range", "shown"]
 
 
 def argument_error(name: str, value: Any, accepted: str, *, owner: str | None = None, fix: str | None = None,
@@ -85,3 +90,55 @@ def check_fraction(name: str, value: Any, *, allow_zero: bool = True, allow_one:
     """A fraction in ``[0, 1)`` by default (``allow_zero`` / ``allow_one`` open or close the ends)."""
     return check_number(name, value, low=0.0, high=1.0, low_inclusive=allow_zero, high_inclusive=allow_one,
                         owner=owner, fix=fix)
+
+
+def check_positive_int(name: str, value: Any, *, owner: str | None = None, fix: str | None = None) -> int:
+    """An ``int >= 1`` (a size, a count)."""
+    return check_number(name, value, low=1, low_inclusive=True, integer=True, owner=owner, fix=fix)
+
+
+def check_positive_ints(name: str, values: Any, *, owner: str | None = None) -> tuple[int, ...]:
+    """A non-empty sequence of ``int >= 1`` (layer widths), returned as a tuple."""
+    values = tuple(values) if isinstance(values, (list, tuple)) else values
+    if not isinstance(values, tuple) or not values or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+        argument_error(name, values, "a non-empty sequence of ints >= 1", owner=owner)
+    return values
+
+
+class _Shown(str):
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def shown(text: str) -> str:
+    """A value that :func:`argument_error` prints as written, not quoted: ``labels=<tensor of shape (3, 2)>``."""
+    return _Shown(text)
+
+
+def check_labels(labels: Any, num_classes: int, *, batch_size: int | None = None, allow_column: bool = False,
+                 owner: str | None = None, what: str | None = None,
+                 dtype_error: type[Exception] = TypeError) -> Tensor:
+    """Check a tensor of class labels: integer dtype, shape ``(batch_size,)`` (``(B,)`` of any ``B`` when
+    ``batch_size`` is None; ``(B, 1)`` too with ``allow_column``), every id in ``[0, num_classes - 1]`` (one host
+    sync). Returns ``labels`` (flattened with ``allow_column``). A non-integer tensor raises ``dtype_error``, a wrong
+    shape or range ``ValueError``; ``what`` says what ``num_classes`` counts (e.g. "the classes the hierarchy
+    covers")."""
+    if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.dtype.is_complex \
+            or labels.dtype == torch.bool:
+        got = f"<tensor of dtype {labels.dtype}>" if isinstance(labels, Tensor) else f"<{type(labels).__name__}>"
+        argument_error("labels", shown(got), "an integer tensor of class indices", owner=owner, exc=dtype_error)
+    n = "B" if batch_size is None else str(batch_size)
+    ok_shape = labels.dim() == 1 or (allow_column and labels.dim() == 2 and labels.shape[1] == 1)
+    if not ok_shape or (batch_size is not None and labels.shape[0] != batch_size):
+        accepted = f"an integer tensor of class indices of shape ({n},)" + (f" or ({n}, 1)" if allow_column else "")
+        argument_error("labels", shown(f"<tensor of shape {tuple(labels.shape)}>"), accepted, owner=owner)
+    if allow_column:
+        labels = labels.flatten()
+    if labels.numel():
+        low, high = (int(v) for v in torch.stack(torch.aminmax(labels)).tolist())
+        if low < 0 or high >= num_classes:
+            accepted = f"class indices in [0, {num_classes - 1}] (num_classes={num_classes}" \
+                       + (f": {what})" if what else ")")
+            argument_error("labels", shown(f"<class indices in range [{low}, {high}]>"), accepted, owner=owner)
+    return labels

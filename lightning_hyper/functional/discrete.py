@@ -18,7 +18,8 @@ Metrics (all in [0, 1]; ``'`` = the primed variant, which uses :math:`a'` instea
 name                value                                      kind         term minimized
 ==================  =========================================  ===========  ==================
 ``bin``, ``ter``    :math:`a` (binary / ternary sign)          distance     :math:`1-D`
-``angular``         :math:`b`                                  distance     :math:`1-D`
+``angular``         :math:`b` (also ``theta``; not A-MHE's     distance     :math:`1-D`
+                    ``"angular"`` of ``energy.METRICS``)
 ``AM``              :math:`(a+b)/2`                            distance     :math:`1-D`
 ``GM``              :math:`ab` (as printed; ``gm="sqrt"``:     distance     :math:`1-D`
                     :math:`\sqrt{ab}`)
@@ -52,13 +53,18 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from lightning_hyper.functional.checks import check_choice, check_labels, check_number
+
 from lightning_hyper.functional.energy import hyperspherical_energy, normalize_neurons, pair_kernel, warn_no_pairs
 
 __all__ = [
     "DH2L_METRICS",
+    "check_metric_options",
     "ENERGY_METRICS",
     "METRIC_DIRECTIONS",
     "METRICS",
+    "METRIC_ALIASES",
+    "PAIR_METRICS",
     "DISCRETE_MODES",
     "GM_FORMS",
     "canonical_metric",
@@ -82,7 +88,13 @@ DH2L_METRICS: tuple[str, ...] = (
 )
 #: the paper's continuous baselines (energies, §4.1)
 ENERGY_METRICS: tuple[str, ...] = ("N-euclidean2", "angular2", "cosine")
-METRICS: tuple[str, ...] = DH2L_METRICS + ENERGY_METRICS
+#: every pairwise metric name of this module. Not :data:`lightning_hyper.functional.energy.METRICS` (the distance of
+#: MHE's energies, where ``"angular"`` means the geodesic angle kernel of A-MHE): here ``"angular"`` is DH2L's
+#: normalized angle distance :math:`b = \theta/\pi`, which may also be written ``"theta"``.
+PAIR_METRICS: tuple[str, ...] = DH2L_METRICS + ENERGY_METRICS
+METRICS = PAIR_METRICS  # the old name, kept
+#: unambiguous spellings accepted by :func:`canonical_metric`
+METRIC_ALIASES: dict[str, str] = {"theta": "angular"}
 #: how each metric is turned into the term that is minimized (so that vectors move apart)
 METRIC_DIRECTIONS: dict[str, str] = {
     **{m: "distance" for m in DH2L_METRICS if m.rstrip("'") in ("bin", "ter", "angular", *_BASE_DISTANCES)},
@@ -95,27 +107,28 @@ REDUCTIONS = ("mean", "sum")
 
 
 def canonical_metric(metric: str) -> str:
-    """Validate a metric name and return its canonical spelling (``"AM_prime"`` -> ``"AM'"``)."""
+    """Validate a metric name and return its canonical spelling (``"AM_prime"`` -> ``"AM'"``, ``"theta"`` ->
+    ``"angular"``)."""
     if isinstance(metric, str):
         name = metric.strip()
         if name.endswith("_prime"):
             name = name[: -len("_prime")] + "'"
+        name = METRIC_ALIASES.get(name, name)
         if name in METRIC_DIRECTIONS:
             return name
     raise ValueError(f"metric={metric!r} is not supported; accepted values: {list(METRICS)} "
                      "(a trailing ' may also be written _prime)")
 
 
-def _check_options(discrete: str, clamp: float, gm: str, threshold: float) -> None:
-    if discrete not in DISCRETE_MODES:
-        raise ValueError(f"discrete={discrete!r} is not supported; accepted values: {list(DISCRETE_MODES)}")
-    if gm not in GM_FORMS:
-        raise ValueError(f"gm={gm!r} is not supported; accepted values: {list(GM_FORMS)}")
-    if isinstance(clamp, bool) or not isinstance(clamp, (int, float)) or not 0.0 < clamp <= 1.0:
-        raise ValueError(f"clamp={clamp!r} is not supported; accepted values: a number in (0, 1] "
-                         "(the paper uses 0.99)")
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not (0.0 <= threshold < math.inf):
-        raise ValueError(f"threshold={threshold!r} is not supported; accepted values: a finite number >= 0")
+def check_metric_options(discrete: str, clamp: float, gm: str, threshold: float) -> None:
+    """Validate the options of the DH2L metrics (see :func:`pairwise_metric`)."""
+    check_choice("discrete", discrete, DISCRETE_MODES)
+    check_choice("gm", gm, GM_FORMS)
+    check_number("clamp", clamp, low=0.0, high=1.0, fix="the paper uses 0.99")
+    check_number("threshold", threshold, low=0.0, low_inclusive=True)
+
+
+_check_options = check_metric_options  # the name callbacks used before it was public
 
 
 # ---------------------------------------------------------------------------- sign + STE
@@ -149,7 +162,7 @@ def sign_ste(x: Tensor, ternary: bool = False, threshold: float = 0.0) -> Tensor
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"x: expected a Tensor, got {type(x).__name__}")
-    _check_options("binary", 0.99, "product", threshold)
+    check_metric_options("binary", 0.99, "product", threshold)
     thr = None
     if ternary and threshold > 0 and x.numel():
         thr = threshold * x.detach().abs().mean(dim=-1, keepdim=True)
@@ -280,7 +293,7 @@ def pairwise_metric(x: Tensor, y: Tensor | None = None, metric: str = "AM", *, d
         threshold: ternary dead zone, relative to each row's mean :math:`|w|` (see :func:`sign_ste`).
     """
     metric = canonical_metric(metric)
-    _check_options(discrete, clamp, gm, threshold)
+    check_metric_options(discrete, clamp, gm, threshold)
     if METRIC_DIRECTIONS[metric] == "energy":
         xs, ys = _pair_inputs(x, y)
         ux, _ = normalize_neurons(xs)
@@ -340,12 +353,8 @@ def metric_energy_from_labels(weight: Tensor, labels: Tensor, metric: str = "AM"
     metric = canonical_metric(metric)
     w = _prepare(weight, "weight")
     n = w.shape[0]
-    if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.dtype.is_floating_point:
-        raise ValueError("labels: expected a 1-D integer tensor of class indices")
-    labels = labels.to(w.device)
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n):
-        raise ValueError(f"labels: class indices must lie in [0, {n - 1}] (weight has {n} rows), got range "
-                         f"[{int(labels.min())}, {int(labels.max())}]")
+    labels = check_labels(labels, n, owner="metric_energy_from_labels", what=f"the {n} rows of weight",
+                          dtype_error=ValueError).to(w.device)
     if unique:
         labels = torch.unique(labels)
     m = labels.numel()

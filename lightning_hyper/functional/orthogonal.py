@@ -17,8 +17,9 @@ method              spec name       map
 
 ``Q₊(A)`` is the Q factor of ``A = QR`` with ``diag(R) ≥ 0``. Also here: ``orthogonality_error``,
 the Cayley step on the orthogonal group used by orthogonality-preserving gradient descent
-(OGD, §7.3.5), the relaxed orthogonality penalty (OR, §7.3.6), and the helpers of the
-block variants: S-OPT (a random coordinate subset rotated, §4 of the spec) and PE-OPT
+(OGD, §7.3.5), the one ``‖W Wᵀ − I‖`` penalty (:func:`orthogonality_penalty`, called by
+OPT's relaxed orthogonality OR §7.3.6, SphereNet / DCNet's :func:`kernel_orthogonality` and DH2L's center
+orthogonality), and the helpers of the block variants: S-OPT (a random coordinate subset rotated, §4 of the spec) and PE-OPT
 (block-diagonal ``R``, Appendix F.5).
 
 Convention note: ``torch.nn.utils.parametrizations.orthogonal`` builds ``A = tril(X) − tril(X)ᵀ``
@@ -34,6 +35,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from lightning_hyper.functional.checks import check_choice, check_number
+
 __all__ = [
     "ORTHOGONAL_MAPS",
     "apply_block_rotation",
@@ -47,7 +50,10 @@ __all__ = [
     "householder",
     "lowdin",
     "matrix_exp",
+    "ORTHOGONALITY_FORMS",
+    "kernel_orthogonality",
     "orthogonality_error",
+    "orthogonality_penalty",
     "orthogonalize",
     "relaxed_orthogonality_penalty",
     "resolve_method",
@@ -385,14 +391,89 @@ def orthogonality_error(R: Tensor, norm: str = "max") -> Tensor:
         return torch.linalg.matrix_norm(D).amax()
 
 
+#: Forms of :func:`kernel_orthogonality` (SphereNet §3.2.4 orthonormal, DCNet §4.5 / App. C.1 orthogonal).
+ORTHOGONALITY_FORMS: tuple[str, ...] = ("orthonormal", "orthogonal")
+
+
+def orthogonality_penalty(rows: Tensor, *, off_diagonal: bool = False, squared: bool = True) -> Tensor:
+    r"""The one :math:`\|W W^\top - I\|` penalty of the library: every orthogonality regularizer calls it.
+
+    ``rows`` is ``(..., n, d)``: each matrix ``W`` holds ``n`` vectors as its rows and ``G = W W^T`` is their
+    Gram matrix (``G_ij = w_i . w_j``). Per matrix:
+
+    * ``off_diagonal=False``: ``||G - I_n||_F^2`` (rows orthonormal);
+    * ``off_diagonal=True``: ``||G - diag(G)||_F^2 = sum_{i != j} (w_i . w_j)^2`` (rows orthogonal, any norms);
+    * ``squared=False``: the Frobenius norm itself (the square root of the above).
+
+    The values of all matrices are summed (a scalar with autograd). Callers: OPT's relaxed regularizer
+    (:func:`relaxed_orthogonality_penalty`, rows = columns of ``R``), SphereNet / DCNet kernel
+    orthogonality (:func:`kernel_orthogonality`) and DH2L's center orthogonality
+    (:func:`lightning_hyper.functional.hierarchy.hierarchical_penalty`). When ``n > d`` and ``squared`` the
+    value comes from the smaller ``d x d`` Gram matrix ``W^T W`` (``||W W^T||_F = ||W^T W||_F``):
+    ``||W^T W||_F^2 - 2||W||_F^2 + n`` (orthonormal), ``||W^T W||_F^2 - sum_i ||w_i||^4`` (orthogonal), so the
+    memory is ``min(n, d)^2``.
+    """
+    if not isinstance(rows, Tensor) or rows.dim() < 2:
+        shape = tuple(rows.shape) if isinstance(rows, Tensor) else type(rows).__name__
+        raise ValueError(f"orthogonality_penalty: rows={shape} is not supported; accepted values: a (..., n, d) "
+                         "tensor whose rows are the vectors")
+    n, d = rows.shape[-2:]
+    if n <= d or not squared:
+        gram = rows @ rows.mT
+        eye = torch.eye(n, dtype=torch.bool, device=rows.device)
+        dev = gram.masked_fill(eye, 0.0) if off_diagonal else gram - eye.to(gram.dtype)
+        if squared:
+            return dev.pow(2).sum()
+        return torch.linalg.matrix_norm(dev).sum()
+    sq = rows.pow(2).sum(-1)  # ||w_i||^2
+    gram_sq = (rows.mT @ rows).pow(2).sum((-2, -1))
+    if off_diagonal:
+        return (gram_sq - sq.pow(2).sum(-1)).sum()
+    return (gram_sq - 2.0 * sq.sum(-1) + n).sum()
+
+
 def relaxed_orthogonality_penalty(R: Tensor, squared: bool = True) -> Tensor:
     """Relaxed orthogonality (OR, thesis Eq. 7.7): ``‖RᵀR − I‖_F²`` (``squared=False``: ``‖RRᵀ − I‖_F``
-    as in the official code). Summed over any leading batch (block) dimensions."""
+    as in the official code). Summed over any leading batch (block) dimensions. Computed by
+    :func:`orthogonality_penalty`."""
     _check_square(R, "R")
-    eye = _eye_like(R)
     if squared:
-        return ((R.mT @ R - eye) ** 2).sum()
-    return torch.linalg.matrix_norm(R @ R.mT - eye).sum()
+        return orthogonality_penalty(R.mT)  # rows of Rᵀ = columns of R: (Rᵀ)(Rᵀ)ᵀ = RᵀR
+    return orthogonality_penalty(R, squared=False)
+
+
+def kernel_orthogonality(
+    neurons: Tensor,
+    form: str = "orthonormal",
+    normalize: bool = False,
+    eps: float = 0.0,
+) -> Tensor:
+    """Orthogonality penalty of one layer's kernels, ``neurons`` the ``(n, d)`` matrix of flattened kernels.
+
+    With ``W`` the ``(n, d)`` matrix (row ``i`` = kernel ``w_i``; the thesis' ``d x n`` matrix transposed)
+    and ``G = W W^T`` (``G_ij = w_i . w_j``), computed by :func:`orthogonality_penalty`:
+
+    * ``"orthonormal"`` (SphereNet, thesis §3.2.4 "orthonormal regularization"): ``||G - I_n||_F^2``;
+      on raw weights it also drives every ``||w_i||`` to 1.
+    * ``"orthogonal"`` (DCNet, thesis §4.5, App. C.1): ``||G - diag(G)||_F^2 = sum_{i != j} (w_i . w_j)^2``.
+
+    ``normalize=True`` uses ``w_i / sqrt(||w_i||^2 + eps)`` (DCNet reference code; then both forms agree up
+    to ``eps``). For ``n > d`` the orthonormal minimum is ``n - d > 0`` (rank of ``G`` is at most ``d``).
+    Returns a scalar with autograd.
+    """
+    check_choice("form", form, ORTHOGONALITY_FORMS, owner="kernel_orthogonality")
+    if not isinstance(neurons, Tensor) or neurons.dim() != 2:
+        shape = tuple(neurons.shape) if isinstance(neurons, Tensor) else type(neurons).__name__
+        raise ValueError(f"neurons: expected an (n, d) matrix of flattened kernels, got {shape}; "
+                         "use lightning_hyper.functional.as_neurons(layer)")
+    check_number("eps", eps, low=0.0, low_inclusive=True, owner="kernel_orthogonality")
+    w = neurons
+    if normalize:
+        s2 = w.pow(2).sum(1) + eps
+        pos = s2 > 0  # all-zero kernels stay zero (value and gradient finite)
+        inv = torch.where(pos, torch.rsqrt(torch.where(pos, s2, torch.ones_like(s2))), torch.zeros_like(s2))
+        w = w * inv.unsqueeze(1)
+    return orthogonality_penalty(w, off_diagonal=form == "orthogonal")
 
 
 # --------------------------------------------------------------------------- OGD

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_hyper.functional.checks import check_number
 from lightning_hyper.functional.seeding import derive_seed, seeded_generator
 from lightning_hyper.functional.energy import _validate, hyperspherical_energy
 
@@ -66,10 +67,8 @@ ANGLE_LOSSES = ("cos_fro", "cos_sq", "angle_sq")
 
 # ---------------------------------------------------------------------------------------------- seeds
 def _check_refresh(refresh_every: int | None, arg: str = "refresh_every") -> None:
-    if refresh_every is not None and (isinstance(refresh_every, bool) or not isinstance(refresh_every, int)
-                                      or refresh_every < 1):
-        raise ValueError(f"{arg}={refresh_every!r} is not supported; accepted values: None (never redraw) "
-                         "or an int >= 1 (redraw every that many steps)")
+    check_number(arg, refresh_every, low=1, low_inclusive=True, integer=True, allow_none=True,
+                 fix="None never redraws, an int redraws every that many steps")
 
 
 def projection_seed(seed: int, step: int, refresh_every: int | None = 1, *keys: int) -> int:
@@ -285,12 +284,9 @@ def _as_list(neurons: Tensor | Sequence[Tensor]) -> list[Tensor]:
 
 
 def _check_step_args(lr: float, steps: int, weight_decay: float) -> None:
-    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr < 0:
-        raise ValueError(f"lr={lr!r} is not supported; accepted values: a finite number >= 0")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps={steps!r} is not supported; accepted values: an int >= 0")
-    if not isinstance(weight_decay, (int, float)) or not math.isfinite(weight_decay) or weight_decay < 0:
-        raise ValueError(f"weight_decay={weight_decay!r} is not supported; accepted values: a finite number >= 0")
+    check_number("lr", lr, low=0.0, low_inclusive=True)
+    check_number("steps", steps, low=0, low_inclusive=True, integer=True)
+    check_number("weight_decay", weight_decay, low=0.0, low_inclusive=True)
 
 
 def angle_preserving_step(neurons: Tensor | Sequence[Tensor], projections: Tensor, lr: float, steps: int = 1,

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_hyper.functional.checks import check_fraction, check_number
+
 __all__ = [
     "VerificationResult",
     "angular_fisher_score",
@@ -43,8 +45,7 @@ def default_fold_ids(num_pairs: int, num_folds: int = 10, device: torch.device |
 
     For LFW (6000 pairs, 10 folds) this is the official ``ceil((i+1)/600) - 1``.
     """
-    if num_folds < 2:
-        raise ValueError(f"num_folds must be >= 2, got {num_folds}")
+    check_number("num_folds", num_folds, low=2, low_inclusive=True, integer=True, owner="default_fold_ids")
     if num_pairs < num_folds:
         raise ValueError(f"need at least num_folds={num_folds} pairs, got {num_pairs}")
     return torch.arange(num_pairs, device=device) * num_folds // num_pairs
@@ -108,8 +109,7 @@ def verification_accuracy(
         num_folds: used only when ``fold_ids`` is None.
     """
     _check_pairs(feat_a, feat_b, is_same)
-    if n_thr < 1:
-        raise ValueError(f"n_thr must be >= 1, got {n_thr}")
+    check_number("n_thr", n_thr, low=1, low_inclusive=True, integer=True, owner="verification_accuracy")
     is_same = is_same.to(device=feat_a.device).bool()
     if fold_ids is None:
         fold_ids = default_fold_ids(feat_a.shape[0], num_folds, device=feat_a.device)
@@ -190,8 +190,7 @@ def tar_at_far(scores: Tensor, is_same: Tensor, far: float) -> Tensor:
     The threshold is the smallest score ``t`` such that ``#(diff, score > t) / #diff <= far``;
     TAR = ``#(same, score > t) / #same``.
     """
-    if not 0.0 <= far <= 1.0:
-        raise ValueError(f"far must be in [0, 1], got {far}")
+    check_fraction("far", far, allow_one=True, owner="tar_at_far")
     is_same = is_same.bool()
     diff = scores[~is_same].sort(descending=True).values
     same = scores[is_same]

@@ -7,7 +7,8 @@ The module knows nothing about hyperspherical energies: MHE and friends are call
 Loss: cross-entropy on the head's logits. Heads with ``needs_labels = True`` (angular-margin heads)
 are called as ``head(features, labels)`` in training, so the margin enters the training logits
 (``train/acc`` is therefore measured on the margin logits), and as ``head(features)`` otherwise.
-Accuracy: torchmetrics ``MulticlassAccuracy(average="micro")``, i.e. the plain fraction correct.
+A margin head's λ step follows ``trainer.global_step`` (:class:`~lightning_hyper.models.margin_sync.MarginStepSync`,
+the same rule as ``SphereFaceModule``'s). Accuracy: torchmetrics ``MulticlassAccuracy(average="micro")``, i.e. the plain fraction correct.
 Logged keys: ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc``.
 """
 from __future__ import annotations
@@ -20,7 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_hyper.functional.checks import check_choice, check_number
 from lightning_hyper.models.backbones import build_backbone
+from lightning_hyper.models.margin_sync import MarginStepSync
 from lightning_hyper.nn.registry import build_head
 
 __all__ = ["HypersphericalClassifier"]
@@ -29,7 +32,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("step", "multistep", "cosine")
 
 
-class HypersphericalClassifier(L.LightningModule):
+class HypersphericalClassifier(MarginStepSync, L.LightningModule):
     """Backbone -> head classifier trained with cross-entropy.
 
     Args:
@@ -71,18 +74,13 @@ class HypersphericalClassifier(L.LightningModule):
         max_epochs_for_cosine: int | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer={optimizer!r} is unknown; accepted values: {list(OPTIMIZERS)}")
-        if scheduler is not None and scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler={scheduler!r} is unknown; accepted values: {[*SCHEDULERS, None]}")
+        check_number("num_classes", num_classes, low=2, low_inclusive=True, integer=True, owner=type(self).__name__)
+        check_choice("optimizer", optimizer, OPTIMIZERS, owner=type(self).__name__)
+        check_choice("scheduler", scheduler, (*SCHEDULERS, None), owner=type(self).__name__)
         if scheduler == "multistep" and not milestones:
             raise ValueError("scheduler='multistep' needs milestones (a list of epochs), got none")
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr!r}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        check_number("lr", lr, low=0.0, owner=type(self).__name__)
+        check_number("weight_decay", weight_decay, low=0.0, low_inclusive=True, owner=type(self).__name__)
         if nesterov and optimizer != "sgd":
             raise ValueError(f"nesterov=True needs optimizer='sgd', got optimizer={optimizer!r}")
         if isinstance(backbone, nn.Module):
@@ -102,6 +100,7 @@ class HypersphericalClassifier(L.LightningModule):
         self.backbone = backbone
         self.head = build_head(head, out_features, num_classes, **(head_kwargs or {}))
         self.head_needs_labels = bool(getattr(self.head, "needs_labels", False))
+        self.drive_margin_head()  # a margin head's λ step follows trainer.global_step (models/margin_sync.py)
 
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
@@ -125,6 +124,7 @@ class HypersphericalClassifier(L.LightningModule):
     # ------------------------------------------------------------------- steps
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = self._unpack(batch)
+        self.sync_margin_step()
         features = self.backbone(x)
         logits = self.head(features, y) if self.head_needs_labels else self.head(features)
         loss = F.cross_entropy(logits, y)

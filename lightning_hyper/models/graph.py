@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_hyper.functional.checks import check_choice, check_number
 from lightning_hyper.models.backbones.gcn import GCN
 from lightning_hyper.models.opt import DEFAULT_LR_SCALE, DEFAULT_R_INIT, OPTMixin
 
@@ -49,12 +50,10 @@ class GraphClassifier(OPTMixin, L.LightningModule):
                  opt_method: str | None = None, opt_kwargs: dict[str, Any] | None = None, ogd_lr: float = 0.02,
                  ogd_momentum: float = 0.9, opt_scale: bool = True, opt_lr_scale: float = DEFAULT_LR_SCALE) -> None:
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer={optimizer!r} is unknown; accepted values: {list(OPTIMIZERS)}")
-        if not lr > 0 or weight_decay < 0:
-            raise ValueError(f"need lr > 0 and weight_decay >= 0, got lr={lr!r}, weight_decay={weight_decay!r}")
+        check_number("num_classes", num_classes, low=2, low_inclusive=True, integer=True, owner=type(self).__name__)
+        check_choice("optimizer", optimizer, OPTIMIZERS, owner=type(self).__name__)
+        check_number("lr", lr, low=0.0, owner=type(self).__name__)
+        check_number("weight_decay", weight_decay, low=0.0, low_inclusive=True, owner=type(self).__name__)
         self.save_hyperparameters()
         scaled = range(num_layers - 1) if opt_method is not None and opt_scale else ()
         self.gcn = GCN(num_features, hidden_channels, num_classes, num_layers=num_layers, dropout=dropout,

@@ -2,7 +2,7 @@
 
 Thesis Chapter 7 (spec ``opt.md`` §7.2, §10). :class:`OPTMixin` converts a module's layers with
 :func:`~lightning_hyper.nn.opt.apply_opt` and, for ``method="ogd"``, takes the rotations out of the
-main optimizer and steps them with :class:`~lightning_hyper.nn.opt.StiefelCayleySGD` right after
+main optimizer and steps them with :class:`~lightning_hyper.optim.StiefelCayleySGD` right after
 every main optimizer step (its state is saved in checkpoints). The CNNs of the thesis (Table F.1,
 CNN-6/9: [3×3, 64]×k per stage, BN + ReLU, 2×2 max-pool, FC 64 without BN/ReLU/bias, He init) are the
 library's plain ``cnn6`` / ``cnn9`` backbones with ``widths=[64, 64, 64]`` and ``fc_features=64``;
@@ -15,13 +15,10 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from lightning_hyper.functional.checks import check_number
 from lightning_hyper.models.classifier import HypersphericalClassifier
-from lightning_hyper.nn.opt import (
-    _canonical_method,
-    apply_opt,
-    attach_ogd,
-    rotation_parameters,
-)
+from lightning_hyper.nn.opt import apply_opt, canonical_method, rotation_parameters
+from lightning_hyper.optim import attach_ogd
 
 __all__ = ["OPTClassifier", "OPTMixin"]
 
@@ -60,8 +57,7 @@ class OPTMixin:
                   r_init: str | None = None) -> None:
         """``apply_opt(target, method, output_layer=output_layer, **opt_kwargs)`` (``opt_kwargs`` may set
         ``output_layer`` themselves, or the deprecated ``exclude_output`` / ``layers``)."""
-        if not (isinstance(lr_scale, (int, float)) and not isinstance(lr_scale, bool) and lr_scale > 0):
-            raise ValueError(f"opt_lr_scale must be a number > 0, got {lr_scale!r}")
+        check_number("opt_lr_scale", lr_scale, low=0.0)
         self._opt_lr_scale = float(lr_scale)
         kwargs = dict(opt_kwargs or {})
         if method is None:
@@ -69,9 +65,8 @@ class OPTMixin:
                 raise ValueError(f"opt_kwargs={kwargs!r} given without opt_method; set opt_method (e.g. 'cayley')")
             self.opt_method = None
             return
-        self.opt_method = _canonical_method(method)
-        if not ogd_lr > 0:
-            raise ValueError(f"ogd_lr must be > 0, got {ogd_lr!r}")
+        self.opt_method = canonical_method(method)
+        check_number("ogd_lr", ogd_lr, low=0.0)
         self._ogd_lr, self._ogd_momentum = float(ogd_lr), float(ogd_momentum)
         if not {"output_layer", "exclude_output", "layers"} & kwargs.keys():
             kwargs["output_layer"] = output_layer

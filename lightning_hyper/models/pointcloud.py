@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from lightning_hyper.functional.checks import check_number
 from lightning_hyper.models.classifier import HypersphericalClassifier
 from lightning_hyper.models.opt import DEFAULT_LR_SCALE, DEFAULT_R_INIT, OPTMixin
 
@@ -65,8 +66,8 @@ class PointCloudClassifier(OPTMixin, HypersphericalClassifier):
                          head_kwargs=head_kwargs, optimizer=optimizer, lr=lr, momentum=momentum,
                          weight_decay=weight_decay, nesterov=nesterov, scheduler=scheduler, milestones=milestones,
                          gamma=gamma, step_size=step_size, max_epochs_for_cosine=max_epochs_for_cosine)
-        if feature_transform_weight < 0:
-            raise ValueError(f"feature_transform_weight must be >= 0, got {feature_transform_weight!r}")
+        check_number("feature_transform_weight", feature_transform_weight, low=0.0, low_inclusive=True,
+                     owner=type(self).__name__)
         self.feature_transform_weight = float(feature_transform_weight)
         kwargs = dict(opt_kwargs or {})
         if opt_method is not None and any(n.endswith("transform_head") for n, _ in self.backbone.named_modules()):

@@ -2,9 +2,10 @@
 with open-set verification at validation / test (thesis Ch. 2.3, spec sphereface.md §3, §5, §8, §9).
 
 Training: ``logits = head(backbone(x), y)`` (margin on the target class, λ-annealed), loss =
-cross-entropy. The module sets ``head.global_step`` from ``trainer.global_step`` before every
-training forward, so the λ schedule counts optimizer steps and continues correctly after a resume
-(with gradient accumulation all micro-batches of one step share λ; Caffe counted forwards).
+cross-entropy. The module drives the head's λ step from ``trainer.global_step``
+(:class:`~lightning_hyper.models.margin_sync.MarginStepSync`, the same rule as ``HypersphericalClassifier``'s), so
+the λ schedule counts optimizer steps and continues correctly after a resume (with gradient accumulation all
+micro-batches of one step share λ; Caffe counted forwards).
 
 Evaluation batches are dispatched by kind (``eval_kinds`` of the module, else of the DataModule,
 else inferred: 3- or 4-tuples are pairs, 2-tuples closed-set):
@@ -48,8 +49,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_hyper.functional.checks import check_choice, check_number
 from lightning_hyper.metrics import AngularFisherScore, VerificationAccuracy
 from lightning_hyper.models.backbones import build_backbone
+from lightning_hyper.models.margin_sync import MarginStepSync
 from lightning_hyper.nn.registry import build_head
 
 __all__ = ["SphereFaceModule", "TrainingDivergedError"]
@@ -62,7 +65,7 @@ class TrainingDivergedError(RuntimeError):
     """Raised by :class:`SphereFaceModule` when training diverges (``on_divergence="raise"``)."""
 
 
-class SphereFaceModule(L.LightningModule):
+class SphereFaceModule(MarginStepSync, L.LightningModule):
     """Backbone -> angular-margin head, trained with cross-entropy, evaluated by open-set verification.
 
     Args:
@@ -119,18 +122,16 @@ class SphereFaceModule(L.LightningModule):
         max_feature_norm: float = 1e5,
     ) -> None:
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr!r}")
-        if weight_decay < 0 or (head_weight_decay is not None and head_weight_decay < 0):
-            raise ValueError("weight_decay and head_weight_decay must be >= 0")
+        check_number("num_classes", num_classes, low=2, low_inclusive=True, integer=True, owner=type(self).__name__)
+        check_number("lr", lr, low=0.0, owner=type(self).__name__)
+        check_number("weight_decay", weight_decay, low=0.0, low_inclusive=True, owner=type(self).__name__)
+        check_number("head_weight_decay", head_weight_decay, low=0.0, low_inclusive=True, allow_none=True,
+                     owner=type(self).__name__)
         if any(not (ms > 0) for ms in lr_milestones):
             raise ValueError(f"lr_milestones must be positive (fractions < 1 or step numbers), got {list(lr_milestones)}")
-        if isinstance(warm_start_steps, bool) or not isinstance(warm_start_steps, int) or warm_start_steps < 0:
-            raise ValueError(f"warm_start_steps must be a non-negative integer, got {warm_start_steps!r}")
-        if on_divergence not in ON_DIVERGENCE:
-            raise ValueError(f"on_divergence={on_divergence!r} is unknown; accepted values: {list(ON_DIVERGENCE)}")
+        check_number("warm_start_steps", warm_start_steps, low=0, low_inclusive=True, integer=True,
+                     owner=type(self).__name__)
+        check_choice("on_divergence", on_divergence, ON_DIVERGENCE, owner=type(self).__name__)
         bad = [m for m in init_modules if m not in ("backbone", "head")]
         if bad:
             raise ValueError(f"init_modules must be a subset of ['backbone', 'head'], got {list(init_modules)}")
@@ -153,8 +154,8 @@ class SphereFaceModule(L.LightningModule):
         self.backbone = backbone
         self.head = build_head(head, out_features, num_classes, **(head_kwargs or {}))  # registered last
         self.head_needs_labels = bool(getattr(self.head, "needs_labels", False))
-        if hasattr(self.head, "auto_step"):
-            self.head.auto_step = False  # λ is driven by trainer.global_step (see _set_head_step)
+        self.margin_warm_start_steps = warm_start_steps
+        self.drive_margin_head()  # λ is driven by trainer.global_step (models/margin_sync.py)
         self.num_classes = num_classes
         self.embedding_dim = out_features * (2 if flip_test else 1)
         self.diverged_at: int | None = None
@@ -178,22 +179,10 @@ class SphereFaceModule(L.LightningModule):
         """Plain logits (no margin)."""
         return self.head(self.backbone(x))
 
-    # ------------------------------------------------------------------ λ
-    def _set_head_step(self) -> None:
-        if not hasattr(self.head, "global_step"):
-            return
-        step = self.trainer.global_step if self._trainer is not None else 0
-        warm = self.hparams.warm_start_steps
-        if step < warm:
-            self.head.global_step = 0
-            self.head.lambda_ = math.inf  # plain softmax logits
-        else:
-            self.head.global_step = step - warm
-
     # ------------------------------------------------------------------ training
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         x, y = batch[0], batch[1]
-        self._set_head_step()
+        self.sync_margin_step()
         feats = self.backbone(x)
         lam = float(getattr(self.head, "lambda_", 0.0))
         logits = self.head(feats, y) if self.head_needs_labels else self.head(feats)

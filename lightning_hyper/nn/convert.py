@@ -24,12 +24,12 @@ from lightning_hyper.nn.decoupled import (
     DecoupledLinear,
     canonical_magnitude,
 )
-from lightning_hyper.nn._transform import (
+from lightning_hyper.nn.transform import (
     output_layer_from_flag,
     CANNOT,
     UNSET,
     TransformPlan,
-    _Args,
+    TransformArgs,
     conflict,
     deprecated,
     module_slots,
@@ -193,7 +193,7 @@ def plan_convert(
         for child in parent._modules.values():
             if child is not None:
                 parents.setdefault(id(child), parent)
-    args = _Args(include, exclude, layer_types, output_layer, trainable_only, example_input)
+    args = TransformArgs(include, exclude, layer_types, output_layer, trainable_only, example_input)
     return plan_transform("convert", model, args,
                           lambda g: _convert_cannot(g, op, targets, convert_1x1, parents), CONVERT_SUPPORTED)
 

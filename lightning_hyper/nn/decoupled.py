@@ -39,19 +39,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_hyper.functional.sphere_ops import (
+from lightning_hyper.functional.checks import check_choice, check_number
+from lightning_hyper.functional.operators import (
     ANGULAR_ACTIVATIONS,
     MAGNITUDE_FNS,
     RADIUS_MAGNITUDES,
-    WEIGHTED_MODES,
-    _add_bias,
-    check_choice,
+    add_channel_bias,
+    check_weighted,
     decoupled_combine,
     linear_parts,
     normalized_conv,
 )
 
 __all__ = [
+    "DecoupledMixin",
     "DecoupledConv1d",
     "DecoupledConv2d",
     "DecoupledConv3d",
@@ -90,13 +91,17 @@ def canonical_angular(name: str) -> str:
     return check_choice("angular", key, ANGULAR_ACTIVATIONS)
 
 
-def _number(name: str, value: Any, *, low: float, low_ok: bool = False, high: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if value < low or (value == low and not low_ok) or (high is not None and value > high):
-        rng = f"{'[' if low_ok else '('}{low}, {high if high is not None else 'inf'}{']' if high is not None else ')'}"
-        raise ValueError(f"{name} must be in {rng}, got {value!r}")
-    return float(value)
+#: The options of every decoupled layer, passed by keyword to ``DecoupledMixin._setup_decoupled``.
+_DECOUPLED_OPTIONS: tuple[str, ...] = (
+    "magnitude", "angular", "alpha", "seg_beta", "mix_log_weight", "weighted", "learn_radius", "radius_init",
+    "radius_param", "radius_granularity", "radius_norm", "radius_norm_momentum", "radius_norm_detach", "sigmoid_k",
+    "learn_k", "k_min", "eps", "acos_eps",
+)
+
+
+def _decoupled_options(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The decoupled options among a constructor's ``locals()``, by name."""
+    return {name: arguments[name] for name in _DECOUPLED_OPTIONS}
 
 
 def debiased_weight(momentum: float, t: int) -> float:
@@ -118,7 +123,7 @@ def debiased_weight(momentum: float, t: int) -> float:
     return momentum / -math.expm1(t * math.log(beta)) if beta > 0.0 else 1.0
 
 
-class _DecoupledMixin:
+class DecoupledMixin:
     """Shared construction/forward of the decoupled layers."""
 
     hyperspherical_layer = True
@@ -128,6 +133,7 @@ class _DecoupledMixin:
     def _setup_decoupled(
         self,
         out_features: int,
+        *,
         magnitude: str,
         angular: str,
         alpha: float,
@@ -152,26 +158,21 @@ class _DecoupledMixin:
         if angular == "learnable":
             angular, learn_k = "sigmoid", True
         self.angular = angular
-        self.weighted = check_choice("weighted", weighted, WEIGHTED_MODES)
-        if self.weighted.startswith("nonlinear") and self.magnitude != "tanh":
-            raise ValueError(
-                f"weighted={weighted!r} is defined only for magnitude='tanh' (eq. 4.15/4.16); "
-                f"accepted weighted values for magnitude={self.magnitude!r}: ['none', 'linear']"
-            )
-        self.alpha = _number("alpha", alpha, low=0.0, low_ok=self.magnitude == "mix")
-        self.seg_beta = _number("seg_beta", seg_beta, low=0.0, low_ok=True)
-        self.mix_log_weight = _number("mix_log_weight", mix_log_weight, low=0.0, low_ok=True)
-        self.eps = _number("eps", eps, low=0.0, low_ok=True)
-        self.acos_eps = _number("acos_eps", acos_eps, low=0.0, high=0.5)
+        self.weighted = check_weighted(weighted, self.magnitude)
+        self.alpha = check_number("alpha", alpha, low=0.0, low_inclusive=self.magnitude == "mix")
+        self.seg_beta = check_number("seg_beta", seg_beta, low=0.0, low_inclusive=True)
+        self.mix_log_weight = check_number("mix_log_weight", mix_log_weight, low=0.0, low_inclusive=True)
+        self.eps = check_number("eps", eps, low=0.0, low_inclusive=True)
+        self.acos_eps = check_number("acos_eps", acos_eps, low=0.0, high=0.5)
         self.has_radius = self.magnitude in RADIUS_MAGNITUDES
         self.radius_param = check_choice("radius_param", radius_param, RADIUS_PARAMS)
         self.radius_granularity = check_choice("radius_granularity", radius_granularity, RADIUS_GRANULARITY)
         self.learn_radius = bool(learn_radius) and self.has_radius
         self.radius_norm = bool(radius_norm) and self.has_radius
-        self.radius_norm_momentum = _number("radius_norm_momentum", radius_norm_momentum, low=0.0, high=1.0)
+        self.radius_norm_momentum = check_number("radius_norm_momentum", radius_norm_momentum, low=0.0, high=1.0)
         self.radius_norm_detach = bool(radius_norm_detach)
         if self.has_radius:
-            r0 = _number("radius_init", radius_init, low=_RADIUS_FLOOR)
+            r0 = check_number("radius_init", radius_init, low=_RADIUS_FLOOR)
             n = out_features if self.radius_granularity == "channel" else 1
             raw = torch.full((n,), self._radius_inverse(r0))
             if self.learn_radius:
@@ -182,8 +183,8 @@ class _DecoupledMixin:
             self.register_buffer("patch_norm_mean", torch.ones(()))
             self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long))
         self.learn_k = bool(learn_k) and self.angular == "sigmoid"
-        self.k_min = _number("k_min", k_min, low=0.0, low_ok=not self.learn_k)
-        self.sigmoid_k = _number("sigmoid_k", sigmoid_k, low=self.k_min if self.learn_k else 0.0)
+        self.k_min = check_number("k_min", k_min, low=0.0, low_inclusive=not self.learn_k)
+        self.sigmoid_k = check_number("sigmoid_k", sigmoid_k, low=self.k_min if self.learn_k else 0.0)
         if self.learn_k:
             self.k_raw = nn.Parameter(torch.full((out_features,), self.sigmoid_k - self.k_min))
         self.fast = True
@@ -269,7 +270,10 @@ class _DecoupledMixin:
         return s
 
 
-class _DecoupledConvNd(_DecoupledMixin):
+_DecoupledMixin = DecoupledMixin  # the name callbacks imported before it was public
+
+
+class _DecoupledConvNd(DecoupledMixin):
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
         padding = self.padding
         if self.padding_mode != "zeros":
@@ -279,7 +283,7 @@ class _DecoupledConvNd(_DecoupledMixin):
             x, self.weight, self.stride, padding, self.dilation, self.groups, self.eps,
             need_patch_norms=self._needs_patch_norms(),
         )
-        return _add_bias(self._combine(inner, xn, wn, linear=False), self.bias)
+        return add_channel_bias(self._combine(inner, xn, wn, linear=False), self.bias)
 
     def extra_repr(self) -> str:  # noqa: D102
         return super().extra_repr() + self._decoupled_extra_repr()
@@ -327,11 +331,7 @@ class DecoupledConv1d(_DecoupledConvNd, nn.Conv1d):
             self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
             device, dtype,
         )
-        self._setup_decoupled(
-            out_channels, magnitude, angular, alpha, seg_beta, mix_log_weight, weighted, learn_radius, radius_init,
-            radius_param, radius_granularity, radius_norm, radius_norm_momentum, radius_norm_detach, sigmoid_k,
-            learn_k, k_min, eps, acos_eps,
-        )
+        self._setup_decoupled(out_channels, **_decoupled_options(locals()))
 
 
 class DecoupledConv2d(_DecoupledConvNd, nn.Conv2d):
@@ -351,11 +351,7 @@ class DecoupledConv2d(_DecoupledConvNd, nn.Conv2d):
             self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
             device, dtype,
         )
-        self._setup_decoupled(
-            out_channels, magnitude, angular, alpha, seg_beta, mix_log_weight, weighted, learn_radius, radius_init,
-            radius_param, radius_granularity, radius_norm, radius_norm_momentum, radius_norm_detach, sigmoid_k,
-            learn_k, k_min, eps, acos_eps,
-        )
+        self._setup_decoupled(out_channels, **_decoupled_options(locals()))
 
 
 class DecoupledConv3d(_DecoupledConvNd, nn.Conv3d):
@@ -375,14 +371,10 @@ class DecoupledConv3d(_DecoupledConvNd, nn.Conv3d):
             self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
             device, dtype,
         )
-        self._setup_decoupled(
-            out_channels, magnitude, angular, alpha, seg_beta, mix_log_weight, weighted, learn_radius, radius_init,
-            radius_param, radius_granularity, radius_norm, radius_norm_momentum, radius_norm_detach, sigmoid_k,
-            learn_k, k_min, eps, acos_eps,
-        )
+        self._setup_decoupled(out_channels, **_decoupled_options(locals()))
 
 
-class DecoupledLinear(_DecoupledMixin, nn.Linear):
+class DecoupledLinear(DecoupledMixin, nn.Linear):
     __doc__ = (
         "Decoupled fully connected layer ``h(||W_i||, ||x||) g(theta(W_i, x))`` (thesis §4.3, DCLinear), a subclass "
         "of ``nn.Linear``; input ``(..., in_features)``, ``E{||x||}`` = batch mean of ``||x||``."
@@ -398,11 +390,7 @@ class DecoupledLinear(_DecoupledMixin, nn.Linear):
         learn_k: bool = False, k_min: float = 0.05, eps: float = 1e-4, acos_eps: float = 1e-6,
     ) -> None:
         nn.Linear.__init__(self, in_features, out_features, bias, device, dtype)
-        self._setup_decoupled(
-            out_features, magnitude, angular, alpha, seg_beta, mix_log_weight, weighted, learn_radius, radius_init,
-            radius_param, radius_granularity, radius_norm, radius_norm_momentum, radius_norm_detach, sigmoid_k,
-            learn_k, k_min, eps, acos_eps,
-        )
+        self._setup_decoupled(out_features, **_decoupled_options(locals()))
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
         inner, xn, wn = linear_parts(x, self.weight, self.eps)

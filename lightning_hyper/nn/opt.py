@@ -17,7 +17,8 @@ Entry point: :func:`apply_opt`. Variants (``method``):
 
 * exact maps from :mod:`lightning_hyper.functional.orthogonal`: ``"gram_schmidt"`` (``gs``),
   ``"householder"`` (``hr``), ``"lowdin"`` (``ls``), ``"cayley"`` (``cp``), ``"matrix_exp"`` (``exp``);
-* ``"ogd"``: ``R = P`` itself, kept orthogonal by :class:`StiefelCayleySGD` (§7.3.5) — attach it to the
+* ``"ogd"``: ``R = P`` itself, kept orthogonal by :class:`~lightning_hyper.optim.StiefelCayleySGD` (§7.3.5;
+  the optimizer lives in :mod:`lightning_hyper.optim` and is re-exported here) — attach it to the
   main optimizer with :func:`attach_ogd` and leave the rotations out of the main optimizer
   (:func:`split_opt_parameters`);
 * ``"relaxed"`` (``or``): ``R = P`` free, pushed towards orthogonality by the
@@ -39,7 +40,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lightning_hyper.functional.energy import hyperspherical_energy
 from lightning_hyper.functional.orthogonal import (
     ORTHOGONAL_MAPS,
     apply_block_rotation,
@@ -50,14 +50,14 @@ from lightning_hyper.functional.orthogonal import (
     orthogonality_error,
     resolve_method,
     sample_subset,
-    stiefel_cayley_step,
 )
-from lightning_hyper.nn._transform import (
+from lightning_hyper.functional.checks import check_choice, check_number
+from lightning_hyper.nn.transform import (
     output_layer_from_flag,
     CANNOT,
     UNSET as _UNSET,
     TransformPlan,
-    _Args,
+    TransformArgs,
     conflict,
     deprecated,
     foreign_owners,
@@ -65,9 +65,12 @@ from lightning_hyper.nn._transform import (
     parameter_owners,
     plan_transform,
 )
+from lightning_hyper.optim.refine import REFINE_OBJECTIVES, minimize_energy
+from lightning_hyper.optim.stiefel import StiefelCayleySGD, attach_ogd
 
 __all__ = [
     "OPT_METHODS",
+    "canonical_method",
     "OPTParametrization",
     "OPTSizeWarning",
     "StiefelCayleySGD",
@@ -90,10 +93,10 @@ _DIRECT = ("ogd", "relaxed", "unconstrained")
 OPT_METHODS = (*ORTHOGONAL_MAPS, *_DIRECT)
 _DIRECT_ALIASES = {"or": "relaxed", "upt": "unconstrained"}
 R_INITS = ("normal", "identity", "orthogonal")
-REFINE_OBJECTIVES = ("mhe", "hs_mhe")
 
 
-def _canonical_method(method: str) -> str:
+def canonical_method(method: str) -> str:
+    """The canonical name of an OPT method (accepts the spec's short names gs/hr/ls/cp/exp/or/upt)."""
     if not isinstance(method, str):
         raise TypeError(f"method must be a string, got {type(method).__name__}")
     low = method.lower()
@@ -163,7 +166,7 @@ class OPTParametrization(nn.Module):
         super().__init__()
         if weight.dim() < 2:
             raise ValueError(f"weight must have at least 2 dimensions (neurons, ...), got shape {tuple(weight.shape)}")
-        self.method = _canonical_method(method)
+        self.method = canonical_method(method)
         self.method_kwargs = dict(method_kwargs or {})
         if self.method in _DIRECT and self.method_kwargs:
             raise ValueError(f"method={self.method!r} takes no method kwargs, got {sorted(self.method_kwargs)}")
@@ -407,7 +410,7 @@ def plan_opt(
     group stays plain; packed attention (``in_proj_weight`` q/k/v), RNN/LSTM/GRU gates, ConvTranspose,
     Bilinear, Embedding and unknown types are skipped with a ``"cannot transform: ..."`` reason.
     """
-    args = _Args(include, exclude, layer_types, output_layer, trainable_only, example_input)
+    args = TransformArgs(include, exclude, layer_types, output_layer, trainable_only, example_input)
     return plan_transform("apply_opt", model, args, _opt_cannot, OPT_SUPPORTED)
 
 
@@ -553,7 +556,7 @@ def apply_opt(
             not dividing ``d``, nothing to convert (the message holds the selection table).
         TypeError: ``include`` names only layers OPT cannot convert.
     """
-    _canonical_method(method)
+    canonical_method(method)
     if refine is not None and refine not in REFINE_OBJECTIVES:
         raise ValueError(f"refine={refine!r} is not supported; accepted values: {[None, *REFINE_OBJECTIVES]}")
     if not 0 < sopt_fraction <= 1:
@@ -714,126 +717,16 @@ def refine_v(layer: nn.Module, objective: str = "hs_mhe", steps: int = 5000, lr:
 
     Plain gradient descent (``SGD(lr)``, no momentum, ``steps`` iterations) on the mean-over-pairs
     Riesz-``s`` hyperspherical energy of ``V``'s neurons (``"mhe"``: full space; ``"hs_mhe"``:
-    half space, which also separates near-collinear pairs), with
-    :func:`lightning_hyper.functional.hyperspherical_energy`. The energy depends on directions only,
+    half space, which also separates near-collinear pairs): the loop is
+    :func:`lightning_hyper.optim.minimize_energy`. The energy depends on directions only,
     so each neuron's norm is restored afterwards. Returns ``(energy before, energy after)``.
     """
-    if objective not in REFINE_OBJECTIVES:
-        raise ValueError(f"objective={objective!r} is not supported; accepted values: {list(REFINE_OBJECTIVES)}")
-    if not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps={steps!r} is not supported; accepted values: a non-negative integer")
+    check_choice("objective", objective, REFINE_OBJECTIVES, owner="refine_v")
+    check_number("steps", steps, low=0, low_inclusive=True, integer=True, owner="refine_v")
     param = get_opt(layer)
     if param is None:
         raise TypeError(f"refine_v needs an OPT layer (see apply_opt), got {type(layer).__name__}")
-    half = objective == "hs_mhe"
-    V = param.V.detach()
-    norms = V.norm(dim=0, keepdim=True)
-    x = V.mT.to(dtype or V.dtype).clone().requires_grad_(True)
-    opt = torch.optim.SGD([x], lr=lr)
-
-    def energy() -> Tensor:
-        return hyperspherical_energy(x, s=s, half_space=half, reduction="mean")
-
-    with torch.enable_grad():
-        with torch.no_grad():
-            before = float(energy())
-        for _ in range(steps):
-            opt.zero_grad(set_to_none=True)
-            e = energy()
-            e.backward()
-            opt.step()
-        with torch.no_grad():
-            after = float(energy())
+    rows, before, after = minimize_energy(param.V.mT, objective, steps, lr, s, dtype)
     with torch.no_grad():
-        new = x.detach().mT.to(V.dtype)
-        new = new / new.norm(dim=0, keepdim=True).clamp_min(1e-12) * norms
-        param.V.copy_(new)
+        param.V.copy_(rows.mT)
     return before, after
-
-
-# ---------------------------------------------------------------------- OGD
-class StiefelCayleySGD(torch.optim.Optimizer):
-    """Orthogonality-preserving gradient descent for square rotations (thesis §7.3.5; Li et al., ICLR'20).
-
-    Per parameter ``X`` (orthogonal, ``(d, d)`` or a batch of blocks) with gradient ``G``:
-    ``M ← momentum·M − G``; ``Ŵ = M Xᵀ − ½ X (Xᵀ M Xᵀ)``, ``W = Ŵ − Ŵᵀ``; ``M ← W X``;
-    ``X ← Cayley step`` with ``α = min(lr, 1/‖W‖_F)`` (see
-    :func:`~lightning_hyper.functional.orthogonal.stiefel_cayley_step`). ``solve="exact"`` (default)
-    keeps ``X`` orthogonal to rounding error; ``"fixed_point"`` is the thesis' 2-iteration scheme,
-    whose drift ``reorth_every = k`` removes by projecting onto the polar factor every ``k`` steps.
-    ``polish`` (default: on for ``"exact"``) follows each step with one Newton-Schulz step
-    ``X ← X(3I − XᵀX)/2`` (two matmuls), which squares the orthogonality error, so float32 rounding
-    does not accumulate over thousands of steps. No weight decay (the official code trains rotations
-    on the data loss only).
-    """
-
-    def __init__(self, params, lr: float = 0.02, momentum: float = 0.9, solve: str = "exact", iters: int = 2,
-                 reorth_every: int = 0, polish: bool | None = None) -> None:
-        if not lr > 0:
-            raise ValueError(f"lr={lr!r} is not supported; accepted values: a positive number")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum={momentum!r} is not supported; accepted values: a number in [0, 1)")
-        if solve not in ("exact", "fixed_point"):
-            raise ValueError(f"solve={solve!r} is not supported; accepted values: ['exact', 'fixed_point']")
-        polish = solve == "exact" if polish is None else bool(polish)
-        super().__init__(params, dict(lr=lr, momentum=momentum, solve=solve, iters=iters, reorth_every=reorth_every,
-                                      polish=polish))
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.dim() < 2 or p.shape[-1] != p.shape[-2]:
-                    raise ValueError(f"StiefelCayleySGD needs square (..., d, d) parameters, got {tuple(p.shape)}")
-
-    @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                M = state["momentum_buffer"].mul_(group["momentum"]).sub_(p.grad)
-                Y, W = stiefel_cayley_step(p, M, group["lr"], solve=group["solve"], iters=group["iters"])
-                state["momentum_buffer"] = W @ p
-                if group["polish"]:
-                    Y = 1.5 * Y - 0.5 * Y @ (Y.mT @ Y)
-                p.copy_(Y)
-                state["step"] += 1
-                k = group["reorth_every"]
-                if k and state["step"] % k == 0:
-                    U, _, Vh = torch.linalg.svd(p)
-                    p.copy_(U @ Vh)
-        return loss
-
-
-def attach_ogd(optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter] | nn.Module, lr: float = 0.02,
-               momentum: float = 0.9, **kwargs: Any) -> StiefelCayleySGD:
-    """Step a :class:`StiefelCayleySGD` over ``params`` (or a model's OPT rotations) right after every
-    ``optimizer.step()`` (a step post-hook), then clear their gradients.
-
-    This lets OGD ride along with any training loop that steps one optimizer (e.g. Lightning's
-    automatic optimization). The rotations must not be in ``optimizer`` itself. Returns the OGD
-    optimizer (keep a reference; ``ogd.hook_handle.remove()`` detaches it).
-    """
-    if isinstance(params, nn.Module):
-        params = rotation_parameters(params)
-    params = list(params)
-    if not params:
-        raise ValueError("attach_ogd: no rotation parameters given (was apply_opt(method='ogd') applied?)")
-    main = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    if any(id(p) in main for p in params):
-        raise ValueError("attach_ogd: the rotations are also in the main optimizer; build it from "
-                         "split_opt_parameters(model)[1]")
-    ogd = StiefelCayleySGD(params, lr=lr, momentum=momentum, **kwargs)
-
-    def _post_step(opt, args, kw) -> None:
-        ogd.step()
-        ogd.zero_grad(set_to_none=True)
-
-    ogd.hook_handle = optimizer.register_step_post_hook(_post_step)  # type: ignore[attr-defined]
-    return ogd

@@ -12,20 +12,21 @@ filter and each input patch, ``g`` chosen by ``angle_fn``:
 * ``"none"``: the plain convolution (baseline).
 
 Outputs lie in ``[-1, 1]`` (before the optional bias / affine rescale). See
-:mod:`lightning_hyper.functional.sphere_ops` for the math.
+:mod:`lightning_hyper.functional.operators` for the math.
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_hyper.functional.sphere_ops import ANGLE_FNS, check_choice, sphere_conv, sphere_linear
+from lightning_hyper.functional.checks import check_choice, check_number
+from lightning_hyper.functional.operators import ANGLE_FNS, sphere_conv, sphere_linear
 
 __all__ = [
+    "SphereMixin",
     "K_SHARING",
     "SphereConv1d",
     "SphereConv2d",
@@ -40,20 +41,14 @@ K_SHARING: tuple[str, ...] = ("per_filter", "per_layer", "per_network")
 _DEFAULT_K = {"sigmoid": 0.3, "learnable": 0.5}
 
 
-def _positive_float(name: str, value: Any, minimum: float = 0.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= minimum:
-        raise ValueError(f"{name} must be a finite number > {minimum}, got {value!r}")
-    return float(value)
-
-
 def make_shared_k(k: float = 0.5, k_min: float = 0.05) -> nn.Parameter:
     """One learnable curvature for a whole network (``k_sharing="per_network"``): pass the returned
     parameter as ``shared_k`` to every layer. Stored raw: ``k = |k_raw| + k_min``."""
-    _positive_float("k", k, k_min)
+    check_number("k", k, low=k_min)
     return nn.Parameter(torch.tensor([k - k_min]))
 
 
-class _SphereMixin:
+class SphereMixin:
     """Shared construction/forward of the Sphere layers (mixed into an ``nn.Conv*d`` / ``nn.Linear``)."""
 
     angle_fn: str
@@ -75,16 +70,14 @@ class _SphereMixin:
     ) -> None:
         self.angle_fn = check_choice("angle_fn", angle_fn, ANGLE_FNS)
         self.k_sharing = check_choice("k_sharing", k_sharing, K_SHARING)
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
-            raise ValueError(f"eps must be a number >= 0, got {eps!r}")
-        if not isinstance(acos_eps, (int, float)) or not 0 < acos_eps < 1:
-            raise ValueError(f"acos_eps must be in (0, 1), got {acos_eps!r}")
+        check_number("eps", eps, low=0.0, low_inclusive=True)
+        check_number("acos_eps", acos_eps, low=0.0, high=1.0, high_inclusive=False)
         self.eps = float(eps)
         self.acos_eps = float(acos_eps)
-        self.k_min = _positive_float("k_min", k_min) if angle_fn == "learnable" else float(k_min)
+        self.k_min = check_number("k_min", k_min, low=0.0) if angle_fn == "learnable" else float(k_min)
         self.k_value: float | None = None
         if angle_fn == "sigmoid":
-            self.k_value = _positive_float("k", _DEFAULT_K["sigmoid"] if k is None else k)
+            self.k_value = check_number("k", _DEFAULT_K["sigmoid"] if k is None else k, low=0.0)
         elif angle_fn == "learnable":
             if shared_k is not None:
                 if not isinstance(shared_k, nn.Parameter):
@@ -94,7 +87,7 @@ class _SphereMixin:
             else:
                 if k_sharing == "per_network":
                     raise ValueError("k_sharing='per_network' needs shared_k=make_shared_k(...) passed to every layer")
-                k0 = _positive_float("k", _DEFAULT_K["learnable"] if k is None else k, self.k_min)
+                k0 = check_number("k", _DEFAULT_K["learnable"] if k is None else k, low=self.k_min)
                 n = out_features if k_sharing == "per_filter" else 1
                 self.k_raw = nn.Parameter(torch.full((n,), k0 - self.k_min))
         elif k is not None:
@@ -135,7 +128,10 @@ class _SphereMixin:
         return s
 
 
-class _SphereConvNd(_SphereMixin):
+_SphereMixin = SphereMixin  # the name callbacks imported before it was public
+
+
+class _SphereConvNd(SphereMixin):
     def _conv_input(self, x: Tensor) -> tuple[Tensor, Any]:
         if self.padding_mode != "zeros":  # pad once explicitly so both convolutions see the same patches
             return F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode), 0
@@ -234,7 +230,7 @@ class SphereConv3d(_SphereConvNd, nn.Conv3d):
         )
 
 
-class SphereLinear(_SphereMixin, nn.Linear):
+class SphereLinear(SphereMixin, nn.Linear):
     __doc__ = (
         "SphereLinear: ``g(theta(W_i, x))`` with ``cos theta = x.W_i / (||x|| ||W_i||)`` -- the SphereConv whose "
         "kernel covers the whole input (spherenet spec §1.3); input ``(..., in_features)``."

@@ -219,9 +219,10 @@ def test_labels_outside_the_hierarchy():
     cb = HierarchicalRegularizer()
     cb.layers = cb.selection.resolve(model)
     batch = (torch.randn(3, 12), torch.tensor([0, 3, 11]))  # the hierarchy covers classes 0..7
-    with pytest.raises(ValueError, match=r"layer 'out'.*labels: class ids must lie in \[0, 7\].*got range \[0, 11\]"):
+    with pytest.raises(ValueError, match=r"layer 'out'.*labels=<class indices in range \[0, 11\]> is not supported; "
+                                         r"accepted values: class indices in \[0, 7\]"):
         cb.penalty(model, batch, log=False)
-    with pytest.raises(ValueError, match="labels: expected integer class ids"):
+    with pytest.raises(ValueError, match=r"labels=<tensor of dtype torch.float32> is not supported; accepted values: an integer tensor"):
         cb.penalty(model, (batch[0], torch.rand(3)), log=False)
 
 
@@ -230,7 +231,7 @@ def test_bad_arguments():
         HierarchicalRegularizer(metric="euclidean")
     with pytest.raises(ValueError, match=r"pairs='some' is not supported; accepted values: 'batch', 'full'"):
         HierarchicalRegularizer(pairs="some")
-    with pytest.raises(ValueError, match=r"constraints: 'C4' is not supported; accepted values: \['C1', 'C2', 'C3'\]"):
+    with pytest.raises(ValueError, match=r"constraints='C4' is not supported; accepted values: 'C1', 'C2', 'C3'"):
         HierarchicalRegularizer(constraints=["C4"])
     with pytest.raises(ValueError, match="weight=-1"):
         HierarchicalRegularizer(weight=-1)

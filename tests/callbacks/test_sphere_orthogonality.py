@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_hyper.callbacks import SphereOrthogonalityRegularizer
 from lightning_hyper.functional import as_neurons
-from lightning_hyper.functional.sphere_ops import kernel_orthogonality
+from lightning_hyper.functional.orthogonal import kernel_orthogonality
 from lightning_hyper.nn import DecoupledConv2d, SphereConv2d, SphereLinear
 from tests.callbacks.helpers import PlainNet, make_loader, trainer
 

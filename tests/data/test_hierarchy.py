@@ -153,7 +153,7 @@ def test_gaussian_hierarchy_is_genuine():
     ({"num_super": 0}, "num_super must be a positive integer"),
     ({"num_super": 1, "classes_per_super": 1}, "at least two classes"),
     ({"noise": -1.0}, "noise must be a number >= 0"),
-    ({"batch_size": 0}, "batch_size must be a positive integer"),
+    ({"batch_size": 0}, r"batch_size=0 is not supported; accepted values: an int >= 1"),
 ])
 def test_gaussian_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -216,5 +216,5 @@ def test_digits_grouping_follows_its_documented_rule_and_is_genuine():
 def test_digits_hierarchy_bad_arguments(hierarchy, match):
     with pytest.raises(ValueError, match=match):
         HierarchicalDigitsDataModule(hierarchy=hierarchy)
-    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+    with pytest.raises(ValueError, match=r"batch_size=.* is not supported; accepted values: an int >= 1"):
         HierarchicalDigitsDataModule(batch_size=0)

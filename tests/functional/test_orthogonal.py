@@ -375,3 +375,43 @@ def test_cayley_apply_equals_rotation_times_v():
     assert torch.allclose(g1, g2, atol=1e-10)
     with pytest.raises(ValueError, match="dimension mismatch"):
         cayley_apply(P[0], torch.randn(5, 3, dtype=torch.float64))
+
+
+# --------------------------------------------------------------------------- the one ||W Wᵀ − I|| penalty
+def _gram_reference(rows: np.ndarray, off_diagonal: bool) -> float:
+    """sum_{i,j} (w_i . w_j - [i == j])^2 by loops (off_diagonal: pairs i != j only), float64."""
+    n = rows.shape[0]
+    total = 0.0
+    for i in range(n):
+        for j in range(n):
+            if off_diagonal and i == j:
+                continue
+            total += (float(rows[i] @ rows[j]) - (1.0 if i == j else 0.0)) ** 2
+    return total
+
+
+@pytest.mark.parametrize("n,d", [(3, 5), (5, 5), (7, 3)])
+def test_orthogonality_penalties_share_one_float64_reference(n, d):
+    """OPT's relaxed regularizer, SphereNet / DCNet kernel orthogonality and DH2L's center orthogonality all
+    compute the same ||W Wᵀ − I|| as an independent loop reference."""
+    from lightning_hyper.functional.hierarchy import Hierarchy, HierarchyGeometry, hierarchical_penalty
+    from lightning_hyper.functional.orthogonal import kernel_orthogonality, orthogonality_penalty
+
+    g = torch.Generator().manual_seed(n * 10 + d)
+    W = torch.randn(n, d, generator=g, dtype=torch.float64) / math.sqrt(d)
+    ref = _gram_reference(W.numpy(), off_diagonal=False)
+    ref_off = _gram_reference(W.numpy(), off_diagonal=True)
+    assert orthogonality_penalty(W).item() == pytest.approx(ref, rel=1e-12)
+    assert orthogonality_penalty(W, off_diagonal=True).item() == pytest.approx(ref_off, rel=1e-12, abs=1e-14)
+    assert kernel_orthogonality(W, "orthonormal").item() == pytest.approx(ref, rel=1e-12)
+    assert kernel_orthogonality(W, "orthogonal").item() == pytest.approx(ref_off, rel=1e-12, abs=1e-14)
+    # relaxed OR on a square R: ||RᵀR − I||_F² (rows of Rᵀ) and ||RRᵀ − I||_F (rows of R)
+    R = torch.randn(d, d, generator=g, dtype=torch.float64) / math.sqrt(d)
+    assert relaxed_orthogonality_penalty(R).item() == pytest.approx(_gram_reference(R.T.numpy(), False), rel=1e-12)
+    assert relaxed_orthogonality_penalty(R, squared=False).item() == pytest.approx(
+        math.sqrt(_gram_reference(R.numpy(), False)), rel=1e-12)
+    # DH2L: lambda_o ||ΔC ΔCᵀ − I||_F over the n groups' center offsets (every group present)
+    h = Hierarchy([list(range(n)) * 2])  # n groups, two classes each
+    geo = HierarchyGeometry(h, torch.randn(2 * n, d, generator=g, dtype=torch.float64), [W], [W], None)
+    terms = hierarchical_penalty(geo, None, "AM", weight=0.0, center_orthogonality=1.0)
+    assert terms["orthogonality"].item() == pytest.approx(math.sqrt(ref), rel=1e-12)

@@ -237,3 +237,45 @@ def test_train_accuracy_of_a_margin_head_uses_plain_logits(tmp_path):
         margin = (model.head(model.backbone(x), y).argmax(1) == y).float().mean()
     assert model.train_acc.compute() == pytest.approx(float(plain))
     assert float(plain) != pytest.approx(float(margin))  # the two differ here, so the check has teeth
+
+
+class _LambdaSeen(L.Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        self.seen.append((trainer.global_step, pl_module.head.global_step, pl_module.head.lambda_))
+
+
+@pytest.mark.parametrize("module", ["classifier", "sphereface"])
+def test_margin_head_lambda_follows_optimizer_steps_under_gradient_accumulation(tmp_path, module):
+    """Both modules that hold a margin head sync its λ step the same way (MarginHead.sync_step from
+    trainer.global_step): with accumulate_grad_batches=2 both micro-batches of a step share λ(step)."""
+    from lightning_hyper.models import SphereFaceModule
+
+    g = torch.Generator().manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(48, 6, generator=g), torch.randint(0, 3, (48,), generator=g)),
+                      batch_size=6)
+    kw = dict(backbone="embedding_mlp", num_classes=3,
+              backbone_kwargs={"in_features": 6, "hidden": [8], "embedding_dim": 4},
+              head="gasoftmax", head_kwargs={"m": 4, "lambda_schedule": "sphereface"})
+    model = HypersphericalClassifier(optimizer="adam", lr=1e-2, **kw) if module == "classifier" \
+        else SphereFaceModule(lr=1e-2, n_thr=100, **kw)
+    rec = _LambdaSeen()
+    L.Trainer(max_steps=3, accumulate_grad_batches=2, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu",
+              limit_val_batches=0, callbacks=[rec]).fit(model, data)
+    assert [s for s, _, _ in rec.seen] == [0, 0, 1, 1, 2, 2]
+    for step, head_step, lam in rec.seen:
+        assert head_step == step and lam == pytest.approx(model.head.lambda_at(step))
+    assert model.head.global_step == 3  # after fit: the number of optimizer steps done
+
+
+def test_margin_head_loads_the_old_extra_state_step():
+    from lightning_hyper.nn import ASoftmaxHead
+
+    head = ASoftmaxHead(4, 3)
+    state = {k: v for k, v in head.state_dict().items() if k != "lambda_step"}
+    state["_extra_state"] = {"global_step": 41}  # how AngularMarginHead saved its step before the shared base
+    head.load_state_dict(state)
+    assert head.global_step == 41 and head.lambda_ == pytest.approx(head.lambda_at(41))

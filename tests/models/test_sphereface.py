@@ -231,7 +231,7 @@ def test_bad_module_arguments():
         tiny_module(eval_kinds=["pairs", "nope"])
     with pytest.raises(ValueError, match="head='nope'"):
         tiny_module(head="nope")
-    with pytest.raises(ValueError, match="m must be an integer"):
+    with pytest.raises(ValueError, match=r"m=.* is not supported; accepted values: an int >= 1"):
         tiny_module(head_kwargs={"m": 0})
     with pytest.raises(ValueError, match="lr_milestones"):
         tiny_module(lr_milestones=[-0.5])

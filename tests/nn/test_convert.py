@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lightning_hyper.nn as lhnn
-from lightning_hyper.functional.sphere_ops import sphere_conv, sphere_linear
+from lightning_hyper.functional.operators import sphere_conv, sphere_linear
 from lightning_hyper.nn import DecoupledConv2d, DecoupledLinear, SphereConv1d, SphereConv2d, SphereLinear, convert
 from lightning_hyper.nn.convert import plan_convert
 
@@ -76,7 +76,7 @@ def test_decoupled_conversion_and_magnitude_shortcut():
                   angular="linear")
     assert type(seq[0]) is lhnn.DecoupledConv3d and seq[0].weight.equal(conv3.weight) and seq[0].groups == 2
     x = torch.randn(1, 2, 3, 3, 3, dtype=torch.float64)
-    from lightning_hyper.functional.sphere_ops import decoupled_conv
+    from lightning_hyper.functional.operators import decoupled_conv
     torch.testing.assert_close(seq[0](x), decoupled_conv(x, conv3.weight, conv3.bias, 2, 1, 1, 2, "linear", "linear"))
     assert type(convert(nn.Sequential(nn.Conv3d(2, 4, 3), nn.Linear(4, 2)), "sphere")[0]) is lhnn.SphereConv3d
 

@@ -167,9 +167,9 @@ def test_zero_input_gives_zero_output_and_finite_grads():
 def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match=r"angle_fn='tanh'.*accepted values.*learnable"):
         SphereConv2d(2, 3, 3, angle_fn="tanh")
-    with pytest.raises(ValueError, match="k must be a finite number > 0"):
+    with pytest.raises(ValueError, match=r"k=.* is not supported; accepted values: a finite number > 0"):
         SphereConv2d(2, 3, 3, angle_fn="sigmoid", k=0)
-    with pytest.raises(ValueError, match="k must be a finite number > 0.05"):
+    with pytest.raises(ValueError, match=r"k=.* is not supported; accepted values: a finite number > 0.05"):
         SphereLinear(2, 3, angle_fn="learnable", k=0.01)
     with pytest.raises(ValueError, match="k is only used"):
         SphereConv2d(2, 3, 3, angle_fn="cosine", k=0.3)

@@ -17,7 +17,7 @@ import torchvision
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lightning_hyper.functional.sphere_ops import sphere_linear
+from lightning_hyper.functional.operators import sphere_linear
 from lightning_hyper.nn import DecoupledConv2d, DecoupledLinear, SphereLinear, convert, make_shared_k, select_neurons
 from lightning_hyper.nn.convert import plan_convert
 from lightning_hyper.nn.opt import OPTSizeWarning, apply_opt, get_opt, opt_layers, plan_opt

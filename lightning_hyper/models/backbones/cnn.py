@@ -26,6 +26,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from lightning_hyper.functional.checks import check_positive_int, check_positive_ints
 from lightning_hyper.models.backbones import register_backbone
 
 __all__ = ["CNN1d", "PlainCNN", "cnn1d", "cnn6", "cnn9", "cnn15"]
@@ -41,18 +42,6 @@ def _he_init(module: nn.Module) -> None:
         elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-
-
-def _check_positive_int(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _check_widths(widths: Sequence[int]) -> tuple[int, ...]:
-    widths = tuple(widths)
-    if len(widths) == 0 or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
-        raise ValueError(f"widths must be a non-empty sequence of positive integers, got {widths!r}")
-    return widths
 
 
 class PlainCNN(nn.Module):
@@ -85,8 +74,8 @@ class PlainCNN(nn.Module):
             ("input_size", input_size),
             ("fc_features", fc_features),
         ):
-            _check_positive_int(name, value)
-        widths = _check_widths(widths)
+            check_positive_int(name, value)
+        widths = check_positive_ints("widths", widths)
         self.in_channels = in_channels
         self.input_size = input_size
         self.out_features = fc_features
@@ -166,10 +155,10 @@ class CNN1d(nn.Module):
             ("kernel_size", kernel_size),
             ("fc_features", fc_features),
         ):
-            _check_positive_int(name, value)
+            check_positive_int(name, value)
         if kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd (length-preserving 'same' padding), got {kernel_size}")
-        widths = _check_widths(widths)
+        widths = check_positive_ints("widths", widths)
         self.in_channels = in_channels
         self.input_length = input_length
         self.out_features = fc_features

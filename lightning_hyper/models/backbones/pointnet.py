@@ -18,16 +18,10 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from lightning_hyper.functional.checks import check_positive_ints
 from lightning_hyper.models.backbones import register_backbone
 
 __all__ = ["PointNet", "PointNet2", "TNet", "farthest_point_sample", "ball_query"]
-
-
-def _positive_ints(name: str, values: Sequence[int]) -> tuple[int, ...]:
-    values = tuple(values)
-    if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
-        raise ValueError(f"{name} must be a non-empty sequence of positive integers, got {values!r}")
-    return values
 
 
 def _shared_mlp(sizes: Sequence[int], dim: int = 1) -> nn.Sequential:
@@ -53,7 +47,7 @@ class TNet(nn.Module):
 
     def __init__(self, k: int, widths: Sequence[int] = (64, 128, 1024), fc_widths: Sequence[int] = (512, 256)) -> None:
         super().__init__()
-        widths, fc_widths = _positive_ints("widths", widths), _positive_ints("fc_widths", fc_widths)
+        widths, fc_widths = check_positive_ints("widths", widths), check_positive_ints("fc_widths", fc_widths)
         self.k = k
         self.mlp = _shared_mlp((k, *widths))
         self.fc = _fc((widths[-1], *fc_widths), dropout=0.0)
@@ -87,7 +81,7 @@ class PointNet(nn.Module):
                  feature_transform: bool = True, dropout: float = 0.3,
                  tnet_widths: Sequence[int] = (64, 128, 1024), tnet_fc_widths: Sequence[int] = (512, 256)) -> None:
         super().__init__()
-        widths, fc_widths = _positive_ints("widths", widths), _positive_ints("fc_widths", fc_widths)
+        widths, fc_widths = check_positive_ints("widths", widths), check_positive_ints("fc_widths", fc_widths)
         if len(widths) < 2:
             raise ValueError(f"widths needs at least 2 entries, got {widths!r}")
         if not 0.0 <= dropout < 1.0:
@@ -217,11 +211,11 @@ class PointNet2(nn.Module):
         self.in_channels = in_channels
         levels, c = [], in_channels - 3
         for npoint, r, k, w in zip(npoints, radii, nsamples, widths[:-1]):
-            levels.append(SetAbstraction(npoint, r, k, c, _positive_ints("widths", w)))
+            levels.append(SetAbstraction(npoint, r, k, c, check_positive_ints("widths", w)))
             c = levels[-1].out_channels
-        levels.append(SetAbstraction(None, 0.0, 0, c, _positive_ints("widths", widths[-1])))
+        levels.append(SetAbstraction(None, 0.0, 0, c, check_positive_ints("widths", widths[-1])))
         self.levels = nn.ModuleList(levels)
-        self.fc = _fc((levels[-1].out_channels, *_positive_ints("fc_widths", fc_widths)), dropout)
+        self.fc = _fc((levels[-1].out_channels, *check_positive_ints("fc_widths", fc_widths)), dropout)
         self.out_features = fc_widths[-1]
 
     def forward(self, points: Tensor) -> Tensor:

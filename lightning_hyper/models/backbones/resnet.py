@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_hyper.functional.checks import check_choice, check_positive_int
 from lightning_hyper.models.backbones import register_backbone
 
 __all__ = ["BasicBlock", "CifarResNet", "ResNet18", "resnet18", "resnet20", "resnet32", "resnet56", "resnet110"]
@@ -89,10 +90,8 @@ def _make_stage(in_planes: int, planes: int, blocks: int, stride: int, shortcut:
 
 
 def _check_common(in_channels: int, shortcut: str) -> None:
-    if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
-        raise ValueError(f"in_channels must be a positive integer, got {in_channels!r}")
-    if shortcut not in _SHORTCUTS:
-        raise ValueError(f"shortcut={shortcut!r} is unknown; accepted values: {list(_SHORTCUTS)}")
+    check_positive_int("in_channels", in_channels)
+    check_choice("shortcut", shortcut, _SHORTCUTS)
 
 
 class CifarResNet(nn.Module):

@@ -22,6 +22,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from lightning_hyper.functional.checks import check_positive_int
 from lightning_hyper.models.backbones import register_backbone
 
 __all__ = [
@@ -55,12 +56,6 @@ def _pair(size: int | Sequence[int], name: str) -> tuple[int, int]:
     if len(size) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in size):
         raise ValueError(f"{name} must be a positive int or a pair (height, width) of positive ints, got {size!r}")
     return size  # type: ignore[return-value]
-
-
-def _positive_int(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 def _scaled(width: int, mult: float) -> int:
@@ -117,8 +112,8 @@ class SphereFaceNet(nn.Module):
         super().__init__()
         if depth not in SPHEREFACE_UNITS:
             raise ValueError(f"depth={depth!r} is not a SphereFace depth; accepted values: {sorted(SPHEREFACE_UNITS)}")
-        _positive_int("in_channels", in_channels)
-        _positive_int("embedding_dim", embedding_dim)
+        check_positive_int("in_channels", in_channels)
+        check_positive_int("embedding_dim", embedding_dim)
         if not width_mult > 0:
             raise ValueError(f"width_mult must be > 0, got {width_mult!r}")
         self.depth = depth
@@ -231,9 +226,9 @@ class LSoftmaxCNN(nn.Module):
             raise ValueError(f"variant={variant!r} is unknown; accepted values: {sorted(_LSOFTMAX_VARIANTS)}")
         spec = _LSOFTMAX_VARIANTS[variant]
         self.variant = variant
-        self.in_channels = _positive_int("in_channels", spec["in_channels"] if in_channels is None else in_channels)
+        self.in_channels = check_positive_int("in_channels", spec["in_channels"] if in_channels is None else in_channels)
         self.input_size = _pair(spec["input_size"] if input_size is None else input_size, "input_size")
-        self.out_features = _positive_int("embedding_dim", spec["embedding"] if embedding_dim is None else embedding_dim)
+        self.out_features = check_positive_int("embedding_dim", spec["embedding"] if embedding_dim is None else embedding_dim)
         if not width_mult > 0:
             raise ValueError(f"width_mult must be > 0, got {width_mult!r}")
 
@@ -294,11 +289,11 @@ class EmbeddingMLP(nn.Module):
         embedding_activation: str | None = None,
     ) -> None:
         super().__init__()
-        _positive_int("in_features", in_features)
-        _positive_int("embedding_dim", embedding_dim)
+        check_positive_int("in_features", in_features)
+        check_positive_int("embedding_dim", embedding_dim)
         hidden = tuple(hidden)
         for h in hidden:
-            _positive_int("hidden", h)
+            check_positive_int("hidden", h)
         self.in_features = in_features
         self.out_features = embedding_dim
         layers: list[nn.Module] = [nn.Flatten()]

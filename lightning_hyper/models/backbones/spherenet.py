@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from lightning_hyper.functional.checks import check_positive_int, check_positive_ints
 from lightning_hyper.models.backbones import register_backbone
 from lightning_hyper.nn.convert import resolve_operator
 from lightning_hyper.nn.decoupled import DecoupledConv1d, DecoupledConv2d, DecoupledLinear
@@ -83,21 +84,6 @@ def layer_factory(
     return conv, linear, family
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def _widths(widths: Sequence[int]) -> tuple[int, ...]:
-    widths = tuple(widths)
-    if not widths:
-        raise ValueError("widths must be a non-empty sequence of positive integers, got ()")
-    for w in widths:
-        _positive_int("every entry of widths", w)
-    return widths
-
-
 def _he_init(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
@@ -146,15 +132,15 @@ class SphereCNN(nn.Module):
         dims: int = 2,
     ) -> None:
         super().__init__()
-        widths = _widths(widths)
+        widths = check_positive_ints("widths", widths)
         if depth is not None:
-            _positive_int("depth", depth)
+            check_positive_int("depth", depth)
             if depth % len(widths):
                 raise ValueError(f"depth={depth} must be a multiple of the number of stages len(widths)={len(widths)}")
             blocks_per_stage = depth // len(widths)
-        _positive_int("blocks_per_stage", blocks_per_stage)
-        _positive_int("in_channels", in_channels)
-        _positive_int("input_size", input_size)
+        check_positive_int("blocks_per_stage", blocks_per_stage)
+        check_positive_int("in_channels", in_channels)
+        check_positive_int("input_size", input_size)
         if isinstance(fc_features, bool) or not isinstance(fc_features, int) or fc_features < 0:
             raise ValueError(f"fc_features must be an integer >= 0, got {fc_features!r}")
         conv, linear, self.operator = layer_factory(operator, operator_kwargs, dims, use_bn)
@@ -246,13 +232,12 @@ class SphereResNet(nn.Module):
         sphere_shortcut: bool = False,
     ) -> None:
         super().__init__()
-        widths = _widths(widths)
+        widths = check_positive_ints("widths", widths)
         units = tuple(units_per_stage)
         if len(units) != len(widths):
             raise ValueError(f"units_per_stage {units} and widths {widths} must have the same length")
-        for u in units:
-            _positive_int("every entry of units_per_stage", u)
-        _positive_int("in_channels", in_channels)
+        check_positive_ints("units_per_stage", units)
+        check_positive_int("in_channels", in_channels)
         if stem not in ("cifar", "imagenet"):
             raise ValueError(f"stem={stem!r} is not supported; accepted values: ['cifar', 'imagenet']")
         conv, _, self.operator = layer_factory(operator, operator_kwargs, 2, use_bn)

@@ -1,4 +1,5 @@
-"""What :func:`~lightning_hyper.nn.opt.apply_opt` and :func:`~lightning_hyper.nn.convert.convert` share.
+"""What the model transforms :func:`~lightning_hyper.nn.opt.apply_opt` and :func:`~lightning_hyper.nn.convert.convert`
+share.
 
 Both take their layers from :func:`~lightning_hyper.nn.selection.select_neurons` (DESIGN.md, contract 1);
 this module only adds what a *transform* needs on top of the core's groups: the mapping of the old
@@ -108,7 +109,7 @@ def _reword_pattern_error(fn: str, model: nn.Module, include: Any, exclude: Any,
 
 
 @dataclass
-class _Args:
+class TransformArgs:
     include: Any
     exclude: Any
     layer_types: Any
@@ -117,7 +118,7 @@ class _Args:
     example_input: Any
 
 
-def plan_transform(fn: str, model: nn.Module, args: _Args, cannot: Callable[[NeuronGroup], str | None],
+def plan_transform(fn: str, model: nn.Module, args: TransformArgs, cannot: Callable[[NeuronGroup], str | None],
                    supported: str) -> TransformPlan:
     """Groups of ``select_neurons(model, ...)`` that ``fn`` will transform.
 
