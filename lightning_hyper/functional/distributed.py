@@ -28,11 +28,11 @@ from torch import Tensor
 
 from lightning_hyper.functional.checks import argument_error, check_choice
 from lightning_hyper.functional.energy import (
-    _Kernel,
-    _block_rows,
-    _compute_dtype,
-    _energy,
-    _validate,
+    PairKernel,
+    block_rows,
+    compute_dtype,
+    hyperspherical_energy,
+    validate_energy_args,
     ZERO_NORM_POLICIES,
     warn_no_pairs,
 )
@@ -149,7 +149,7 @@ def _ring(unit: Tensor, sizes: list[int], rank: int, world: int, group: Any, glo
             block = nxt
 
 
-def _block_terms(unit: Tensor, cols: Tensor, same: bool, spec: _Kernel, block: int, need_slope: bool,
+def _block_terms(unit: Tensor, cols: Tensor, same: bool, spec: PairKernel, block: int, need_slope: bool,
                  g_out: Tensor | None) -> Tensor:
     """Sum of the pair terms of ``unit`` (this rank's rows) against ``cols`` (one rank's rows), in
     ``block`` x ``block`` tiles of the Gram matrix; ``same``: ``cols`` is ``unit`` (its diagonal is left out).
@@ -176,7 +176,7 @@ class _RingEnergyFn(torch.autograd.Function):
     """Sum over ordered pairs i != j of all ranks' rows of the pair term; input: this rank's rows."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, norms: Tensor, spec: _Kernel, rows: int, group: Any, sizes: list[int],
+    def forward(ctx, x: Tensor, norms: Tensor, spec: PairKernel, rows: int, group: Any, sizes: list[int],
                 rank: int, global_ranks: list[int]) -> Tensor:  # type: ignore[override]
         import torch.distributed as dist
 
@@ -230,7 +230,7 @@ def ring_hyperspherical_energy(
     """
     import torch.distributed as dist
 
-    _validate(s, metric, reduction, angle_unit, eps)
+    validate_energy_args(s, metric, reduction, angle_unit, eps)
     check_choice("zero_norm", zero_norm, ZERO_NORM_POLICIES, owner="ring_hyperspherical_energy")
     if not isinstance(local, Tensor) or local.dim() != 2:
         argument_error("local", getattr(local, "shape", type(local).__name__), "a tensor (n_r, d) of this rank's rows",
@@ -239,7 +239,7 @@ def ring_hyperspherical_energy(
         raise RuntimeError("ring_hyperspherical_energy needs an initialized torch.distributed process group; on one "
                            "process use hyperspherical_energy")
     with torch.autocast(device_type=local.device.type, enabled=False):
-        x = local.to(_compute_dtype(local))
+        x = local.to(compute_dtype(local))
         norms = torch.linalg.vector_norm(x.detach(), dim=-1)
         bad = ~torch.isfinite(x.detach()).all(dim=-1) if x.shape[0] else norms.bool()
         small = norms < min_norm
@@ -257,7 +257,7 @@ def ring_hyperspherical_energy(
         dist.all_gather(sizes_t, torch.tensor([x.shape[0]], dtype=torch.int64), group=group)
         sizes = [int(t) for t in sizes_t]
         n = sum(sizes)
-        spec = _Kernel(float(s), metric, float(eps), angle_unit, bool(half_space))
+        spec = PairKernel(float(s), metric, float(eps), angle_unit, bool(half_space))
         if n < 2 and not (half_space and n == 1):
             warn_no_pairs(n, "ring_hyperspherical_energy")
             return x.sum() * 0.0
@@ -265,7 +265,7 @@ def ring_hyperspherical_energy(
         if n == 1:
             total = x.sum() * 0.0
         else:
-            block = RING_BLOCK if chunk_size is None else _block_rows(n, chunk_size)
+            block = RING_BLOCK if chunk_size is None else block_rows(n, chunk_size)
             total = _RingEnergyFn.apply(x, norms, spec, block, group, sizes, rank, global_ranks)
         if half_space:
             total = total + 2 * n * spec.antipodal_value()
@@ -298,7 +298,8 @@ def sharded_hyperspherical_energy(neurons: Tensor, method: str = "auto", **kwarg
 def _energy_kw(neurons: Tensor, s: float = 2.0, metric: str = "euclidean", half_space: bool = False,
                reduction: str = "mean", angle_unit: str = "radian", eps: float = 1e-6,
                chunk_size: int | None = None, min_norm: float = 1e-6, zero_norm: str = "error") -> Tensor:
-    return _energy(neurons, s, metric, half_space, reduction, angle_unit, eps, chunk_size, min_norm, zero_norm)
+    return hyperspherical_energy(neurons, s, metric, half_space, reduction, angle_unit, eps, chunk_size, min_norm,
+                                 zero_norm)
 
 
 def use_ring(weight: Tensor, method: str) -> bool:

@@ -44,6 +44,10 @@ __all__ = [
     "pairwise_angles",
     "pair_kernel",
     "normalize_neurons",
+    "PairKernel",
+    "block_rows",
+    "compute_dtype",
+    "validate_energy_args",
 ]
 
 METRICS = ("euclidean", "angular")
@@ -56,7 +60,7 @@ DEFAULT_BLOCK_ELEMENTS = 1 << 25
 
 
 @dataclass(frozen=True)
-class _Kernel:
+class PairKernel:
     """Parameters of the pair kernel f(dist(c)) as a function of the cosine c."""
 
     s: float
@@ -185,7 +189,7 @@ def _riesz(r2: Tensor, s: float, need_slope: bool) -> tuple[Tensor, Tensor | Non
     return f, (f.div(r2).mul_(s) if need_slope else None)  # s * r2^(-s/2-1)
 
 
-def _angular(c: Tensor, k: _Kernel, need_slope: bool) -> tuple[Tensor, Tensor | None]:
+def _angular(c: Tensor, k: PairKernel, need_slope: bool) -> tuple[Tensor, Tensor | None]:
     """f(theta(c)) and df/dc for the geodesic distance (radians or units of pi)."""
     s = k.s
     cc = c.clamp(-1.0 + k.eps, 1.0 - k.eps)
@@ -213,14 +217,14 @@ def pair_kernel(cos: Tensor, s: float = 2.0, metric: str = "euclidean", half_spa
     The term is ``f_s(dist(cos))``, or ``2[f(dist(cos)) + f(dist(-cos))]`` for half-space
     (the four ordered pairs among ``±w_i, ±w_j`` counted once per ordered (i, j)).
     """
-    _validate(s, metric, "mean", angle_unit, eps)
-    spec = _Kernel(float(s), metric, float(eps), angle_unit, bool(half_space))
+    validate_energy_args(s, metric, "mean", angle_unit, eps)
+    spec = PairKernel(float(s), metric, float(eps), angle_unit, bool(half_space))
     return _PairKernelFn.apply(cos, spec)
 
 
 class _PairKernelFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, cos: Tensor, spec: _Kernel) -> Tensor:  # type: ignore[override]
+    def forward(ctx, cos: Tensor, spec: PairKernel) -> Tensor:  # type: ignore[override]
         f, slope = spec.value_and_slope(cos, need_slope=cos.requires_grad)
         ctx.save_for_backward(slope if slope is not None else cos.new_zeros(()))
         return f
@@ -231,7 +235,7 @@ class _PairKernelFn(torch.autograd.Function):
         return grad * slope, None
 
 
-def _validate(s: float, metric: str, reduction: str, angle_unit: str, eps: float) -> None:
+def validate_energy_args(s: float, metric: str, reduction: str, angle_unit: str, eps: float) -> None:
     if metric not in METRICS:
         raise ValueError(f"metric={metric!r} is not supported; accepted values: {list(METRICS)}")
     if reduction not in REDUCTIONS:
@@ -268,7 +272,7 @@ def _whole(x):
     return x
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
+def compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
@@ -300,7 +304,7 @@ def _prepare(neurons: Tensor, min_norm: float, zero_norm: str, name: str,
                          "use lightning_hyper.functional.as_neurons(weight) for conv weights")
     if zero_norm not in ZERO_NORM_POLICIES:
         raise ValueError(f"zero_norm={zero_norm!r} is not supported; accepted values: {list(ZERO_NORM_POLICIES)}")
-    x = neurons.to(_compute_dtype(neurons))
+    x = neurons.to(compute_dtype(neurons))
     if x.shape[-2] and x.shape[-1] == 0:
         raise ValueError(f"{name}: neurons have dimension d=0 (shape {tuple(x.shape)})")
     norms = torch.linalg.vector_norm(x.detach(), dim=-1)
@@ -336,7 +340,7 @@ class _RaggedExclusion(Exception):
     """A batch (B, N, d) with zero-norm rows under ``zero_norm="exclude"``: computed set by set."""
 
 
-def _block_rows(n: int, chunk_size: int | None, batch: int = 1) -> int:
+def block_rows(n: int, chunk_size: int | None, batch: int = 1) -> int:
     if chunk_size is not None:
         if int(chunk_size) < 1:
             raise ValueError(f"chunk_size={chunk_size!r} is not supported; accepted values: None or an int >= 1")
@@ -365,7 +369,7 @@ class _GramEnergyFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, norms: Tensor, spec: _Kernel, rows: int) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, norms: Tensor, spec: PairKernel, rows: int) -> Tensor:  # type: ignore[override]
         # x: (B, N, d), norms: (B, N) detached; returns (B,) energies
         n = x.shape[1]
         unit = x / norms.unsqueeze(-1)
@@ -449,7 +453,7 @@ def hyperspherical_energy(
 
 def _energy(neurons: Tensor, s: float, metric: str, half_space: bool, reduction: str, angle_unit: str, eps: float,
             chunk_size: int | None, min_norm: float, zero_norm: str, quiet: bool = False) -> Tensor:
-    _validate(s, metric, reduction, angle_unit, eps)
+    validate_energy_args(s, metric, reduction, angle_unit, eps)
     neurons = _whole(neurons)
     with autocast_off(neurons.device.type if isinstance(neurons, Tensor) else "cpu"):
         try:
@@ -461,7 +465,7 @@ def _energy(neurons: Tensor, s: float, metric: str, half_space: bool, reduction:
         if not batched:
             x, norms = x.unsqueeze(0), norms.unsqueeze(0)
         n = x.shape[1]
-        spec = _Kernel(float(s), metric, float(eps), angle_unit, bool(half_space))
+        spec = PairKernel(float(s), metric, float(eps), angle_unit, bool(half_space))
         if n < 2 and not (half_space and n == 1):  # no pairs: energy 0, zero gradient (never NaN)
             if not quiet:
                 warn_no_pairs(n, "hyperspherical_energy")
@@ -470,7 +474,7 @@ def _energy(neurons: Tensor, s: float, metric: str, half_space: bool, reduction:
         if n == 1:  # half-space: only the pair (w, -w), a constant
             total = x.sum(dim=(1, 2)) * 0.0
         else:
-            total = _GramEnergyFn.apply(x, norms, spec, _block_rows(n, chunk_size, x.shape[0]))
+            total = _GramEnergyFn.apply(x, norms, spec, block_rows(n, chunk_size, x.shape[0]))
         if not batched:
             total = total[0]
         if half_space:
@@ -503,12 +507,12 @@ def output_energy_from_labels(
     ``zero_norm="exclude"`` leaves rows of norm < ``min_norm`` out (as labels and as classes: m and N
     count only the other rows); ``"error"`` (default) raises on them.
     """
-    _validate(s, metric, "mean", angle_unit, eps)
+    validate_energy_args(s, metric, "mean", angle_unit, eps)
     if zero_norm not in ZERO_NORM_POLICIES:
         raise ValueError(f"zero_norm={zero_norm!r} is not supported; accepted values: {list(ZERO_NORM_POLICIES)}")
     weight = _whole(weight)
     if zero_norm == "exclude" and isinstance(weight, Tensor) and weight.dim() == 2 and weight.shape[0]:
-        norms = torch.linalg.vector_norm(weight.detach().to(_compute_dtype(weight)), dim=-1)
+        norms = torch.linalg.vector_norm(weight.detach().to(compute_dtype(weight)), dim=-1)
         keep = norms >= min_norm
         if not bool(keep.all()):
             if isinstance(labels, Tensor) and labels.dim() == 1 and not labels.dtype.is_floating_point:
@@ -533,7 +537,7 @@ def output_energy_from_labels(
     m = labels.numel()
     if m == 0 or n < 2:
         return w.sum() * 0.0
-    spec = _Kernel(float(s), metric, float(eps), angle_unit, False)
+    spec = PairKernel(float(s), metric, float(eps), angle_unit, False)
     with torch.autocast(device_type=w.device.type, enabled=False):
         # autograd path on (m, N) only: the cosines are rescaled, the (N, d) weight is never normalized
         inv = torch.linalg.vector_norm(w, dim=-1).reciprocal()
@@ -587,7 +591,7 @@ def minimum_energy(n: int, d: int, s: float = 2.0, metric: str = "euclidean", ha
     Returns:
         the minimum as a float, or ``None`` where no closed form is known (e.g. ``n > d + 1``).
     """
-    _validate(s, metric, "mean", angle_unit, eps)
+    validate_energy_args(s, metric, "mean", angle_unit, eps)
     for name, value in (("n", n), ("d", d)):
         if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "n" else 1):
             raise ValueError(f"{name}={value!r} is not supported; accepted values: an int >= "
@@ -606,7 +610,7 @@ def minimum_energy(n: int, d: int, s: float = 2.0, metric: str = "euclidean", ha
     if half_space:
         if n > d:
             return None
-        antipodal = _Kernel(s, metric, float(eps), angle_unit, True).antipodal_value()
+        antipodal = PairKernel(s, metric, float(eps), angle_unit, True).antipodal_value()
         pair = 2.0 * (riesz(2.0 + eps) if metric == "euclidean" else geodesic(0.0))  # f(dist(0)) + f(dist(-0))
         return (2.0 * n * (n - 1) * pair + 2 * n * antipodal) / (2 * n * (2 * n - 1))
     if n > d + 1:
@@ -618,4 +622,3 @@ def minimum_energy(n: int, d: int, s: float = 2.0, metric: str = "euclidean", ha
 
 __all__ += ["minimum_energy"]
 
-validate_energy_args = _validate  # public name of the argument check of hyperspherical_energy (used by the callbacks)

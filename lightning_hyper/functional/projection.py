@@ -40,7 +40,7 @@ from torch import Tensor
 
 from lightning_hyper.functional.checks import check_number
 from lightning_hyper.functional.seeding import derive_seed, seeded_generator
-from lightning_hyper.functional.energy import _validate, hyperspherical_energy
+from lightning_hyper.functional.energy import validate_energy_args, hyperspherical_energy
 
 __all__ = [
     "AGGREGATES",
@@ -345,7 +345,7 @@ def adversarial_step(neurons: Tensor | Sequence[Tensor], projections: Tensor, lr
     network then minimizes the half-space energy at the new P. Returns a new detached tensor.
     """
     _check_step_args(lr, steps, weight_decay)
-    _validate(s, metric, "mean", "radian", eps)
+    validate_energy_args(s, metric, "mean", "radian", eps)
     layers = [w.detach() for w in _as_list(neurons)]
     p = projections.detach().clone()
     for _ in range(steps):
@@ -413,7 +413,7 @@ def unrolled_adversarial_projection(neurons: Tensor, projections: Tensor, lr: fl
     backward is exact but not twice differentiable. Costs two extra energy gradients in backward.
     """
     _check_step_args(lr, steps, 0.0)
-    _validate(s, metric, "mean", "radian", eps)
+    validate_energy_args(s, metric, "mean", "radian", eps)
     p, _ = _check_pair(neurons, projections)
     if projections.dim() == 2:
         p = p[0]
