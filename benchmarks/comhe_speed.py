@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import comhe_claims  # noqa: E402
+import comhe_claims
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,7 +16,7 @@ import argparse
 import json
 import statistics
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
             summarize(f"tiny ViT ({head}), {cls.__name__}()", cb.norms)
             if zero_head:
                 rest = [r for r in cb.norms if r[0] != "net.heads.head"]
-                summarize(f"  ... every group but the head", rest)
+                summarize("  ... every group but the head", rest)
 
 
 if __name__ == "__main__":

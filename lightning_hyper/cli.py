@@ -44,7 +44,8 @@ import textwrap
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 import yaml
@@ -54,9 +55,9 @@ from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgre
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from torch import nn
 
-import lightning_hyper.callbacks  # noqa: F401  (registers callback classes for short names)
-import lightning_hyper.data  # noqa: F401
-import lightning_hyper.models  # noqa: F401
+import lightning_hyper.callbacks
+import lightning_hyper.data
+import lightning_hyper.models
 from lightning_hyper.callbacks.base import NeuronSelection
 from lightning_hyper.nn.selection import NeuronGroup, select_neurons, selection_table
 from lightning_hyper.functional.energy import METRICS, hyperspherical_energy, minimum_energy
@@ -225,7 +226,7 @@ def _class_arguments(cls: type) -> list[str]:
         parser.add_class_arguments(cls, fail_untyped=False)
         names = [a.dest for a in parser._actions if a.dest != "help" and not a.dest.endswith(".help")]
         return list(dict.fromkeys(n.split(".")[0] for n in names))
-    except Exception:  # noqa: BLE001  (fall back to the plain signature)
+    except Exception:
         params = inspect.signature(cls).parameters.values()
         return [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
@@ -248,7 +249,7 @@ def _load_yaml(path: str) -> Any:
     try:
         with open(path) as f:
             return yaml.safe_load(f)
-    except Exception:  # noqa: BLE001  (unreadable: not searched)
+    except Exception:
         return None
 
 
@@ -749,7 +750,7 @@ def _load_distributed(path: str, unsafe: bool) -> dict[str, Any]:
     meta_path = os.path.join(path, "meta.pt")
     try:
         meta = torch.load(meta_path, map_location="cpu", weights_only=not unsafe)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         raise CheckpointError(f"{meta_path}: safe loading (torch.load weights_only=True) refused it "
                               f"({_first_line(err)}); if you trust the file, rerun with --unsafe-load") from None
     with tempfile.TemporaryDirectory() as tmp:  # torch's public converter: the shards as one torch.save file
@@ -772,7 +773,7 @@ def _load_checkpoint(path: str, unsafe: bool = False) -> Any:
         return torch.load(path, map_location="cpu", weights_only=False)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001  (every failure gets one explanatory line)
+    except Exception as err:
         if not _is_torch_file(path):
             raise CheckpointError(f"{path} is not a PyTorch checkpoint (neither a torch.save archive nor a "
                                   "pickle)") from None
@@ -826,7 +827,7 @@ def _rebuild(state: Mapping[str, torch.Tensor], hparams: Mapping[str, Any], clas
         try:
             module = cls(**kwargs)
             module.load_state_dict(state, strict=True)
-        except Exception:  # noqa: BLE001  (not this class: try the next one)
+        except Exception:
             continue
         return module.eval()
     return None
@@ -966,7 +967,7 @@ def energy_main(argv: Sequence[str], verbose: bool = False) -> int:
                                   "checkpoint folder with meta.pt)")
         result = checkpoint_energies(str(path), s=args.s, metric=args.metric, half_space=args.half_space,
                                      class_path=args.model, unsafe_load=args.unsafe_load)
-    except Exception as err:  # noqa: BLE001  (unreadable file, bad s, ...: one clear line, status 2)
+    except Exception as err:
         if verbose:
             raise
         text = str(err) if isinstance(err, CheckpointError) else \

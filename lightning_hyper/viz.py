@@ -22,7 +22,8 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -49,13 +50,13 @@ Series = dict[str, tuple[np.ndarray, np.ndarray]]
 
 
 # ---------------------------------------------------------------------------------------- helpers
-def _new_figure(figsize: tuple[float, float]) -> "Figure":
+def _new_figure(figsize: tuple[float, float]) -> Figure:
     from matplotlib.figure import Figure
 
     return Figure(figsize=figsize, layout="constrained")
 
 
-def _finish(fig: "Figure", path: str | os.PathLike | None) -> "Figure":
+def _finish(fig: Figure, path: str | os.PathLike | None) -> Figure:
     if path is not None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -237,8 +238,8 @@ def load_energy_metrics(source: Any, prefix: str | None = None) -> dict[str, tup
 
 
 def plot_energy(source: Any, *, prefix: str | None = None, layers: Sequence[str] | None = None,
-                relative: bool = False, logy: bool = False, ax: "Axes | None" = None,
-                path: str | os.PathLike | None = None, title: str | None = None) -> "Figure":
+                relative: bool = False, logy: bool = False, ax: Axes | None = None,
+                path: str | os.PathLike | None = None, title: str | None = None) -> Figure:
     """Per-layer hyperspherical energy against the training step, one curve per layer.
 
     The curves are the mean pairwise energies ``Ē = 2/(N(N-1)) Σ_{i<j} f(‖ŵ_i − ŵ_j‖)`` the callbacks
@@ -341,8 +342,8 @@ def plot_angle_histograms(model: Any, *, include: str | Sequence[str] | None = N
                           exclude: str | Sequence[str] | None = None,
                           layer_types: str | Sequence[str] | None = None, output_layer: str | None = None,
                           bins: int = 36, degrees: bool = True, reference: bool = True, ncols: int = 3,
-                          ax: "Axes | Sequence[Axes] | None" = None, path: str | os.PathLike | None = None,
-                          title: str | None = None) -> "Figure":
+                          ax: Axes | Sequence[Axes] | None = None, path: str | os.PathLike | None = None,
+                          title: str | None = None) -> Figure:
     """Histogram (density) of the pairwise angles between the neurons of each layer.
 
     Angles come from :func:`lightning_hyper.functional.energy.pairwise_angles` (all pairs i < j of
@@ -407,8 +408,8 @@ def plot_angle_histograms(model: Any, *, include: str | Sequence[str] | None = N
 
 # --------------------------------------------------------------------------------- points on S^1/2
 def plot_on_sphere(points: Any, labels: Any = None, *, weights: Any = None, normalize: bool = True,
-                   ax: "Axes | None" = None, path: str | os.PathLike | None = None, title: str | None = None,
-                   point_size: float = 8.0, legend: bool = True) -> "Figure":
+                   ax: Axes | None = None, path: str | os.PathLike | None = None, title: str | None = None,
+                   point_size: float = 8.0, legend: bool = True) -> Figure:
     """Scatter 2-D points on the unit circle S¹ or 3-D points on the unit sphere S², colored by label.
 
     ``x̂ = x / ‖x‖`` for every row (SphereFace, thesis Ch. 2: A-Softmax features are compared by angle

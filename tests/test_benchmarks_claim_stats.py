@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-import claim_stats  # noqa: E402
+import claim_stats
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-import imbalance_claims as ic  # noqa: E402
+import imbalance_claims as ic
 
 
 @pytest.fixture(autouse=True)

@@ -7,8 +7,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-import opt_claims  # noqa: E402
-import opt_speed  # noqa: E402
+import opt_claims
+import opt_speed
 
 
 def test_opt_speed_smoke(capsys):

@@ -7,9 +7,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-import energy_memory  # noqa: E402
+import energy_memory
 
-from lightning_hyper.functional import hyperspherical_energy  # noqa: E402
+from lightning_hyper.functional import hyperspherical_energy
 
 
 def test_energy_memory_smoke(tmp_path, capsys):

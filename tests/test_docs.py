@@ -12,7 +12,8 @@ import contextlib
 import io
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import lightning as L
 import pytest

@@ -34,7 +34,8 @@ import dataclasses
 import math
 import zlib
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence, Union
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -114,7 +115,7 @@ class CoMHEProjection:
         shared: layers with the same neuron dimension D use the same projections (§6.3.6); ``None`` = True for
             random, False for angle-preserving/adversarial (the authors' code).
         mode: angle-preserving/adversarial only. ``"unrolled"`` (default, best in Table 6.1): the network
-            minimizes the energy at :math:`P' = P \mp \eta\nabla_P` (``unroll_steps`` steps kept in the graph,
+            minimizes the energy at :math:`P' = P \\mp \\eta\nabla_P` (``unroll_steps`` steps kept in the graph,
             so W also gets the second-order terms); ``"alternating"``: the energy at P, P updated in turn.
         steps: SGD steps on P per update; ``None`` = 1 (angle-preserving), 10 (adversarial).
         update_every: optimizer steps between P updates; ``None`` = 1 (unrolled), 10 (alternating).
@@ -136,19 +137,19 @@ class CoMHEProjection:
 
     kind: str = "random"
     projection_dim: int = 30
-    num_projections: Union[int, None] = None
-    refresh_every: Union[int, None] = 1
+    num_projections: int | None = None
+    refresh_every: int | None = 1
     aggregate: str = "mean"
-    shared: Union[bool, None] = None
+    shared: bool | None = None
     mode: str = "unrolled"
-    steps: Union[int, None] = None
-    update_every: Union[int, None] = None
-    lr: Union[str, float] = "tied"
-    unroll_lr: Union[str, float] = "tied"
+    steps: int | None = None
+    update_every: int | None = None
+    lr: str | float = "tied"
+    unroll_lr: str | float = "tied"
     unroll_steps: int = 1
     weight_decay: float = 5e-7
     angle_loss: str = "cos_fro"
-    reinit_every: Union[int, None] = None
+    reinit_every: int | None = None
     group_size: int = 8
     group_mode: str = "consecutive"
     small_layer_fallback: str = "mhe"

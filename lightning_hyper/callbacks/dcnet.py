@@ -16,7 +16,8 @@ the classifier are left alone. Weighted operators are excluded (their forward de
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Mapping
+from typing import Any
+from collections.abc import Iterable, Mapping
 
 import lightning as L
 import torch
@@ -101,7 +102,7 @@ class WeightProjection(InstanceStateKey, Callback):
         self.num_projections = 0
         self._layers: list[nn.Module] = []
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:  # noqa: D102
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._assign_state_key(trainer)
         check_strategy(trainer, type(self).__name__)  # per-kernel norms need whole (unsharded) weights
         self._layers = [m for _, m in standard_layers(pl_module, self.include_sphere)]
@@ -112,17 +113,17 @@ class WeightProjection(InstanceStateKey, Callback):
             )
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:  # noqa: D102
+                           batch_idx: int) -> None:
         step = trainer.global_step
         if step > 0 and step % self.every_n_steps == 0 and step != self.last_step:
             project_weights(self._layers, self.scale)
             self.last_step = step
             self.num_projections += 1
 
-    def state_dict(self) -> dict[str, Any]:  # noqa: D102
+    def state_dict(self) -> dict[str, Any]:
         return {"last_step": self.last_step, "num_projections": self.num_projections}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # noqa: D102
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_step = int(state_dict.get("last_step", -1))
         self.num_projections = int(state_dict.get("num_projections", 0))
 
@@ -139,7 +140,7 @@ class WeightedGradients(Callback):
         self.include_sphere = include_sphere
         self._layers: list[nn.Module] = []
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:  # noqa: D102
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         check_strategy(trainer, type(self).__name__)
         self._layers = [m for _, m in standard_layers(pl_module, self.include_sphere)]
         if not self._layers:
@@ -155,7 +156,7 @@ class WeightedGradients(Callback):
                 g.mul_(_kernel_norms(m.weight).to(g.dtype))
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
-                                 optimizer: torch.optim.Optimizer) -> None:  # noqa: D102
+                                 optimizer: torch.optim.Optimizer) -> None:
         self.apply(self._layers)
 
 
@@ -260,12 +261,12 @@ class PretrainedInit(InstanceStateKey, Callback):
         except AttributeError as err:
             raise ValueError(f"submodule={self.submodule!r} is not a submodule of {type(pl_module).__name__}") from err
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:  # noqa: D102
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._assign_state_key(trainer)
         if stage == "fit" and not self.done:
             init_from_cnn(self._target(pl_module), self.source, self.strict)
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.done:
             return
         if self.warmup_batches:
@@ -281,8 +282,8 @@ class PretrainedInit(InstanceStateKey, Callback):
             warmup_patch_norms(pl_module, batches())
         self.done = True
 
-    def state_dict(self) -> dict[str, Any]:  # noqa: D102
+    def state_dict(self) -> dict[str, Any]:
         return {"done": self.done}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # noqa: D102
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.done = bool(state_dict.get("done", False))

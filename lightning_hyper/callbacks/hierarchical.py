@@ -27,11 +27,12 @@ their ancestors enter (``pairs="batch"``); ``pairs="full"`` uses the whole known
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
+from collections.abc import Callable, Mapping, Sequence
 
 from torch import Tensor
 
-from lightning_hyper.callbacks.base import DEFAULT_MAX_GRAD_NORM, PenaltyCallback, finite_or_raise
+from lightning_hyper.callbacks.base import DEFAULT_MAX_GRAD_NORM, PenaltyCallback
 from lightning_hyper.functional.checks import check_choice, check_number
 from lightning_hyper.functional.discrete import (
     DISCRETE_MODES,

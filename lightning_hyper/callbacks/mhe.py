@@ -11,7 +11,8 @@ group is its own sphere).
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info

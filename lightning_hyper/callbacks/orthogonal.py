@@ -5,7 +5,8 @@ Thesis Chapter 7 / spec ``opt.md`` §3.7, §4, §10. They act on layers converte
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import lightning as L
 import torch
@@ -114,7 +115,7 @@ class SOPTResampler(InstanceStateKey, Callback):
         self.episodes = 0
         self._last_step = -1
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:  # noqa: D102
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._assign_state_key(trainer)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -18,7 +18,8 @@ apart.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -93,7 +94,7 @@ class SphereOrthogonalityRegularizer(PenaltyCallback):
             return False
         return self.layers_scope == "all" or is_operator_layer(layer.module)
 
-    def validate_layers(self, layers: list[NeuronGroup]) -> None:  # noqa: D102
+    def validate_layers(self, layers: list[NeuronGroup]) -> None:
         if not any(self._applies(layer) for layer in layers):
             names = [f"{layer.name} ({type(layer.module).__name__}, {layer.role})" for layer in layers]
             raise ValueError(
@@ -103,7 +104,7 @@ class SphereOrthogonalityRegularizer(PenaltyCallback):
                 f"Selected layers: {names}"
             )
 
-    def layer_terms(self, layer: NeuronGroup, labels: Tensor | None, step: int) -> dict[str, Tensor] | None:  # noqa: D102
+    def layer_terms(self, layer: NeuronGroup, labels: Tensor | None, step: int) -> dict[str, Tensor] | None:
         if not self._applies(layer):
             return None
         w = self.neurons(layer)

@@ -29,7 +29,7 @@ def _classes(name: str) -> tuple[type, ...]:
         try:
             module = __import__(package, fromlist=[name])
             cls = getattr(module, name, None)
-        except Exception:  # noqa: BLE001 - an optional class or package that cannot be imported
+        except Exception:
             cls = None
         if isinstance(cls, type):
             found.append(cls)

@@ -23,7 +23,8 @@ set, as the papers report test error. ``val_size > 0`` holds out that many train
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import lightning as L
 import numpy as np

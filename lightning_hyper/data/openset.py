@@ -20,7 +20,7 @@
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import lightning as L
 import numpy as np

@@ -9,7 +9,8 @@ checkpoint). It subclasses ``RandomSampler``, so under DDP Lightning swaps it fo
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Sized
+from typing import Any
+from collections.abc import Iterator, Sized
 
 import torch
 from torch.utils.data import DataLoader, RandomSampler

@@ -141,7 +141,7 @@ from lightning_hyper.functional.hierarchy import Hierarchy, hierarchical_penalty
 
 __all__ += ["Hierarchy", "hierarchical_penalty", "mean_geometry"]
 
-from lightning_hyper.functional.distributed import (gather_rows, ring_hyperspherical_energy,  # noqa: E402
+from lightning_hyper.functional.distributed import (gather_rows, ring_hyperspherical_energy,
                                                     sharded_hyperspherical_energy)
 
 __all__ += ["gather_rows", "ring_hyperspherical_energy", "sharded_hyperspherical_energy"]  # distributed.py (FSDP2)

@@ -19,7 +19,8 @@ No Lightning, no torch modules: ``functional/``, ``nn/``, callbacks, models and 
 from __future__ import annotations
 
 import math
-from typing import Any, NoReturn, Sequence
+from typing import Any, NoReturn
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

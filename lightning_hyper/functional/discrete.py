@@ -48,7 +48,7 @@ Gram matrices: :math:`\hat W\hat W^\top` for the angle and :math:`S S^\top/d` (S
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

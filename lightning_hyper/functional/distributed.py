@@ -21,7 +21,8 @@ Two ways to get the energy of a weight whose rows live on several ranks:
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

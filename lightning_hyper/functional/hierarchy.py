@@ -34,7 +34,8 @@ checked by :func:`present_classes`) and their ancestors enter; ``classes=None`` 
 from __future__ import annotations
 
 import numbers
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -62,7 +63,7 @@ __all__ = [
 ]
 
 #: named hierarchies usable as ``hierarchy="name"`` (``lightning_hyper.data`` registers "cifar100")
-HIERARCHIES: dict[str, "Hierarchy"] = {}
+HIERARCHIES: dict[str, Hierarchy] = {}
 
 
 def _nesting_depth(obj: Any) -> int:
@@ -122,7 +123,7 @@ class Hierarchy:
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def from_parents(cls, parents: Sequence[int] | Sequence[Sequence[int]]) -> "Hierarchy":
+    def from_parents(cls, parents: Sequence[int] | Sequence[Sequence[int]]) -> Hierarchy:
         """``[g(0), ..., g(C-1)]`` (super-class id of each class: two levels), or a list of such
         lists, one per level from the top (each maps a level's nodes to the level above)."""
         if _nesting_depth(parents) == 1:
@@ -130,7 +131,7 @@ class Hierarchy:
         return cls(list(parents))
 
     @classmethod
-    def from_adjacency(cls, matrices: Sequence[Any]) -> "Hierarchy":
+    def from_adjacency(cls, matrices: Sequence[Any]) -> Hierarchy:
         r"""One 0/1 matrix :math:`P^{(l,l-1)}` of shape ``(|level l-1|, |level l|)`` per level,
         top first (the last one's columns are the classes); each column has exactly one 1."""
         parents = []
@@ -157,7 +158,7 @@ class Hierarchy:
         return cls(parents)
 
     @classmethod
-    def parse(cls, hierarchy: Any) -> "Hierarchy":
+    def parse(cls, hierarchy: Any) -> Hierarchy:
         """Accepts a :class:`Hierarchy`; a registered name (:data:`HIERARCHIES`); a flat sequence
         of super-class ids (two levels); a 2-D 0/1 adjacency (groups x classes); a list of
         adjacency matrices (deeper trees, top first); or a dict ``{"parents": ...}`` /

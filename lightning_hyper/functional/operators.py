@@ -25,7 +25,7 @@ all-zero patch or filter gives ``cos = 0`` and finite gradients.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -30,7 +30,7 @@ torch's on ``A = S``.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

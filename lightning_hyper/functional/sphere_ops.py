@@ -8,7 +8,7 @@ orthogonality penalty :func:`~lightning_hyper.functional.orthogonal.kernel_ortho
 from lightning_hyper.functional.checks import check_choice
 from lightning_hyper.functional.margin import PSI_MODES, ga_psi
 from lightning_hyper.functional import operators
-from lightning_hyper.functional.operators import *  # noqa: F401,F403
+from lightning_hyper.functional.operators import *  # noqa: F403
 from lightning_hyper.functional.orthogonal import ORTHOGONALITY_FORMS, kernel_orthogonality
 
 __all__ = [*operators.__all__, "PSI_MODES", "ga_psi", "check_choice", "ORTHOGONALITY_FORMS", "kernel_orthogonality"]

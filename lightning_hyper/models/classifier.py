@@ -13,7 +13,8 @@ Logged keys: ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``test/lo
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import lightning as L
 import torch

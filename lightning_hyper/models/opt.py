@@ -10,7 +10,8 @@ library's plain ``cnn6`` / ``cnn9`` backbones with ``widths=[64, 64, 64]`` and `
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -10,7 +10,8 @@ loss when the backbone has a feature T-Net. Batches are ``(points (B, N, 3), lab
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -40,7 +40,8 @@ neurons), and uses the labels of each batch.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import lightning as L
 import torch

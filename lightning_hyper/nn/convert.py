@@ -12,7 +12,8 @@ shows what would be replaced and what stays plain, and why.
 from __future__ import annotations
 
 import sys
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 from torch import nn
 from torch.nn.utils import parametrize

@@ -274,7 +274,7 @@ _DecoupledMixin = DecoupledMixin  # the name callbacks imported before it was pu
 
 
 class _DecoupledConvNd(DecoupledMixin):
-    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+    def forward(self, x: Tensor) -> Tensor:
         padding = self.padding
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
@@ -285,7 +285,7 @@ class _DecoupledConvNd(DecoupledMixin):
         )
         return add_channel_bias(self._combine(inner, xn, wn, linear=False), self.bias)
 
-    def extra_repr(self) -> str:  # noqa: D102
+    def extra_repr(self) -> str:
         return super().extra_repr() + self._decoupled_extra_repr()
 
 
@@ -392,12 +392,12 @@ class DecoupledLinear(DecoupledMixin, nn.Linear):
         nn.Linear.__init__(self, in_features, out_features, bias, device, dtype)
         self._setup_decoupled(out_features, **_decoupled_options(locals()))
 
-    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+    def forward(self, x: Tensor) -> Tensor:
         inner, xn, wn = linear_parts(x, self.weight, self.eps)
         out = self._combine(inner, xn, wn, linear=True)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
-    def extra_repr(self) -> str:  # noqa: D102
+    def extra_repr(self) -> str:
         return super().extra_repr() + self._decoupled_extra_repr()
 
 

@@ -677,7 +677,7 @@ class GASoftmaxHead(MarginHead):
         target = (lam * g_all.gather(1, idx) + target_psi) / (1.0 + lam)
         return logits.scatter(1, idx, scale * target)
 
-    def extra_repr(self) -> str:  # noqa: D102
+    def extra_repr(self) -> str:
         s = f"in_features={self.in_features}, num_classes={self.num_classes}, m={self.m}, g={self.g!r}"
         if self.g == "sigmoid":
             s += f", k={self.k}"

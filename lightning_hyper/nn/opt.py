@@ -34,7 +34,8 @@ from __future__ import annotations
 import fnmatch
 import math
 import warnings
-from typing import Any, Iterable, Sequence
+from typing import Any
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn

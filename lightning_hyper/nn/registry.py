@@ -6,7 +6,7 @@ A head is an ``nn.Module`` built as ``cls(in_features, num_classes, **kwargs)`` 
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 

@@ -64,7 +64,8 @@ import itertools
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -274,7 +275,7 @@ def _read_weight(module: nn.Module, pname: str, meta: bool = False) -> Tensor:
         with torch.no_grad():
             try:
                 return torch.func.functional_call(_Call(module, lambda m: getattr(m, pname)), _prefixed(swap), ())
-            except Exception:  # noqa: BLE001 - an op without a meta kernel: the shape of the first sharded leaf
+            except Exception:
                 first = next(iter(sharded.values()))
                 return torch.empty(first.shape, dtype=first.dtype, device="meta")
     full = {n: gather_rows(p) for n, p in sharded.items()}

@@ -137,7 +137,7 @@ class _SphereConvNd(SphereMixin):
             return F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode), 0
         return x, self.padding
 
-    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+    def forward(self, x: Tensor) -> Tensor:
         x, padding = self._conv_input(x)
         out = sphere_conv(
             x, self.weight, None, self.stride, padding, self.dilation, self.groups,
@@ -148,7 +148,7 @@ class _SphereConvNd(SphereMixin):
             out = out + self.bias.view(1, -1, *([1] * (out.dim() - 2))).to(out.dtype)
         return out
 
-    def extra_repr(self) -> str:  # noqa: D102
+    def extra_repr(self) -> str:
         return super().extra_repr() + self._sphere_extra_repr()
 
 
@@ -248,12 +248,12 @@ class SphereLinear(SphereMixin, nn.Linear):
             out_features, angle_fn, k, k_sharing, shared_k, k_min, eps, acos_eps, affine, affine_learnable, affine_init
         )
 
-    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+    def forward(self, x: Tensor) -> Tensor:
         out = sphere_linear(x, self.weight, None, self.angle_fn, self.k, self.eps, self.acos_eps)
         out = self._affine(out, -1)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
-    def extra_repr(self) -> str:  # noqa: D102
+    def extra_repr(self) -> str:
         return super().extra_repr() + self._sphere_extra_repr()
 
 

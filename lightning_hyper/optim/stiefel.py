@@ -8,7 +8,8 @@ trains its rotations this way. Both names are also importable from :mod:`lightni
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 import torch
 from torch import nn

@@ -16,7 +16,6 @@ memory of an N = 2000, d = 64 energy with its gradient stays far below N*N*d*4 b
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 import pytest

@@ -57,7 +57,7 @@ class CrashAt(Callback):
 
 
 def _fingerprint(batch) -> float:
-    x = batch[0] if isinstance(batch, (tuple, list)) else getattr(batch, "x")
+    x = batch[0] if isinstance(batch, (tuple, list)) else batch.x
     return float(x.double().sum() + 0.5 * (torch.arange(x.shape[0]) + 1).double() @ x.flatten(1).double()[:, 0])
 
 

@@ -5,7 +5,7 @@ Every backbone exposes ``out_features`` and is registered under a short name so 
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 

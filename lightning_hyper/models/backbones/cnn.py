@@ -21,7 +21,7 @@ forward pass checks the input size and raises a clear error on a mismatch.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -13,7 +13,7 @@ PointNet (``pointnet``): [input T-Net 3×3] → shared MLP ``widths[:2]`` → [f
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn

@@ -17,7 +17,7 @@ after Conv1.x-Conv3.x; variants ``mnist_2d``, ``mnist``, ``cifar10``, ``cifar100
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -25,7 +25,8 @@ normal init ``N(0, 2/fan_in)``. Registered names: ``spherenet_cnn``, ``spherenet
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -170,7 +171,7 @@ class SphereCNN(nn.Module):
         self.out_features = fc_features or flat
         _he_init(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         expected = (self.in_channels, *([self.input_size] * self.dims))
         if x.dim() != 2 + self.dims or tuple(x.shape[1:]) != expected:
             raise ValueError(
@@ -196,7 +197,7 @@ class _ResidualUnit(nn.Module):
                 sc.append(nn.BatchNorm2d(c_out, momentum=bn_momentum))
             self.shortcut = nn.Sequential(*sc)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.act(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         return self.act(out + self.shortcut(x))
@@ -272,7 +273,7 @@ class SphereResNet(nn.Module):
         self.out_features = c
         _he_init(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"{type(self).__name__} expects input of shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}"
