@@ -98,18 +98,19 @@ class PairKernel:
         the self pairs (left out; ``None``: no self pair). Returns ``((B,) float64 sums, slope or None)``, the
         slope zero on the self pairs. The default energies (euclidean, s > 0) run in place in few passes
         (memory-bound on CPU): full space in the Gram buffer itself; half space with s = 2 from the closed
-        form ``2[1/(2-2c+eps) + 1/(2+2c+eps)] = 2A/(Q - 4c^2)``, ``A = 4 + 2 eps``, ``Q = (2 + eps)^2``.
+        form ``2[1/(2-2c+eps) + 1/(2+2c+eps)] = 2A/((2-2c+eps)(2+2c+eps))``, ``A = 4 + 2 eps``.
         """
         if self.metric == "euclidean" and self.s == 2 and self.half_space:
-            a_, q_ = 4.0 + 2.0 * self.eps, (2.0 + self.eps) ** 2
-            den = torch.addcmul(c.new_tensor(q_), c, c, value=-4.0)  # (2-2c+eps)(2+2c+eps)
+            a_, h = 4.0 + 2.0 * self.eps, 1.0 + 0.5 * self.eps
+            # den/4 = (h - c)(h + c), as a product: h^2 - c^2 would cancel catastrophically near |c| = 1
+            den = torch.add(c, h).mul_(torch.rsub(c, h))
             # the clamp is the chord clamp of both terms (r2, r2m >= eps) for |c| <= 1 + rounding
-            inv = den.clamp_min_(self.eps * (4.0 + self.eps)).reciprocal_()
+            inv = den.clamp_min_(0.25 * self.eps * (4.0 + self.eps)).reciprocal_().mul_(0.25)
             _zero_self_pairs(inv, diagonal)
             total = _sum64(inv).mul_(2.0 * a_)
             if not need_slope:
                 return total, None
-            return total, inv.square_().mul_(c).mul_(16.0 * a_)  # d/dc 2A/(Q-4c^2) = 16 A c / den^2
+            return total, inv.square_().mul_(c).mul_(16.0 * a_)  # d/dc 2A/den = 16 A c / den^2
         if self.metric == "euclidean" and self.s > 0:
             r2 = c.mul_(-2.0).add_(2.0 + self.eps).clamp_min_(self.eps)  # squared chord + eps
             r2m = torch.rsub(r2, 4.0 + 2.0 * self.eps).clamp_min_(self.eps) if self.half_space else None

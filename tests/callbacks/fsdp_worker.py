@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_hyper.callbacks import CoMHERegularizer, EnergyMonitor, MHERegularizer
+from lightning_hyper.callbacks import CoMHEProjection, CoMHERegularizer, EnergyMonitor, MHERegularizer
 
 IN, HIDDEN, MID, CLASSES = 12, 16, 15, 5
 PREFIXES = ("mhe/", "mhe_labels/", "comhe/", "monitor/", "dh2l/", "orthogonal/", "orthogonality/", "sphere_orth/")
@@ -190,7 +190,7 @@ def main() -> None:
         mhe = MHERegularizer()
         by_labels = MHERegularizer(**labels)
         monitor = EnergyMonitor(every_n_steps=1)
-    callbacks = [mhe, by_labels, CoMHERegularizer(projection_dim=4, num_projections=3, seed=5), monitor,
+    callbacks = [mhe, by_labels, CoMHERegularizer(projection=CoMHEProjection(projection_dim=8, num_projections=3), seed=5), monitor,
                  Recorder(args.out)]
     if args.save_at:
         from lightning.pytorch.callbacks import ModelCheckpoint

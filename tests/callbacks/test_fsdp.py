@@ -58,7 +58,11 @@ def runs(tmp_path_factory):
 
 
 def _close(a: float, b: float) -> bool:
-    return abs(a - b) <= 2e-6 * max(1.0, abs(b))
+    """Equal to float32 rounding amplified by the previous SGD steps (the first step's values agree to ~1e-7).
+    CoMHE projects to 8 dimensions: with 4, nearly collinear projected pairs (1/(1 - c^2)) made the training
+    chaotic enough to grow the all-gather vs all-reduce rounding difference to ~1e-3 in four steps. A penalty
+    gradient summed instead of averaged changes the logged values by > 1e-3."""
+    return abs(a - b) <= 1e-5 * max(1.0, abs(b))
 
 
 #: four SGD steps (lr 0.2) with penalties of weight 10 amplify float32 rounding differences of the summation
