@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
     if args.smoke:
         seeds, epochs, names, iters = [0], 1, ["baseline CNN", "TanhConv"], 2
     else:
-        seeds, epochs, names, iters = args.seed_list or list(range(args.seeds)), args.epochs, list(MODELS), args.bim_iters
+        seeds = args.seed_list or list(range(args.seeds))
+        epochs, names, iters = args.epochs, list(MODELS), args.bim_iters
     data = load_digits()
     print(f"digits, eps={args.eps} (pixels in [0,1]), BIM {iters} steps of eps/4; {epochs} epochs; seeds {seeds}")
     print(f"{'model':14s} {'clean %':>12s} {'FGSM %':>12s} {'BIM %':>12s}")

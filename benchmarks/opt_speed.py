@@ -143,8 +143,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     except ImportError:
         geo = []
         print("geotorch is not installed (pip install geotorch): its row is skipped")
-    variants = (["plain", *METHODS, "matrix_exp:id", "cayley:sopt", "gram_schmidt:sopt", "cayley:pe4", "gram_schmidt:pe4",
-                 "torch_cayley", "torch_matrix_exp", *geo])
+    variants = (["plain", *METHODS, "matrix_exp:id", "cayley:sopt", "gram_schmidt:sopt", "cayley:pe4",
+                 "gram_schmidt:pe4", "torch_cayley", "torch_matrix_exp", *geo])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {repeats} steps "
           "(forward + backward + SGD step), variants interleaved")
     results = {}

@@ -74,7 +74,9 @@ def run_arm(group: dict[str, Any], arm: str, seed: int, device: str, root: Path)
     return 100.0 * (1.0 - acc) if group.get("metric_key", "error") == "error" else 100.0 * acc
 
 
-def run(full: dict[str, Any], seeds: list[int], device: str, root: Path) -> dict[str, dict[str, dict[str, list[float]]]]:
+def run(
+    full: dict[str, Any], seeds: list[int], device: str, root: Path
+) -> dict[str, dict[str, dict[str, list[float]]]]:
     """``{group: {arm: {metric key: [per seed]}}}`` for every setting of ``full["groups"]``."""
     out: dict[str, dict[str, dict[str, list[float]]]] = {}
     for name, group in full["groups"].items():

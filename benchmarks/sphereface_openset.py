@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
     pairs = [(results["asoftmax"][s][k], results["linear"][s][k]) for s in splits for k in a.seeds]
     wins_ver = sum(x["ver"] > y["ver"] for x, y in pairs)
     wins_afs = sum(x["afs"] < y["afs"] for x, y in pairs)
-    print(f"\nA-Softmax better than softmax: verification {wins_ver}/{len(pairs)} runs, AFS {wins_afs}/{len(pairs)} runs")
+    print(f"\nA-Softmax better than softmax: verification {wins_ver}/{len(pairs)} runs, "
+          f"AFS {wins_afs}/{len(pairs)} runs")
     return {"results": results, "summary": summary, "wins_ver": wins_ver, "wins_afs": wins_afs, "runs": len(pairs)}
 
 

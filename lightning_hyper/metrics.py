@@ -55,7 +55,8 @@ class VerificationAccuracy(Metric):
     def update(self, feat_a: Tensor, feat_b: Tensor, is_same: Tensor, fold_ids: Tensor | None = None) -> None:
         if feat_a.dim() != 2 or feat_a.shape != feat_b.shape:
             raise ValueError(
-                f"feat_a and feat_b must both have shape (pairs, dim); got {tuple(feat_a.shape)} and {tuple(feat_b.shape)}"
+                "feat_a and feat_b must both have shape (pairs, dim); "
+                f"got {tuple(feat_a.shape)} and {tuple(feat_b.shape)}"
             )
         if is_same.shape != (feat_a.shape[0],):
             raise ValueError(f"is_same must have shape ({feat_a.shape[0]},), got {tuple(is_same.shape)}")

@@ -328,7 +328,9 @@ def _named_neurons(source: Any, include: Any, exclude: Any, layer_types: Any,
         out = []
         for name, w in source.items():
             if not isinstance(w, (Tensor, nn.Module, np.ndarray)):
-                raise TypeError(f"source[{name!r}]: expected a weight tensor / array or a layer, got {type(w).__name__}")
+                raise TypeError(
+                    f"source[{name!r}]: expected a weight tensor / array or a layer, got {type(w).__name__}"
+                )
             w = torch.as_tensor(w) if isinstance(w, np.ndarray) else w
             out.append((str(name), as_neurons(w).detach()))
         return out

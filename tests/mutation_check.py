@@ -51,9 +51,10 @@ class Mutant:
 
 MUTANTS = [
     # ---------------------------------------------------------------- energy kernel
-    Mutant("energy-s2-value", ENERGY, "    if s == 2:\n        return r2.reciprocal_()", "    if s == 2:\n        return r2.rsqrt_()",
+    Mutant("energy-s2-value", ENERGY, "    if s == 2:\n        return r2.reciprocal_()",
+           "    if s == 2:\n        return r2.rsqrt_()", ENERGY_TESTS),
+    Mutant("energy-s2-slope", ENERGY, "        return f.square_().mul_(2.0)", "        return f.square_()",
            ENERGY_TESTS),
-    Mutant("energy-s2-slope", ENERGY, "        return f.square_().mul_(2.0)", "        return f.square_()", ENERGY_TESTS),
     Mutant("energy-pair-kernel-s2-slope", ENERGY, "return f, (f.square().mul_(2.0) if need_slope else None)",
            "return f, (f.square() if need_slope else None)", ENERGY_TESTS),
     Mutant("energy-log-slope", ENERGY, "return f, (r2.reciprocal() if need_slope else None)",
@@ -71,7 +72,8 @@ MUTANTS = [
     Mutant("half-space-s2-closed-form-slope", ENERGY, ".mul_(16.0 * a_)", ".mul_(8.0 * a_)", ENERGY_TESTS),
     Mutant("energy-normalization-jacobian", ENERGY, "g_x = (g_unit - radial * unit) / norms.unsqueeze(-1)",
            "g_x = g_unit / norms.unsqueeze(-1)", ENERGY_TESTS),
-    Mutant("energy-mean-pairs", ENERGY, "            pairs = n * (n - 1)\n", "            pairs = n * n\n", ENERGY_TESTS),
+    Mutant("energy-mean-pairs", ENERGY, "            pairs = n * (n - 1)\n", "            pairs = n * n\n",
+           ENERGY_TESTS),
     # ---------------------------------------------------------------- half-space pairing
     Mutant("half-space-pairing", ENERGY,
            "r2m = torch.rsub(r2, 4.0 + 2.0 * self.eps).clamp_min_(self.eps) if self.half_space else None",
@@ -85,7 +87,8 @@ MUTANTS = [
     Mutant("inject-tensor-drops-penalty", BASE, "return out + extra.to(out.dtype)", "return out", INJECTION_TESTS),
     Mutant("inject-dict-drops-penalty", BASE, 'return {**out, "loss": out["loss"] + extra.to(out["loss"].dtype)}',
            "return out", INJECTION_TESTS),
-    Mutant("inject-none-raises", BASE, "        if out is None:\n            return None\n        self._losses_since_step += 1",
+    Mutant("inject-none-raises", BASE,
+           "        if out is None:\n            return None\n        self._losses_since_step += 1",
            "        self._losses_since_step += 1", INJECTION_TESTS),
     Mutant("inject-none-gradient-mode-still-steps", BASE,
            "skipped_batches = pl_module.automatic_optimization and self._losses_since_step == 0",
@@ -109,8 +112,8 @@ MUTANTS = [
     # ---------------------------------------------------------------- orthogonal maps
     Mutant("skew-symmetric", ORTHO, "    return U - U.mT\n", "    return U + U.mT\n", ORTHO_TESTS),
     Mutant("cayley-order", ORTHO, "return _solve(eye - S, eye + S)", "return _solve(eye - S, eye - S)", ORTHO_TESTS),
-    Mutant("cayley-apply", ORTHO, "return 2 * _solve(_eye_like(P) - S, V) - V", "return _solve(_eye_like(P) - S, V) - V",
-           ORTHO_TESTS),
+    Mutant("cayley-apply", ORTHO, "return 2 * _solve(_eye_like(P) - S, V) - V",
+           "return _solve(_eye_like(P) - S, V) - V", ORTHO_TESTS),
     Mutant("gram-schmidt-normalize", ORTHO, "rows.append(t / t.norm(dim=-1, keepdim=True).clamp_min(eps))",
            "rows.append(t)", ORTHO_TESTS),
     # ---------------------------------------------------------------- CoMHE projection
@@ -160,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         for m in mutants:  # every mutant's text must still exist exactly once
             count = (dest / m.path).read_text().count(m.old)
             if count != 1:
-                raise SystemExit(f"mutant {m.name}: the text to replace occurs {count} times in {m.path}; update the list")
+                raise SystemExit(
+                    f"mutant {m.name}: the text to replace occurs {count} times in {m.path}; update the list"
+                )
         files = sorted({t for m in mutants for t in m.tests})
         ok, secs = _run_tests(dest, tuple(files))
         print(f"unmutated: tests {'pass' if ok else 'FAIL'} ({secs:.0f} s)", flush=True)

@@ -44,14 +44,15 @@ def test_min_angle_degrees():
     angles = torch.tensor([0.0, 36.0, 72.0, 150.0])
     w = torch.stack([torch.cos(torch.deg2rad(angles)), torch.sin(torch.deg2rad(angles))], dim=1) * 3.0
     assert ic.min_angle_degrees(w) == pytest.approx(36.0, abs=1e-4)
-    regular = torch.stack([torch.cos(torch.arange(10) * 2 * math.pi / 10), torch.sin(torch.arange(10) * 2 * math.pi / 10)], 1)
+    regular = torch.stack([torch.cos(torch.arange(10) * 2 * math.pi / 10),
+                           torch.sin(torch.arange(10) * 2 * math.pi / 10)], 1)
     assert ic.min_angle_degrees(regular) == pytest.approx(36.0, abs=1e-4)
 
 
 def test_smoke_run_pairs_both_arms(capsys):
     res = ic.main(["--smoke"])
     assert set(res) == {"single", "multiple", "toy"}
-    for setting, arms in res.items():
+    for _setting, arms in res.items():
         assert set(arms) == set(ic.VARIANTS)
         for metrics in arms.values():
             assert all(len(v) == 1 and math.isfinite(v[0]) for v in metrics.values())

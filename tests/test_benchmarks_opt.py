@@ -29,7 +29,7 @@ def test_opt_speed_smoke(capsys):
 def test_opt_claims_smoke(capsys):
     results = opt_claims.main(["--smoke"])
     assert set(results) == {"karate", "sbm_graph", "shapes"}
-    for task, rows in results.items():
+    for _task, rows in results.items():
         assert "baseline" in rows and "cayley" in rows
         for variant, row in rows.items():
             assert 0.0 <= row["mean"] <= 1.0

@@ -25,7 +25,8 @@ BLOCK = re.compile(r"```python\n(.*?)```", re.S)
 
 
 def _examples() -> dict[str, str]:
-    return {f"{path.relative_to(ROOT)}#{i}": code for path in DOCS for i, code in enumerate(BLOCK.findall(path.read_text()))}
+    return {f"{path.relative_to(ROOT)}#{i}": code
+            for path in DOCS for i, code in enumerate(BLOCK.findall(path.read_text()))}
 
 
 EXAMPLES = _examples()

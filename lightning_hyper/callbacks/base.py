@@ -486,7 +486,8 @@ class PenaltyCallback(NeuronCallback):
             per optimizer step) is scaled down to at most this value (:func:`~lightning_hyper.functional.
             safeguards.bound_gradient_norm`), so nearly identical neurons cannot send a huge step into the
             weights. The default (:data:`DEFAULT_MAX_GRAD_NORM` = 25) is ~10x the largest norm measured in
-            normal training (``benchmarks/penalty_grad_norms.py``); ``None`` disables it. Applies to what subclasses read through :meth:`neurons`.
+            normal training (``benchmarks/penalty_grad_norms.py``); ``None`` disables it. Applies to what
+            subclasses read through :meth:`neurons`.
         prefix: metric-name prefix.
         every_n_steps: compute the penalty only on the optimizer steps whose index (``trainer.global_step``
             when the step's batches run) is a multiple of ``k = every_n_steps``, and multiply it by ``k`` there,

@@ -330,7 +330,8 @@ class CoMHERegularizer(PenaltyCallback):
         keyword arguments ``flat`` (old name -> value; only those given)."""
         if isinstance(projection, CoMHEProjection):
             if flat:
-                argument_error(sorted(flat)[0], flat[sorted(flat)[0]], "not together with projection=CoMHEProjection(...)",
+                argument_error(sorted(flat)[0], flat[sorted(flat)[0]],
+                               "not together with projection=CoMHEProjection(...)",
                                owner=owner, fix="set the option on the CoMHEProjection (fields: "
                                + ", ".join(f"{k} -> {FLAT_NAMES[k]}" for k in sorted(flat)) + ")")
             return dataclasses.replace(projection)  # a validated copy: the callback never shares the user's object

@@ -86,7 +86,8 @@ class WeightProjection(InstanceStateKey, Callback):
     """Project the kernels of standard decoupled / Sphere layers onto the sphere of radius ``scale``.
 
     Fires after the optimizer step that makes ``trainer.global_step`` a multiple of ``every_n_steps``
-    (optimizer steps ``n, 2n, ...``, not batches, like every callback's ``every_n_steps``; the reference code uses ``n = 100``, ``s = 1``); optimizer state is kept.
+    (optimizer steps ``n, 2n, ...``, not batches, like every callback's ``every_n_steps``; the reference
+    code uses ``n = 100``, ``s = 1``); optimizer state is kept.
     The network's output is unchanged by a projection (up to the layers' ``eps``). Raises in ``setup``
     if the model has no such layer. State (steps and count of projections) under the ``state_key``
     ``"WeightProjection"`` (``"WeightProjection#k"`` for the k-th instance in one Trainer).

@@ -119,7 +119,10 @@ class OpenSetDataModule(L.LightningDataModule):
             raise ValueError(f"dataset={dataset!r} is unknown; accepted values: {list(DATASETS)}")
         heldout = [int(c) for c in heldout_classes]
         all_classes = list(range(10))
-        train = [c for c in all_classes if c not in heldout] if train_classes is None else [int(c) for c in train_classes]
+        if train_classes is None:
+            train = [c for c in all_classes if c not in heldout]
+        else:
+            train = [int(c) for c in train_classes]
         for name, cls in (("heldout_classes", heldout), ("train_classes", train)):
             bad = [c for c in cls if c not in all_classes]
             if bad or len(set(cls)) != len(cls):
@@ -132,7 +135,9 @@ class OpenSetDataModule(L.LightningDataModule):
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
         check_positive_int("batch_size", batch_size)
         if num_folds < 2 or num_pairs % (2 * num_folds) or num_pairs <= 0:
-            raise ValueError(f"num_pairs must be a positive multiple of 2 * num_folds = {2 * num_folds}, got {num_pairs}")
+            raise ValueError(
+                f"num_pairs must be a positive multiple of 2 * num_folds = {2 * num_folds}, got {num_pairs}"
+            )
         self.save_hyperparameters()
         self.dataset = dataset
         self.train_classes, self.heldout_classes = train, heldout
@@ -175,7 +180,8 @@ class OpenSetDataModule(L.LightningDataModule):
         is_train_cls = torch.isin(y, torch.tensor(self.train_classes))
         is_held = torch.isin(y, torch.tensor(self.heldout_classes))
         tr_idx = torch.nonzero(is_train_cls).flatten().numpy()
-        it, iv = train_test_split(tr_idx, test_size=self.val_fraction, stratify=y[tr_idx].numpy(), random_state=self.seed)
+        it, iv = train_test_split(tr_idx, test_size=self.val_fraction, stratify=y[tr_idx].numpy(),
+                                  random_state=self.seed)
         remap = torch.full((10,), -1, dtype=torch.long)
         remap[torch.tensor(self.train_classes)] = torch.arange(len(self.train_classes))
         self.train_set = TensorDataset(x[it], remap[y[it]])
@@ -223,13 +229,17 @@ def read_lfw_pairs(pairs_file: str) -> tuple[list[tuple[str, int, str, int, bool
             elif len(tok) == 4:
                 pairs.append((tok[0], int(tok[1]), tok[2], int(tok[3]), False))
             else:
-                raise ValueError(f"{pairs_file}:{lineno}: expected 'name i j' or 'name1 i name2 j', got {line.strip()!r}")
+                raise ValueError(
+                    f"{pairs_file}:{lineno}: expected 'name i j' or 'name1 i name2 j', got {line.strip()!r}"
+                )
     if not pairs:
         raise ValueError(f"{pairs_file}: no pairs found")
     if header is not None:
         per_fold = 2 * header[1]
         if header[0] * per_fold != len(pairs):
-            raise ValueError(f"{pairs_file}: header says {header[0]} folds x {per_fold} pairs but the file has {len(pairs)}")
+            raise ValueError(
+                f"{pairs_file}: header says {header[0]} folds x {per_fold} pairs but the file has {len(pairs)}"
+            )
         folds = [i // per_fold for i in range(len(pairs))]
     else:
         folds = [i * 10 // len(pairs) for i in range(len(pairs))]
@@ -263,7 +273,8 @@ class _LFWPairs(Dataset):
 
     def __getitem__(self, k: int):
         na, i, nb, j, same = self.pairs[k]
-        return (_load_image(self.path(na, i), self.size, self.gray), _load_image(self.path(nb, j), self.size, self.gray),
+        return (_load_image(self.path(na, i), self.size, self.gray),
+                _load_image(self.path(nb, j), self.size, self.gray),
                 torch.tensor(same), torch.tensor(self.folds[k]))
 
 
@@ -348,9 +359,12 @@ class LFWPairsDataModule(L.LightningDataModule):
         if self.pairs_set is None:
             pairs, folds = read_lfw_pairs(self.pairs_file)
             ds = _LFWPairs(self.root, pairs, folds, self.ext, self.image_size, self.grayscale)
-            missing = [p for na, i, nb, j, _ in pairs for p in (ds.path(na, i), ds.path(nb, j)) if not os.path.isfile(p)]
+            missing = [p for na, i, nb, j, _ in pairs for p in (ds.path(na, i), ds.path(nb, j))
+                       if not os.path.isfile(p)]
             if missing:
-                raise FileNotFoundError(f"{len(missing)} images listed in {self.pairs_file} are missing, e.g. {missing[0]}")
+                raise FileNotFoundError(
+                    f"{len(missing)} images listed in {self.pairs_file} are missing, e.g. {missing[0]}"
+                )
             self.pairs_set = ds
 
     def train_dataloader(self) -> DataLoader:

@@ -167,7 +167,8 @@ def _riesz_(r2: Tensor, s: float) -> Tensor:
 
 
 def _riesz_slope_(f: Tensor, s: float) -> Tensor:
-    """d f / d c for ``f = r2^(-s/2)``, ``r2 = 2 - 2c + eps``, from ``f`` in place: ``s r2^(-s/2-1) = s f^((s+2)/s)``."""
+    """d f / d c for ``f = r2^(-s/2)``, ``r2 = 2 - 2c + eps``, from ``f`` in place:
+    ``s r2^(-s/2-1) = s f^((s+2)/s)``."""
     if s == 2:
         return f.square_().mul_(2.0)
     if s == 1:
@@ -445,9 +446,9 @@ def hyperspherical_energy(
             ``(B, N, d)``, each set loses its own such rows; a set left with fewer than 2 rows has energy 0).
 
     Returns:
-        scalar energy (``(B,)`` for batched input), float32 (float64 for float64 input), computed with autocast disabled.
-        N < 2 (no pair of neurons) gives 0 with a zero gradient, and a ``UserWarning``; half-space with N = 1
-        is the pair (w, -w) alone, the constant f(d_max).
+        scalar energy (``(B,)`` for batched input), float32 (float64 for float64 input), computed with
+        autocast disabled. N < 2 (no pair of neurons) gives 0 with a zero gradient, and a ``UserWarning``;
+        half-space with N = 1 is the pair (w, -w) alone, the constant f(d_max).
     """
     return _energy(neurons, s, metric, half_space, reduction, angle_unit, eps, chunk_size, min_norm, zero_norm)
 

@@ -560,7 +560,8 @@ def decoupled_combine(
     if radius_scale is not None and rho is not None:
         rho = rho * radius_scale
     if fast and angular == "cosine" and magnitude == "linear" and weighted == "none":
-        return _scaled(alpha, inner), batch_mean  # LinearConv + cos = conv with normalized kernels, no patch norm needed
+        # LinearConv + cos = conv with normalized kernels, no patch norm needed
+        return _scaled(alpha, inner), batch_mean
     if xn_ch is None:
         raise ValueError("the patch norms xn are needed for this operator")
     if weighted == "nonlinear_joint":

@@ -19,8 +19,8 @@ method              spec name       map
 the Cayley step on the orthogonal group used by orthogonality-preserving gradient descent
 (OGD, §7.3.5), the one ``‖W Wᵀ − I‖`` penalty (:func:`orthogonality_penalty`, called by
 OPT's relaxed orthogonality OR §7.3.6, SphereNet / DCNet's :func:`kernel_orthogonality` and DH2L's center
-orthogonality), and the helpers of the block variants: S-OPT (a random coordinate subset rotated, §4 of the spec) and PE-OPT
-(block-diagonal ``R``, Appendix F.5).
+orthogonality), and the helpers of the block variants: S-OPT (a random coordinate subset rotated, §4 of the
+spec) and PE-OPT (block-diagonal ``R``, Appendix F.5).
 
 Convention note: ``torch.nn.utils.parametrizations.orthogonal`` builds ``A = tril(X) − tril(X)ᵀ``
 and returns ``exp(A)`` or the Cayley retraction ``(I − A/2)^{-1}(I + A/2)``; hence our

@@ -3,7 +3,8 @@
 The operator core is :mod:`lightning_hyper.functional.operators`, the GA-Softmax target
 :func:`~lightning_hyper.functional.margin.ga_psi` lives in :mod:`lightning_hyper.functional.margin` and the kernel
 orthogonality penalty :func:`~lightning_hyper.functional.orthogonal.kernel_orthogonality` in
-:mod:`lightning_hyper.functional.orthogonal`; ``check_choice`` is :func:`lightning_hyper.functional.checks.check_choice`.
+:mod:`lightning_hyper.functional.orthogonal`; ``check_choice`` is
+:func:`lightning_hyper.functional.checks.check_choice`.
 """
 from lightning_hyper.functional.checks import check_choice
 from lightning_hyper.functional.margin import PSI_MODES, ga_psi

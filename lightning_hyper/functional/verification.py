@@ -62,7 +62,8 @@ def pair_scores(feat_a: Tensor, feat_b: Tensor, mean: Tensor | None = None) -> T
 def _check_pairs(feat_a: Tensor, feat_b: Tensor, is_same: Tensor) -> None:
     if feat_a.dim() != 2 or feat_a.shape != feat_b.shape:
         raise ValueError(
-            f"feat_a and feat_b must both have shape (num_pairs, dim); got {tuple(feat_a.shape)} and {tuple(feat_b.shape)}"
+            "feat_a and feat_b must both have shape (num_pairs, dim); "
+            f"got {tuple(feat_a.shape)} and {tuple(feat_b.shape)}"
         )
     if is_same.dim() != 1 or is_same.numel() != feat_a.shape[0]:
         raise ValueError(f"is_same must have shape ({feat_a.shape[0]},), got {tuple(is_same.shape)}")

@@ -8,7 +8,8 @@ Loss: cross-entropy on the head's logits. Heads with ``needs_labels = True`` (an
 are called as ``head(features, labels)`` in training, so the margin enters the training logits
 (``train/acc`` is therefore measured on the margin logits), and as ``head(features)`` otherwise.
 A margin head's λ step follows ``trainer.global_step`` (:class:`~lightning_hyper.models.margin_sync.MarginStepSync`,
-the same rule as ``SphereFaceModule``'s). Accuracy: torchmetrics ``MulticlassAccuracy(average="micro")``, i.e. the plain fraction correct.
+the same rule as ``SphereFaceModule``'s). Accuracy: torchmetrics ``MulticlassAccuracy(average="micro")``,
+i.e. the plain fraction correct.
 Logged keys: ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc``.
 """
 from __future__ import annotations

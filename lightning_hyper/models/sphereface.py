@@ -129,7 +129,9 @@ class SphereFaceModule(MarginStepSync, L.LightningModule):
         check_number("head_weight_decay", head_weight_decay, low=0.0, low_inclusive=True, allow_none=True,
                      owner=type(self).__name__)
         if any(not (ms > 0) for ms in lr_milestones):
-            raise ValueError(f"lr_milestones must be positive (fractions < 1 or step numbers), got {list(lr_milestones)}")
+            raise ValueError(
+                f"lr_milestones must be positive (fractions < 1 or step numbers), got {list(lr_milestones)}"
+            )
         check_number("warm_start_steps", warm_start_steps, low=0, low_inclusive=True, integer=True,
                      owner=type(self).__name__)
         check_choice("on_divergence", on_divergence, ON_DIVERGENCE, owner=type(self).__name__)
@@ -214,7 +216,8 @@ class SphereFaceModule(MarginStepSync, L.LightningModule):
 
     def _diverged(self, loss: Tensor, feats: Tensor, stats: dict[str, Tensor], lam: float) -> bool:
         loss = loss.detach()
-        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(stats["mean"])) and bool(torch.isfinite(stats["max"]))
+        finite = (bool(torch.isfinite(loss)) and bool(torch.isfinite(stats["mean"]))
+                  and bool(torch.isfinite(stats["max"])))
         too_big = finite and float(stats["mean"]) > self.hparams.max_feature_norm
         if finite and not too_big:
             return False
@@ -223,7 +226,8 @@ class SphereFaceModule(MarginStepSync, L.LightningModule):
         lrs = []
         if self._trainer is not None and self.trainer.optimizers:
             lrs = [g["lr"] for g in self.trainer.optimizers[0].param_groups]
-        reason = "non-finite loss or features" if not finite else f"mean feature norm > max_feature_norm={self.hparams.max_feature_norm:g}"
+        reason = ("non-finite loss or features" if not finite
+                  else f"mean feature norm > max_feature_norm={self.hparams.max_feature_norm:g}")
         msg = (
             f"SphereFace training diverged ({reason}) at global_step={step}: loss={float(loss):.4g}, "
             f"lambda={lam:.4g}, lr={lrs}, feature norm mean/min/max = {float(stats['mean']):.4g} / "

@@ -68,7 +68,8 @@ def resolve_operator(operator: str, kwargs: dict[str, Any], allow_conv: bool = F
         return "conv"
     if not isinstance(operator, str):
         raise ValueError(
-            f"operator={operator!r} is not supported; accepted values: {(['conv'] if allow_conv else []) + list(OPERATORS)}"
+            f"operator={operator!r} is not supported; accepted values: "
+            f"{(['conv'] if allow_conv else []) + list(OPERATORS)}"
         )
     op = operator.lower()
     if op in OPERATORS:
@@ -78,7 +79,8 @@ def resolve_operator(operator: str, kwargs: dict[str, Any], allow_conv: bool = F
     except ValueError:
         raise ValueError(
             f"operator={operator!r} is not supported; accepted values: "
-            f"{(['conv'] if allow_conv else []) + list(OPERATORS)} or a decoupled magnitude name ['sphere', 'ball', 'tanh', 'linear', 'seg', 'log', 'mix', 'BallConv', ...]"
+            f"{(['conv'] if allow_conv else []) + list(OPERATORS)} or a decoupled magnitude name "
+            "['sphere', 'ball', 'tanh', 'linear', 'seg', 'log', 'mix', 'BallConv', ...]"
         ) from None
     if "magnitude" in kwargs and canonical_magnitude(kwargs["magnitude"]) != magnitude:
         raise ValueError(f"operator={operator!r} conflicts with magnitude={kwargs['magnitude']!r}")

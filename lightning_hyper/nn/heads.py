@@ -1,8 +1,9 @@
 r"""The one margin-head family: A-Softmax (SphereFace), L-Softmax, their relatives and SphereNet's GA-/W-Softmax.
 
 One base, :class:`MarginHead`; :class:`AngularMarginHead` with named presets (thesis Ch. 2, Part I; spec
-``sphereface.md`` §1, §3) and the GA-/W-Softmax heads (thesis §3.3) are its subclasses. Every head is built as ``Head(in_features, num_classes, m, ...)``, owns
-the class weights as ``.weight`` of shape ``(num_classes, in_features)`` (rows = classes, like
+``sphereface.md`` §1, §3) and the GA-/W-Softmax heads (thesis §3.3) are its subclasses. Every head is
+built as ``Head(in_features, num_classes, m, ...)``, owns the class weights as ``.weight`` of shape
+``(num_classes, in_features)`` (rows = classes, like
 ``nn.Linear``), and ``forward(features, labels=None)`` returns logits:
 
 - ``labels is None`` (inference, accuracy): plain logits, no margin, no λ.

@@ -194,7 +194,9 @@ class OPTParametrization(nn.Module):
         if r_init not in R_INITS:
             raise ValueError(f"r_init={r_init!r} is not supported; accepted values: {list(R_INITS)}")
         if self.method == "ogd" and r_init == "normal":
-            raise ValueError("method='ogd' needs an orthogonal starting point: r_init must be 'identity' or 'orthogonal'")
+            raise ValueError(
+                "method='ogd' needs an orthogonal starting point: r_init must be 'identity' or 'orthogonal'"
+            )
         self.r_init = r_init
 
         V = weight.detach().reshape(n, d).mT.clone()

@@ -83,7 +83,8 @@ def test_project_weights_unit_norm_and_output_unchanged():
     net.conv1(x)  # set the running patch norm mean
     net.conv1.eval()
     before = net(x)
-    untouched = {k: v.clone() for k, v in net.state_dict().items() if k.split(".")[0] in ("conv2", "plain", "classifier")}
+    untouched = {k: v.clone() for k, v in net.state_dict().items()
+                 if k.split(".")[0] in ("conv2", "plain", "classifier")}
     assert project_weights(net, scale=2.0) == 3
     for m in (net.conv1, net.conv3, net.fc):
         torch.testing.assert_close(kernel_norms(m), torch.full((m.weight.shape[0],), 2.0, dtype=D))

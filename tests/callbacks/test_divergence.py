@@ -66,7 +66,8 @@ def test_nan_loss_is_skipped_with_on_nonfinite_skip(tmp_path):
             seen.append(params(pl_module))
 
     model = NaNLossAt(bad=2)
-    with pytest.warns(RuntimeWarning, match="the training loss is nan at global step 2; this optimizer step is skipped"):
+    with pytest.warns(RuntimeWarning,
+                      match="the training loss is nan at global step 2; this optimizer step is skipped"):
         fit(model, tmp_path, [MHERegularizer(on_nonfinite="skip"), Watch()])
     assert torch.equal(seen[1], seen[2])  # batch 2 changed nothing
     assert not torch.equal(seen[2], seen[3])  # training went on

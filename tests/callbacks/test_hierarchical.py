@@ -222,7 +222,8 @@ def test_labels_outside_the_hierarchy():
     with pytest.raises(ValueError, match=r"layer 'out'.*labels=<class indices in range \[0, 11\]> is not supported; "
                                          r"accepted values: class indices in \[0, 7\]"):
         cb.penalty(model, batch, log=False)
-    with pytest.raises(ValueError, match=r"labels=<tensor of dtype torch.float32> is not supported; accepted values: an integer tensor"):
+    with pytest.raises(ValueError, match=r"labels=<tensor of dtype torch.float32> is not supported; "
+                                         r"accepted values: an integer tensor"):
         cb.penalty(model, (batch[0], torch.rand(3)), log=False)
 
 
@@ -291,7 +292,8 @@ def test_mhe_regularizer_dh2l_penalty_and_errors(tmp_path):
     with pytest.raises(ValueError, match=r"metric='manhattan' is not supported; accepted values: 'euclidean', "
                                          r"'angular' or a DH2L metric name .*'HMcos'"):
         MHERegularizer(metric="manhattan")
-    with pytest.raises(ValueError, match="half_space=True is not supported; accepted values: False with the DH2L metric 'AM'"):
+    with pytest.raises(ValueError, match="half_space=True is not supported; "
+                                         "accepted values: False with the DH2L metric 'AM'"):
         MHERegularizer(metric="AM", half_space=True)
 
 

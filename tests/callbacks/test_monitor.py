@@ -24,7 +24,7 @@ def test_monitor_changes_nothing_and_logs(tmp_path):
     assert torch.equal(params(plain), params(model))
     steps = sorted({row["step"] for row in mon.history})
     assert steps == [1, 3, 5]  # batches 1, 3, 5: logged after that many optimizer steps
-    for name, module in (("fc1", model.fc1), ("out", model.out)):
+    for name, _module in (("fc1", model.fc1), ("out", model.out)):
         assert f"monitor/energy/{name}" in t.callback_metrics
         assert f"monitor/min_angle/{name}" in t.callback_metrics
     assert mon.compute()["fc2"] == pytest.approx(hyperspherical_energy(model.fc2.weight.detach()).item())

@@ -47,7 +47,8 @@ def write_fake_cifar10(root: Path, seed: int = 0) -> dict[str, np.ndarray]:
     test_x, test_y = _images(rng, N_TEST), rng.integers(0, 10, N_TEST).tolist()
     _dump(base / "test_batch", {"data": test_x, "labels": test_y, "batch_label": "testing batch 1 of 1"})
     _dump(base / "batches.meta", {"label_names": [f"class{i}" for i in range(10)], "num_cases_per_batch": PER_BATCH})
-    return {"train_x": np.concatenate(train_x), "train_y": np.array(train_y), "test_x": test_x, "test_y": np.array(test_y)}
+    return {"train_x": np.concatenate(train_x), "train_y": np.array(train_y), "test_x": test_x,
+            "test_y": np.array(test_y)}
 
 
 def write_fake_cifar100(root: Path, seed: int = 0) -> dict[str, np.ndarray]:
@@ -58,7 +59,8 @@ def write_fake_cifar100(root: Path, seed: int = 0) -> dict[str, np.ndarray]:
     test_x, test_y = _images(rng, 5), rng.integers(0, 100, 5)
     for name, x, y in (("train", train_x, train_y), ("test", test_x, test_y)):
         _dump(base / name, {"data": x, "fine_labels": y.tolist(), "coarse_labels": (y // 5).tolist()})
-    _dump(base / "meta", {"fine_label_names": [f"f{i}" for i in range(100)], "coarse_label_names": [f"c{i}" for i in range(20)]})
+    _dump(base / "meta", {"fine_label_names": [f"f{i}" for i in range(100)],
+                          "coarse_label_names": [f"c{i}" for i in range(20)]})
     return {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}
 
 
@@ -140,7 +142,8 @@ def test_val_size_holds_out_unaugmented_training_images(tmp_path, no_md5):
     assert set(dm.train_set.indices).isdisjoint(dm.val_set.indices)
     i = dm.val_set.indices[0]
     img, label = dm.val_set[0]
-    torch.testing.assert_close(img, _normalize(ref["train_x"][i].reshape(3, 32, 32), dm.mean, dm.std), rtol=0, atol=1e-5)
+    torch.testing.assert_close(img, _normalize(ref["train_x"][i].reshape(3, 32, 32), dm.mean, dm.std),
+                               rtol=0, atol=1e-5)
     assert label == ref["train_y"][i]
     assert len(dm.test_set) == N_TEST
     with pytest.raises(ValueError, match="val_size"):
@@ -156,7 +159,8 @@ def test_cifar100_fake_tree(tmp_path, no_md5):
     assert y.tolist() == ref["test_y"].tolist()
     torch.testing.assert_close(x, _normalize(ref["test_x"].reshape(-1, 3, 32, 32), dm.mean, dm.std), rtol=0, atol=1e-5)
     # augment=False: training images are only normalized
-    torch.testing.assert_close(dm.train_set[0][0], _normalize(ref["train_x"][0].reshape(3, 32, 32), dm.mean, dm.std), rtol=0, atol=1e-5)
+    torch.testing.assert_close(dm.train_set[0][0], _normalize(ref["train_x"][0].reshape(3, 32, 32), dm.mean, dm.std),
+                               rtol=0, atol=1e-5)
 
 
 def test_trains_a_classifier_on_the_fake_tree(tmp_path, no_md5):

@@ -127,7 +127,8 @@ def test_lfw_datamodule_loads_pairs_and_training_folder(tmp_path):
     # the loaded pixels are the file's pixels, normalized
     from PIL import Image
 
-    raw = np.asarray(Image.open(os.path.join(root, "Ann_A", "Ann_A_0001.jpg")).convert("RGB").resize((8, 12), Image.BILINEAR), np.float32)
+    img = Image.open(os.path.join(root, "Ann_A", "Ann_A_0001.jpg")).convert("RGB").resize((8, 12), Image.BILINEAR)
+    raw = np.asarray(img, np.float32)
     np.testing.assert_allclose(xa[0].numpy(), (raw.transpose(2, 0, 1) - 127.5) / 128, atol=1e-6)
     assert dm.num_classes == 3
     x, y = next(iter(dm.train_dataloader()))

@@ -268,7 +268,8 @@ def test_energy_from_labels_against_loops():
     assert metric_energy_from_labels(w, labels, "AMcos").item() == pytest.approx(expected, rel=1e-9)
     uniq = np.mean([sum(t[y, j] for j in range(5) if j != y) / 4 for y in (1, 3)])
     assert metric_energy_from_labels(w, labels, "AMcos", unique=True).item() == pytest.approx(uniq, rel=1e-9)
-    with pytest.raises(ValueError, match=r"labels=<class indices in range .*> is not supported; accepted values: class indices in \[0, 4\]"):
+    with pytest.raises(ValueError, match=r"labels=<class indices in range .*> is not supported; "
+                                         r"accepted values: class indices in \[0, 4\]"):
         metric_energy_from_labels(w, torch.tensor([5]), "AM")
 
 

@@ -134,7 +134,8 @@ def test_invariances():
         for hs in (False, True):
             e = hyperspherical_energy(w, metric=metric, half_space=hs)
             for other in (w * scale, w @ q, w[perm]):
-                assert hyperspherical_energy(other, metric=metric, half_space=hs).item() == pytest.approx(e.item(), rel=1e-10)
+                other_e = hyperspherical_energy(other, metric=metric, half_space=hs)
+                assert other_e.item() == pytest.approx(e.item(), rel=1e-10)
     # flipping one neuron's sign: half-space unchanged, full-space changes
     flipped = w.clone()
     flipped[0] *= -1
@@ -411,7 +412,8 @@ def dense_autograd_energy(w: torch.Tensor, s: float, metric: str, half_space: bo
     total = f(c[off]).sum()
     if half_space:
         total = 2 * (total + f(-c[off]).sum())
-        d_max = torch.tensor(4.0 + EPS, dtype=w.dtype) if metric == "euclidean" else torch.tensor(math.pi, dtype=w.dtype)
+        d_max = (torch.tensor(4.0 + EPS, dtype=w.dtype) if metric == "euclidean"
+                 else torch.tensor(math.pi, dtype=w.dtype))
         const = (-0.5 * torch.log(d_max) if s == 0 else d_max ** (-s / 2)) if metric == "euclidean" else \
             (-torch.log(d_max) if s == 0 else d_max ** (-s))
         return (total + 2 * n * const) / (2 * n * (2 * n - 1))

@@ -401,11 +401,14 @@ def test_decoupled_special_cases():
     x, w = rand_conv(1, seed=5)
     conv = F.conv2d(x, w, None, 1, 1)
     # linearly weighted LinearConv + cos is the ordinary convolution (exact with eps = 0)
-    torch.testing.assert_close(decoupled_conv(x, w, None, 1, 1, magnitude="linear", weighted="linear", eps=0.0), conv)
-    rel = (decoupled_conv(x, w, None, 1, 1, magnitude="linear", weighted="linear") - conv).abs().max() / conv.abs().max()
+    torch.testing.assert_close(decoupled_conv(x, w, None, 1, 1, magnitude="linear", weighted="linear", eps=0.0),
+                               conv)
+    lin_weighted = decoupled_conv(x, w, None, 1, 1, magnitude="linear", weighted="linear")
+    rel = (lin_weighted - conv).abs().max() / conv.abs().max()
     assert rel < 1e-3
     w_hat = w / w.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-    torch.testing.assert_close(decoupled_conv(x, w, None, 1, 1, magnitude="linear", eps=0.0), F.conv2d(x, w_hat, None, 1, 1))
+    torch.testing.assert_close(decoupled_conv(x, w, None, 1, 1, magnitude="linear", eps=0.0),
+                               F.conv2d(x, w_hat, None, 1, 1))
     kw = dict(bias=None, stride=1, padding=1, angular="linear")
     lin = decoupled_conv(x, w, magnitude="linear", alpha=1.3, **kw)
     torch.testing.assert_close(decoupled_conv(x, w, magnitude="seg", alpha=1.3, beta=1.3, rho=1.0, **kw), lin)
@@ -428,7 +431,8 @@ def test_decoupled_special_cases():
     lin50 = decoupled_conv(x, w, magnitude="linear", **kw) / (50 * float(xn.max()))
     assert ((t - lin50).abs().max() / lin50.abs().max()) < 1e-3
     # sphere magnitude with alpha = 1 is SphereConv
-    torch.testing.assert_close(decoupled_conv(x, w, magnitude="sphere", **kw), sphere_conv(x, w, None, 1, 1, 1, 1, "linear"))
+    torch.testing.assert_close(decoupled_conv(x, w, magnitude="sphere", **kw),
+                               sphere_conv(x, w, None, 1, 1, 1, 1, "linear"))
 
 
 @pytest.mark.parametrize("magnitude", ["sphere", "ball", "tanh"])
@@ -436,7 +440,8 @@ def test_bounded_decoupled_operators_stay_in_range(magnitude):
     x, w = rand_conv(2, seed=4)
     for s in (1e-3, 1.0, 1e3):
         for angular in ("linear", "cosine", "sqcos"):
-            out = decoupled_conv(s * x, w, None, 1, 1, 1, 2, magnitude, angular, alpha=2.0, rho=0.7, radius_scale="batch")
+            out = decoupled_conv(s * x, w, None, 1, 1, 1, 2, magnitude, angular, alpha=2.0, rho=0.7,
+                                 radius_scale="batch")
             assert out.abs().max() <= 2.0 + 1e-12
 
 
@@ -545,7 +550,8 @@ def test_bad_names_and_parameters():
         decoupled_conv(x, w, magnitude="cube")
     with pytest.raises(ValueError, match=r"angular='tan'.*accepted values.*sqcos"):
         decoupled_conv(x, w, angular="tan", rho=1.0)
-    with pytest.raises(ValueError, match=r"weighted='nonlinear_joint' is not supported; accepted values: 'none', 'linear'.*only for magnitude='tanh'"):
+    with pytest.raises(ValueError, match=r"weighted='nonlinear_joint' is not supported; "
+                                         r"accepted values: 'none', 'linear'.*only for magnitude='tanh'"):
         decoupled_conv(x, w, magnitude="ball", weighted="nonlinear_joint", rho=1.0)
     with pytest.raises(ValueError, match=r"k=.* is not supported; accepted values: a finite number >"):
         angle_sigmoid(torch.zeros(3), 0.0)

@@ -44,7 +44,8 @@ def synthetic_pairs(n_pairs, dim, separation, seed):
     same = torch.arange(n_pairs) % 2 == 0
     fa = ids + 0.8 * torch.randn(n_pairs, dim, generator=g, dtype=torch.float64)
     other = torch.randn(n_pairs, dim, generator=g, dtype=torch.float64)
-    fb = torch.where(same[:, None], ids, other) * separation + 0.8 * torch.randn(n_pairs, dim, generator=g, dtype=torch.float64)
+    fb = (torch.where(same[:, None], ids, other) * separation
+          + 0.8 * torch.randn(n_pairs, dim, generator=g, dtype=torch.float64))
     return fa + 0.3, fb + 0.3, same
 
 
@@ -64,7 +65,8 @@ def test_matches_reference_with_default_grid_and_custom_folds():
     fa, fb, same = synthetic_pairs(120, 4, 0.5, 3)
     folds = torch.randint(0, 4, (120,), generator=torch.Generator().manual_seed(0))
     res = verification_accuracy(fa.float(), fb.float(), same, fold_ids=folds)
-    ref = reference_protocol(fa.float().double().numpy(), fb.float().double().numpy(), same.numpy(), folds.numpy(), 10000)
+    ref = reference_protocol(fa.float().double().numpy(), fb.float().double().numpy(), same.numpy(), folds.numpy(),
+                             10000)
     np.testing.assert_allclose(res.fold_accuracies.numpy(), ref, atol=1e-12)
     assert res.fold_accuracies.numel() == 4
 
@@ -193,7 +195,8 @@ def test_verification_metric_accumulates_like_the_functional():
     metric.update(fa, fb, same, folds)
     mean, std = metric.compute()
     ref = verification_accuracy(fa, fb, same, fold_ids=folds, n_thr=1000)
-    assert mean.item() == pytest.approx(ref.mean.item(), abs=1e-6) and std.item() == pytest.approx(ref.std.item(), abs=1e-6)
+    assert mean.item() == pytest.approx(ref.mean.item(), abs=1e-6)
+    assert std.item() == pytest.approx(ref.std.item(), abs=1e-6)
     with pytest.raises(ValueError, match="num_folds"):
         VerificationAccuracy(num_folds=1)
     with pytest.raises(ValueError, match="is_same"):

@@ -27,7 +27,8 @@ DIGITS = {"in_channels": 1, "input_size": 8}
 # hyper 0.983 / 0.976, opt 0.948 / 0.917, sphereface (10 epochs) 0.96 / 0.93, gcn test 0.73 / 0.60 (chance 0.35),
 # pointnet 0.625 / 0.51 (chance 1/6)
 CASES = {
-    "HypersphericalClassifier": (lambda: HypersphericalClassifier(backbone="cnn6", num_classes=10, backbone_kwargs=DIGITS),
+    "HypersphericalClassifier": (lambda: HypersphericalClassifier(backbone="cnn6", num_classes=10,
+                                                                  backbone_kwargs=DIGITS),
                                  DigitsDataModule, 3, "val/acc", 0.9),
     "OPTClassifier": (lambda: OPTClassifier(backbone="cnn6", num_classes=10, backbone_kwargs=DIGITS),
                       DigitsDataModule, 3, "val/acc", 0.85),

@@ -32,7 +32,7 @@ def test_backbone_layers_converted_head_untouched():
 def test_energy_invariance_on_digits(tmp_path):
     L.seed_everything(0, verbose=False)
     m = OPTClassifier("cnn6", 10, backbone_kwargs=TINY, opt_method="gram_schmidt", lr=0.05)
-    initial = {n: hyperspherical_energy(get_opt(l).V.T).item() for n, l in opt_layers(m).items()}
+    initial = {n: hyperspherical_energy(get_opt(layer).V.T).item() for n, layer in opt_layers(m).items()}
     monitor = EnergyMonitor(every_n_steps=1, exclude="head")
     trainer = _trainer(tmp_path, callbacks=[monitor])
     trainer.fit(m, DigitsDataModule(batch_size=32))

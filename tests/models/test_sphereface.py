@@ -138,7 +138,9 @@ def test_lambda_and_feature_norms_reach_the_logger(tmp_path, digits_dm):
     from lightning.pytorch.loggers import CSVLogger
 
     logger = CSVLogger(tmp_path, name="sf")
-    trainer(tmp_path, max_steps=4, limit_val_batches=0, log_every_n_steps=2, logger=logger).fit(tiny_module(), digits_dm)
+    trainer(tmp_path, max_steps=4, limit_val_batches=0, log_every_n_steps=2, logger=logger).fit(
+        tiny_module(), digits_dm
+    )
     rows = [r for r in csv.DictReader(open(os.path.join(logger.log_dir, "metrics.csv"))) if r.get("margin/lambda")]
     assert [int(r["step"]) for r in rows] == [1, 3]
     for r in rows:
@@ -268,8 +270,8 @@ def test_config_runs_with_the_cli(tmp_path):
     config = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "sphereface_digits.yaml")
     cli = run_cli(["fit", "--config", config, "--trainer.max_steps=3", "--trainer.logger=false",
                    f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_checkpointing=false",
-                   "--trainer.val_check_interval=3", "--trainer.check_val_every_n_epoch=null", "--trainer.log_every_n_steps=1",
-                   "--model.init_args.n_thr=1000"])
+                   "--trainer.val_check_interval=3", "--trainer.check_val_every_n_epoch=null",
+                   "--trainer.log_every_n_steps=1", "--model.init_args.n_thr=1000"])
     m = cli.trainer.callback_metrics
     assert isinstance(cli.model, SphereFaceModule) and cli.trainer.global_step == 3
     assert "val/verification_acc" in m and "margin/lambda" in m

@@ -85,7 +85,8 @@ def test_operator_choices_and_1d():
         assert type(net.features[0]) is cls
     assert build_backbone("spherenet_cnn", operator="ball", **_small("cnn")).features[0].magnitude == "ball"
     plain_nobn = build_backbone("spherenet_cnn", operator="conv", use_bn=False, **_small("cnn"))
-    assert plain_nobn.features[0].bias is not None and not any(isinstance(m, nn.BatchNorm2d) for m in plain_nobn.modules())
+    assert plain_nobn.features[0].bias is not None
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in plain_nobn.modules())
     one_d = build_backbone("spherenet_cnn", dims=1, in_channels=1, input_size=40, **_small("cnn"))
     assert isinstance(one_d.features[0], SphereConv1d) and one_d(torch.randn(3, 1, 40)).shape == (3, 16)
     dc1 = build_backbone("dcnet_cnn", dims=1, in_channels=1, input_size=40, **_small("cnn"))
@@ -141,7 +142,7 @@ def test_trainability_on_digits(backbone, kwargs, head):
     params = list(net.parameters()) + list(clf.parameters())
     opt = torch.optim.Adam(params, lr=1e-3)
     gen = torch.Generator().manual_seed(0)
-    for step in range(100):
+    for _step in range(100):
         idx = torch.randint(0, len(xtr), (64,), generator=gen)
         feats = net(xtr[idx])
         logits = clf(feats, ytr[idx]) if getattr(clf, "needs_labels", False) else clf(feats)

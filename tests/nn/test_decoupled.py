@@ -100,8 +100,8 @@ def test_train_mode_uses_batch_mean_and_eval_uses_running_mean():
     rho = torch.full((3,), 0.7, dtype=D)
     out = m(x)
     # independent formula: alpha * tanh(||x|| / (rho * mean||x||)) * cos
-    inner = F.conv2d(x, m.weight.detach() / torch.sqrt(m.weight.detach().pow(2).sum((1, 2, 3)) + 1e-4).view(-1, 1, 1, 1),
-                     None, 2, 1)
+    w_norm = torch.sqrt(m.weight.detach().pow(2).sum((1, 2, 3)) + 1e-4).view(-1, 1, 1, 1)
+    inner = F.conv2d(x, m.weight.detach() / w_norm, None, 2, 1)
     rho_used = m.radius.detach().view(1, -1, 1, 1)  # 0.7 up to the float32 rounding of radius_raw
     ref = torch.tanh(xn / (rho_used * xn.mean())) * inner / xn
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
@@ -117,7 +117,8 @@ def test_train_mode_uses_batch_mean_and_eval_uses_running_mean():
     assert int(m.num_batches_tracked) == 2
     m.eval()
     torch.testing.assert_close(
-        m(x), decoupled_conv(x, m.weight.detach(), None, 2, 1, 1, 1, "tanh", rho=rho, radius_scale=ema), atol=1e-12, rtol=0
+        m(x), decoupled_conv(x, m.weight.detach(), None, 2, 1, 1, 1, "tanh", rho=rho, radius_scale=ema),
+        atol=1e-12, rtol=0
     )
     torch.testing.assert_close(m.patch_norm_mean, ema)  # no update in eval
 
@@ -176,7 +177,8 @@ def test_radius_gradient_depends_on_side_of_the_radius():
     x = torch.randn(8, 2, 6, 6, dtype=D)
     for magnitude, inside_grad in (("ball", True), ("seg", False)):
         for rho0, expect in ((1e3, inside_grad), (1e-3, not inside_grad)):
-            m = DecoupledConv2d(2, 3, 3, magnitude=magnitude, radius_init=rho0, radius_norm=False, angular="linear").double()
+            m = DecoupledConv2d(2, 3, 3, magnitude=magnitude, radius_init=rho0, radius_norm=False,
+                                angular="linear").double()
             m(x).sum().backward()
             assert (m.radius_raw.grad.abs().sum() > 0) == expect, (magnitude, rho0)
 
@@ -278,12 +280,14 @@ def test_bad_arguments_raise_clear_errors():
         DecoupledConv2d(2, 3, 3, magnitude="cube")
     with pytest.raises(ValueError, match=r"angular='tan'.*accepted values.*'sqcos'"):
         DecoupledLinear(2, 3, angular="tan")
-    with pytest.raises(ValueError, match=r"weighted='nonlinear_joint' is not supported; accepted values: 'none', 'linear'.*magnitude='tanh'"):
+    with pytest.raises(ValueError, match=r"weighted='nonlinear_joint' is not supported; "
+                                         r"accepted values: 'none', 'linear'.*magnitude='tanh'"):
         DecoupledConv2d(2, 3, 3, magnitude="seg", weighted="nonlinear_joint")
     with pytest.raises(ValueError, match=r"weighted='quadratic'.*accepted values"):
         DecoupledConv2d(2, 3, 3, weighted="quadratic")
-    for kw, word in [({"alpha": 0.0}, "alpha"), ({"alpha": float("nan")}, "alpha"), ({"radius_init": 0.0}, "radius_init"),
-                     ({"radius_init": -1.0}, "radius_init"), ({"seg_beta": -0.1, "magnitude": "seg"}, "seg_beta"),
+    for kw, word in [({"alpha": 0.0}, "alpha"), ({"alpha": float("nan")}, "alpha"),
+                     ({"radius_init": 0.0}, "radius_init"), ({"radius_init": -1.0}, "radius_init"),
+                     ({"seg_beta": -0.1, "magnitude": "seg"}, "seg_beta"),
                      ({"sigmoid_k": 0.0, "angular": "sigmoid"}, "sigmoid_k"),
                      ({"sigmoid_k": 0.01, "angular": "learnable"}, "sigmoid_k"),
                      ({"radius_norm_momentum": 1.5}, "radius_norm_momentum"), ({"eps": -1e-4}, "eps")]:

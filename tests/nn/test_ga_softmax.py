@@ -125,7 +125,8 @@ def test_bad_input():
     head = GASoftmaxHead(4, 3)
     with pytest.raises(ValueError, match=r"shape \(N, 4\)"):
         head(torch.randn(2, 5))
-    with pytest.raises(ValueError, match=r"labels=<class indices in range .*> is not supported; accepted values: class indices in \[0, 2\]"):
+    with pytest.raises(ValueError, match=r"labels=<class indices in range .*> is not supported; "
+                                         r"accepted values: class indices in \[0, 2\]"):
         head(torch.randn(2, 4), torch.tensor([0, 3]))
     with pytest.raises(TypeError, match="no margin"):
         WSoftmaxHead(4, 3, m=4)

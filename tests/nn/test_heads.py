@@ -300,7 +300,8 @@ def test_global_step_drives_lambda_and_is_saved():
     assert h2.global_step == 1000 and h2.lambda_ == h.lambda_
     h.global_step = 10**6
     assert h.lambda_ == 5.0
-    assert ASoftmaxHead(DIM, K, lambda_min=0.0, lambda_schedule="sphereface").lambda_at(27999) == pytest.approx(0.2975, rel=1e-3)
+    sphereface_head = ASoftmaxHead(DIM, K, lambda_min=0.0, lambda_schedule="sphereface")
+    assert sphereface_head.lambda_at(27999) == pytest.approx(0.2975, rel=1e-3)
 
 
 def test_registry_and_class_attributes():
@@ -322,7 +323,8 @@ def test_bad_inputs_raise_clear_errors():
         with pytest.raises((ValueError, TypeError), match=r"m=.* is not supported; accepted values: an int >= 1"):
             ASoftmaxHead(8, 4, m=bad)
     h = ASoftmaxHead(8, 4)
-    with pytest.raises(ValueError, match=r"labels=<class indices in range \[0, 4\]> is not supported; accepted values: class indices in \[0, 3\]"):
+    with pytest.raises(ValueError, match=r"labels=<class indices in range \[0, 4\]> is not supported; "
+                                         r"accepted values: class indices in \[0, 3\]"):
         h(torch.randn(2, 8), torch.tensor([0, 4]))
     with pytest.raises(ValueError, match=r"labels=<class indices in range .*> is not supported"):
         h(torch.randn(2, 8), torch.tensor([-1, 0]))

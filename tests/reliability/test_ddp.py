@@ -241,7 +241,8 @@ class FirstStepRecorder(Callback):
         self.folder = str(folder)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        torch.save({"labels": batch[1].clone(), "before": {k: v.detach().clone() for k, v in pl_module.state_dict().items()}},
+        torch.save({"labels": batch[1].clone(),
+                    "before": {k: v.detach().clone() for k, v in pl_module.state_dict().items()}},
                    f"{self.folder}/start{trainer.global_rank}.pt")
 
     def on_train_end(self, trainer, pl_module):

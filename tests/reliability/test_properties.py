@@ -159,8 +159,9 @@ def _finite_or_named_error(arg: str, fn, x: torch.Tensor, what: str) -> bool:
 
 # ------------------------------------------------------------------------------- energy core
 @settings(max_examples=120, **SETTINGS)
-@given(m=hostile_matrices(), s=st.sampled_from([0.0, 0.5, 1.0, 2.0, 3.0]), metric=st.sampled_from(["euclidean", "angular"]),
-       half_space=st.booleans(), angle_unit=st.sampled_from(["radian", "pi"]), chunk=st.sampled_from([None, 1, 3]),
+@given(m=hostile_matrices(), s=st.sampled_from([0.0, 0.5, 1.0, 2.0, 3.0]),
+       metric=st.sampled_from(["euclidean", "angular"]), half_space=st.booleans(),
+       angle_unit=st.sampled_from(["radian", "pi"]), chunk=st.sampled_from([None, 1, 3]),
        zero_norm=st.sampled_from(["error", "exclude"]))
 def test_hyperspherical_energy_finite_or_clear_error(m, s, metric, half_space, angle_unit, chunk, zero_norm):
     kw = dict(s=s, metric=metric, half_space=half_space, angle_unit=angle_unit, chunk_size=chunk, zero_norm=zero_norm)
@@ -217,8 +218,8 @@ def test_pairwise_angles_rejects_batches():
 
 
 @settings(max_examples=60, **SETTINGS)
-@given(m=hostile_matrices(max_d=12), k=st.integers(1, 5), c=st.integers(1, 3), aggregate=st.sampled_from(["mean", "max"]),
-       half_space=st.booleans(), seed=st.integers(0, 1000))
+@given(m=hostile_matrices(max_d=12), k=st.integers(1, 5), c=st.integers(1, 3),
+       aggregate=st.sampled_from(["mean", "max"]), half_space=st.booleans(), seed=st.integers(0, 1000))
 def test_compressive_energy_finite_or_clear_error(m, k, c, aggregate, half_space, seed):
     d = m.x.shape[1]
     proj = torch.randn(c, k, d, generator=torch.Generator().manual_seed(seed), dtype=m.x.dtype)
@@ -283,8 +284,9 @@ def test_output_energy_from_labels_finite_or_clear_error(m, labels, unique, metr
 
 # ------------------------------------------------------------------------------ DH2L metrics
 @settings(max_examples=120, **SETTINGS)
-@given(m=hostile_matrices(max_n=12, max_d=10), metric=st.sampled_from(METRICS), discrete=st.sampled_from(["binary", "ternary"]),
-       gm=st.sampled_from(["product", "sqrt"]), reduction=st.sampled_from(["mean", "sum"]))
+@given(m=hostile_matrices(max_n=12, max_d=10), metric=st.sampled_from(METRICS),
+       discrete=st.sampled_from(["binary", "ternary"]), gm=st.sampled_from(["product", "sqrt"]),
+       reduction=st.sampled_from(["mean", "sum"]))
 def test_dh2l_metric_energy_finite_or_clear_error(m, metric, discrete, gm, reduction):
     energy_kind = METRIC_DIRECTIONS[metric] == "energy" and metric != "cosine"
     kw = {} if energy_kind else dict(discrete=discrete, gm=gm)
@@ -320,7 +322,8 @@ def test_dh2l_label_and_group_forms_finite_or_clear_error(m, metric, labels, gro
         _raises_naming("neurons", fn, m.x)
     else:
         _assert_finite(*_value_and_grad(fn, m.x), f"grouped_metric_energy {metric}")
-    _raises_naming("groups", grouped_metric_energy, m.x.nan_to_num(1.0) + 1.0, torch.zeros(n + 1, dtype=torch.long), metric)
+    _raises_naming("groups", grouped_metric_energy, m.x.nan_to_num(1.0) + 1.0, torch.zeros(n + 1, dtype=torch.long),
+                   metric)
 
 
 # ------------------------------------------------------------------------------------ neurons
@@ -487,7 +490,8 @@ def test_orthogonal_maps_finite_or_clear_error(pk, method):
         R, grad = _value_and_grad(lambda p: orthogonalize(p, method), P)
     except ValueError as err:
         # only a (numerically) rank-deficient P may be refused, by the maps that need full rank
-        assert "P" in str(err) and method in ("gram_schmidt", "householder") and kind in ("zeros", "ones", "duplicate_rows"), err
+        assert ("P" in str(err) and method in ("gram_schmidt", "householder")
+                and kind in ("zeros", "ones", "duplicate_rows")), err
         with torch.no_grad():  # without a gradient the forward still works
             R = orthogonalize(P, method)
         assert float(orthogonality_error(R)) < (1e-4 if P.dtype == torch.float32 else 1e-10)

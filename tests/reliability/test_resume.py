@@ -177,7 +177,8 @@ def test_resume_check_fails_with_global_rng_shuffling(tmp_path, monkeypatch):
     import lightning_hyper.data.sampling as sampling
     from torch.utils.data import RandomSampler
 
-    monkeypatch.setattr(sampling, "epoch_sampler", lambda ds, shuffle, seed=None: RandomSampler(ds) if shuffle else None)
+    monkeypatch.setattr(sampling, "epoch_sampler",
+                        lambda ds, shuffle, seed=None: RandomSampler(ds) if shuffle else None)
     build, data, n, kw = MODULES["classifier"]
     with pytest.raises(AssertionError, match="step 3"):
         assert_resumes_exactly(tmp_path, build, data, n, **kw)

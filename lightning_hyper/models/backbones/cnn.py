@@ -82,7 +82,7 @@ class PlainCNN(nn.Module):
 
         layers: list[nn.Module] = []
         channels, side = in_channels, input_size
-        for stage, width in enumerate(widths, start=1):
+        for _stage, width in enumerate(widths, start=1):
             for _ in range(blocks_per_stage):
                 layers += [
                     nn.Conv2d(channels, width, kernel_size=3, padding=1, bias=False),

@@ -167,7 +167,9 @@ class SetAbstraction(nn.Module):
 
     ``npoint=None`` groups all points into one (the global layer)."""
 
-    def __init__(self, npoint: int | None, radius: float, nsample: int, in_channels: int, widths: Sequence[int]) -> None:
+    def __init__(
+        self, npoint: int | None, radius: float, nsample: int, in_channels: int, widths: Sequence[int]
+    ) -> None:
         super().__init__()
         self.npoint, self.radius, self.nsample = npoint, radius, nsample
         self.mlp = _shared_mlp((in_channels + 3, *widths), dim=2)

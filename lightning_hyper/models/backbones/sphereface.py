@@ -226,9 +226,13 @@ class LSoftmaxCNN(nn.Module):
             raise ValueError(f"variant={variant!r} is unknown; accepted values: {sorted(_LSOFTMAX_VARIANTS)}")
         spec = _LSOFTMAX_VARIANTS[variant]
         self.variant = variant
-        self.in_channels = check_positive_int("in_channels", spec["in_channels"] if in_channels is None else in_channels)
+        self.in_channels = check_positive_int(
+            "in_channels", spec["in_channels"] if in_channels is None else in_channels
+        )
         self.input_size = _pair(spec["input_size"] if input_size is None else input_size, "input_size")
-        self.out_features = check_positive_int("embedding_dim", spec["embedding"] if embedding_dim is None else embedding_dim)
+        self.out_features = check_positive_int(
+            "embedding_dim", spec["embedding"] if embedding_dim is None else embedding_dim
+        )
         if not width_mult > 0:
             raise ValueError(f"width_mult must be > 0, got {width_mult!r}")
 
