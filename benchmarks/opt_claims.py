@@ -93,6 +93,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, dict[str, float]]
     parser.add_argument("--gcn-epochs", type=int, default=200)
     parser.add_argument("--pn-epochs", type=int, default=60)
     parser.add_argument("--ogd-lr", type=float, default=0.02, help="GCN OGD rotation learning rate (the thesis: 0.02)")
+    parser.add_argument("--gcn-scale-lr", type=float, default=None,
+                        help="learning-rate multiplier of the GCN's learned output scale on the OPT conv "
+                             "(GraphClassifier(opt_scale_lr=...); default: the model's)")
     parser.add_argument("--karate-val-fraction", type=float, default=0.5,
                         help="share of KarateClub's unlabelled nodes held out for validation (unused here); the "
                              "rest is the test set (0: all 22 unlabelled nodes are test nodes)")
@@ -120,7 +123,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, dict[str, float]]
                 model = GraphClassifier(dm.num_features, dm.num_classes,
                                         opt_method=None if variant == "baseline" else variant,
                                         opt_kwargs=None if variant == "baseline" else {"seed": seed},
-                                        ogd_lr=args.ogd_lr)
+                                        ogd_lr=args.ogd_lr,
+                                        **({} if args.gcn_scale_lr is None else {"opt_scale_lr": args.gcn_scale_lr}))
                 rows.append(_fit(model, dm, gcn_epochs, monitor_layers=True))
             results.setdefault(task, {})[variant] = _report(task, variant, rows)
 
