@@ -5,7 +5,8 @@ Offline stand-ins for the thesis' datasets, 3 seeds each, test accuracy mean ± 
 * GCN (Kipf & Welling: hidden 16, dropout 0.5, Adam lr 0.01, wd 5e-4, 200 full-batch epochs) on
   torch-geometric's KarateClub (3 labelled nodes per class) and on the seeded SBM graph of
   ``SyntheticGraphDataModule``; OPT (Cayley, Gram-Schmidt, OGD) on ``W₀`` only, with the models'
-  defaults: rotation initialized at ``R = I`` and a learned scalar on the OPT conv's output.
+  defaults: rotation initialized at ``R = I`` and a learned scalar on the OPT conv's output (trained at 10x
+  the learning rate, ``--gcn-scale-lr``).
 * Vanilla PointNet (no T-Nets; shared MLP 64-64-64-128-256, FC 128-64, Adam lr 1e-3, 60 epochs) on
   the synthetic primitive shapes (6 classes, 128 points, random rotations, noise 0.02); OPT on every
   1×1 conv and FC except the classifier, rotations initialized at ``R = I``.

@@ -686,6 +686,11 @@ def main(argv: list[str] | None = None) -> list:
         parser.error(f"--jobs must be >= 1, got {jobs}")
     n_seeds = args.seeds if args.seeds is not None else int(settings["protocol"]["seeds"])
     seeds = args.seed_list or ([0] if args.quick and args.seeds is None else list(range(n_seeds)))
+    if args.update and not args.raw_out and (out / "claims.json").exists():  # check before the runs
+        old = json.loads((out / "claims.json").read_text())
+        if old["seeds"] != seeds or old.get("quick") != args.quick:
+            parser.exit(2, f"reproduce.py --update: {out / 'claims.json'} has seeds {old['seeds']} "
+                           f"(quick={old.get('quick')}), this run {seeds} (quick={args.quick})\n")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
     t_start = time.perf_counter()
@@ -702,9 +707,6 @@ def main(argv: list[str] | None = None) -> list:
     updated = False
     if args.update and (out / "claims.json").exists():
         old = json.loads((out / "claims.json").read_text())
-        if old["seeds"] != seeds or old.get("quick") != args.quick:
-            parser.exit(2, f"reproduce.py --update: {out / 'claims.json'} has seeds {old['seeds']} "
-                           f"(quick={old.get('quick')}), this run {seeds} (quick={args.quick})\n")
         order = {g: i for i, g in enumerate(GROUPS)}
         kept = [claim_from_json(c) for c in old["claims"] if c["group"] not in args.only]
         claims = sorted(kept + claims, key=lambda c: order.get(c.group, len(order)))
