@@ -15,11 +15,19 @@ Factors (``--variants``; a variant is a ``key=value,...`` list, see ``VARIANTS``
 * ``skip``: module-name globs left without OPT (e.g. ``mlp1.0`` = PointNet's d = 3 layer);
 * ``refine``: ``hs_mhe`` / ``mhe``: lower the energy of ``V`` before training (thesis §7.3.7);
 * ``kval``: KarateClub's validation share of the unlabelled nodes (0.5: 11 test nodes; 0: 22);
-* ``scale``: ``0`` / ``1``: the GCN's learned scalar on the OPT conv (``GraphClassifier(opt_scale=...)``);
+* ``scale``: ``0`` / ``1`` / ``c``: none, the GCN's learned scalar on the OPT conv, or one learned scale per
+  output channel (``GraphClassifier(opt_scale=False / True / "channel")``);
+* ``vinit``: ``init`` / ``orthogonal``: the GCN's fixed neurons ``V`` (``GraphClassifier(opt_v_init=...)``:
+  the Glorot init, or the same with its singular values equalized);
+* ``normv``: ``1``: unit-norm neurons in ``V`` (``apply_opt(normalize_v=True)``, thesis §7.4.2);
+* ``drop``: the GCN's dropout (both arms);
+* ``scale_lr``: learning-rate multiplier of the GCN's learned output scale(s) (``opt_scale_lr``; unset: 1,
+  the setting before it became 10, so that the older rows keep their meaning);
 * ``ogd_lr``: OGD's rotation learning rate; ``epochs``; ``optimizer`` (``adam`` / ``sgd``).
 
 Unset factors take the models' defaults (``r_init="identity"``, ``opt_scale=True``, ``opt_lr_scale=0.3``
-since the fix; ``r_init=normal,scale=0,rot_lr=1`` is the setting before it).
+since the fix; ``r_init=normal,scale=0,rot_lr=1`` is the setting before it), except ``scale_lr`` (unset: 1;
+``GraphClassifier``'s default is 10 since the second pass, ``scale_lr=10``).
 
     python benchmarks/opt_ablation.py --task karate --seeds 5 --variants "method=none" "method=cayley"
     python benchmarks/opt_ablation.py --task shapes --seeds 3 --variants "method=cayley,r_init=identity"
@@ -55,10 +63,14 @@ def parse_variant(text: str) -> dict[str, Any]:
         key, value = item.split("=", 1)
         if key == "skip":
             out[key] = value.split("+")
-        elif key in ("rot_lr", "rot_wd", "ogd_lr", "lr", "wd", "kval"):
+        elif key in ("rot_lr", "rot_wd", "ogd_lr", "lr", "wd", "kval", "scale_lr"):
             out[key] = float(value)
-        elif key in ("epochs", "scale"):
+        elif key == "scale":
+            out[key] = "channel" if value == "c" else bool(int(value))
+        elif key in ("epochs", "normv"):
             out[key] = int(value)
+        elif key == "drop":
+            out[key] = float(value)
         else:
             out[key] = value
     return out
@@ -93,6 +105,8 @@ def run(task: str, seed: int, v: dict[str, Any]) -> float:
         kwargs["exclude"] = v["skip"]
     if method and "refine" in v:
         kwargs["refine"] = v["refine"]
+    if method and v.get("normv"):
+        kwargs["normalize_v"] = True
     lr_scale = {"opt_lr_scale": v["rot_lr"]} if "rot_lr" in v else {}
     if task in ("karate", "sbm_graph"):
         dm = (KarateClubDataModule(train_per_class=3, val_fraction=v.get("kval", 0.5), seed=seed) if task == "karate"
@@ -101,7 +115,9 @@ def run(task: str, seed: int, v: dict[str, Any]) -> float:
         model = GraphClassifier(dm.num_features, dm.num_classes, opt_method=method, opt_kwargs=kwargs or None,
                                 ogd_lr=v.get("ogd_lr", 0.05), optimizer=v.get("optimizer", "adam"),
                                 lr=v.get("lr", 0.01), weight_decay=v.get("wd", 5e-4),
-                                opt_scale=bool(v.get("scale", 1)), **lr_scale)
+                                opt_scale=v.get("scale", True), dropout=v.get("drop", 0.5),
+                                opt_scale_lr=v.get("scale_lr", 1.0),
+                                **({"opt_v_init": v["vinit"]} if method and "vinit" in v else {}), **lr_scale)
         epochs = v.get("epochs", 200)
     else:
         dm = SyntheticShapesDataModule(num_points=128, train_per_class=32, val_per_class=2, test_per_class=16, seed=seed)
@@ -119,7 +135,7 @@ def run(task: str, seed: int, v: dict[str, Any]) -> float:
 
 
 #: options that only concern OPT: a plain run with the other options is the paired reference
-OPT_ONLY = ("method", "r_init", "rot_lr", "rot_wd", "skip", "scale", "ogd_lr", "refine")
+OPT_ONLY = ("method", "r_init", "rot_lr", "rot_wd", "skip", "scale", "ogd_lr", "refine", "vinit", "normv", "scale_lr")
 
 
 def reference_of(variant: str) -> str:

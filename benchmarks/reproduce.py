@@ -32,6 +32,7 @@ dh2l        many fine classes with few samples in super-classes: baseline / E / 
     python benchmarks/reproduce.py                       # 5 seeds, all claims -> benchmarks/results/ + README
     python benchmarks/reproduce.py --only opt --seeds 5 --out /tmp/claims
     python benchmarks/reproduce.py --quick --out /tmp/claims   # 1 seed, tiny budgets: smoke test
+    python benchmarks/reproduce.py --only opt --update   # re-run one group, keep the others' rows
     python benchmarks/reproduce.py --readme-only         # README summary from benchmarks/results/claims.json
     python benchmarks/reproduce.py --device cuda --full  # the papers' own settings (GPU + CIFAR under data/)
 
@@ -652,6 +653,9 @@ def main(argv: list[str] | None = None) -> list:
     parser.add_argument("--readme", default=None,
                         help="README to update between its claims markers (default: the repository's README "
                              "when --out is the default folder and all groups ran)")
+    parser.add_argument("--update", action="store_true",
+                        help="keep the other groups' rows of OUT/claims.json (same seeds) and replace only the "
+                             "--only groups' rows in claims.md/json/png")
     parser.add_argument("--readme-only", action="store_true",
                         help="only regenerate the README summary from OUT/claims.json")
     parser.add_argument("--full", action="store_true", help="the papers' own settings (needs --device cuda and "
@@ -682,6 +686,11 @@ def main(argv: list[str] | None = None) -> list:
         parser.error(f"--jobs must be >= 1, got {jobs}")
     n_seeds = args.seeds if args.seeds is not None else int(settings["protocol"]["seeds"])
     seeds = args.seed_list or ([0] if args.quick and args.seeds is None else list(range(n_seeds)))
+    if args.update and not args.raw_out and (out / "claims.json").exists():  # check before the runs
+        old = json.loads((out / "claims.json").read_text())
+        if old["seeds"] != seeds or old.get("quick") != args.quick:
+            parser.exit(2, f"reproduce.py --update: {out / 'claims.json'} has seeds {old['seeds']} "
+                           f"(quick={old.get('quick')}), this run {seeds} (quick={args.quick})\n")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
     t_start = time.perf_counter()
@@ -695,6 +704,16 @@ def main(argv: list[str] | None = None) -> list:
     for group in args.only:
         claims += build_claims(group, settings["groups"][group], results[group], seeds, args.quick)
     dropped = [c for c in dropped_claims(settings) if c.group in args.only]
+    updated = False
+    if args.update and (out / "claims.json").exists():
+        old = json.loads((out / "claims.json").read_text())
+        order = {g: i for i, g in enumerate(GROUPS)}
+        kept = [claim_from_json(c) for c in old["claims"] if c["group"] not in args.only]
+        claims = sorted(kept + claims, key=lambda c: order.get(c.group, len(order)))
+        dropped = sorted(dropped_claims(settings), key=lambda c: order.get(c.group, len(order)))
+        timings = {g: (timings[g] if g in timings else old.get("timings_s", {}).get(g, 0.0)) for g in GROUPS
+                   if g in timings or g in old.get("timings_s", {})}
+        updated = {c.group for c in claims} >= set(GROUPS)
     out.mkdir(parents=True, exist_ok=True)
     provenance = settings_provenance(settings_path)
     command = " ".join(["python benchmarks/reproduce.py", *(sys.argv[1:] if argv is None else argv)])
@@ -705,8 +724,8 @@ def main(argv: list[str] | None = None) -> list:
                "jobs": jobs, "claims": [c.as_dict() for c in claims], "dropped": [c.as_dict() for c in dropped]}
     (out / "claims.json").write_text(json.dumps(payload, indent=2))
     readme = Path(args.readme) if args.readme else (
-        README if out.resolve() == DEFAULT_OUT.resolve() and set(args.only) == set(GROUPS) and not args.quick
-        else None)
+        README if out.resolve() == DEFAULT_OUT.resolve() and (set(args.only) == set(GROUPS) or updated)
+        and not args.quick else None)
     if readme is not None and update_readme(out / "claims.json", readme):
         print(f"updated the claims summary of {readme}")
     print(f"\n{'claim':<62} {'Δ [95 % CI]':<28} {'p (t)':<9} verdict")

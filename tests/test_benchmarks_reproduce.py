@@ -132,6 +132,25 @@ def test_only_selects_groups_and_parallel_units_merge_seeds(tmp_path):
     assert data["jobs"] == 2 and data["seeds"] == [0, 1]
 
 
+
+def test_update_replaces_only_the_groups_run(tmp_path):
+    """--update keeps the other groups' rows of OUT/claims.json and refuses other seeds."""
+    mod = load()
+    kept = mod.Claim("comhe", "kept claim", "s", "m", True, "ref", "var", [1.0], [2.0], "paper", id="comhe.x",
+                     seeds=[0])
+    stale = mod.Claim("dh2l", "stale dh2l row", "s", "m", True, "ref", "var", [1.0], [2.0], "paper", seeds=[0])
+    (tmp_path / "claims.json").write_text(json.dumps({"seeds": [0], "quick": True, "timings_s": {"comhe": 5.0},
+                                                      "claims": [kept.as_dict(), stale.as_dict()]}))
+    claims = mod.main(["--quick", "--only", "dh2l", "--update", "--out", str(tmp_path)])
+    assert [c.group for c in claims] == ["comhe", "dh2l", "dh2l"] and claims[0].claim == "kept claim"
+    data = json.loads((tmp_path / "claims.json").read_text())
+    assert [c["group"] for c in data["claims"]] == ["comhe", "dh2l", "dh2l"]
+    assert set(data["timings_s"]) == {"comhe", "dh2l"} and data["timings_s"]["comhe"] == 5.0
+    md = (tmp_path / "claims.md").read_text()
+    assert "| kept claim | " in md and "stale dh2l row" not in md
+    with pytest.raises(SystemExit):  # seeds differ from the kept rows'
+        mod.main(["--quick", "--seeds", "2", "--only", "dh2l", "--update", "--out", str(tmp_path)])
+
 def test_chunks_and_merge():
     mod = load()
     assert mod._chunks([0, 1, 2, 3, 4], 2) == [[0, 1, 2], [3, 4]]

@@ -87,3 +87,34 @@ def test_ogd_training_keeps_orthogonality_and_checkpoints(tmp_path):
     m.eval()
     loaded.eval()
     assert torch.allclose(loaded(data.x, data.edge_index), m(data.x, data.edge_index), atol=1e-6)
+
+
+def test_output_scale_options_and_their_learning_rate():
+    """opt_scale: scalar / per channel; opt_scale_lr puts the scale(s) in their own param group; opt_v_init."""
+    from lightning_hyper.models.graph import DEFAULT_SCALE_LR
+
+    m = GraphClassifier(34, 4, opt_method="cayley")
+    assert m.gcn.scales["0"].shape == ()
+    opt = m.configure_optimizers()
+    opt = opt if isinstance(opt, torch.optim.Optimizer) else opt["optimizer"]
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert lr_of[id(m.gcn.scales["0"])] == pytest.approx(0.01 * DEFAULT_SCALE_LR)
+    assert lr_of[id(m.gcn.convs[1].lin.weight)] == pytest.approx(0.01)
+    assert len(lr_of) == len(list(m.parameters()))  # every parameter exactly once
+    plain = GraphClassifier(34, 4)
+    assert len(plain.gcn.scales) == 0 and len(plain.configure_optimizers().param_groups) == 1
+
+    c = GraphClassifier(34, 4, opt_method="cayley", opt_scale="channel", opt_scale_lr=1.0)
+    assert c.gcn.scales["0"].shape == (16,)
+    assert len(c.configure_optimizers().param_groups) == 2  # the rotation group (lr 0.3x) and the rest
+    assert len(GraphClassifier(34, 4, opt_method="cayley", opt_scale=False).gcn.scales) == 0
+
+    torch.manual_seed(0)
+    o = GraphClassifier(34, 4, opt_method="cayley", opt_v_init="orthogonal")
+    V = get_opt(o.gcn.convs[0].lin).V
+    sv = torch.linalg.svdvals(V)
+    assert torch.allclose(sv, sv[0].expand_as(sv), rtol=1e-5)  # orthogonal neurons of equal norm
+    assert torch.allclose(o.gcn.convs[0].lin.weight, V.T, atol=1e-6)  # R = I: W = V
+    for bad in ({"opt_scale": "layer"}, {"opt_v_init": "qr"}, {"opt_scale_lr": 0}):
+        with pytest.raises(ValueError):
+            GraphClassifier(34, 4, opt_method="cayley", **bad)

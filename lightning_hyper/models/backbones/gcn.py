@@ -29,15 +29,17 @@ class GCN(nn.Module):
         num_layers: number of convs (>= 1).
         dropout: dropout probability on the input of every conv.
         cached, add_self_loops, normalize: passed to ``GCNConv``.
-        learn_scale: indices of convs whose output is multiplied by a learned scalar (initialized to 1;
+        learn_scale: indices of convs whose output is multiplied by a learned scale (initialized to 1;
             ``GraphClassifier`` puts one on every OPT conv, whose neuron norms OPT keeps fixed).
+        channel_scale: ``learn_scale`` holds one scale per output channel (BN's γ) instead of one scalar.
 
     ``forward(x, edge_index, edge_weight=None) -> (num_nodes, out_features)``.
     """
 
     def __init__(self, in_channels: int, hidden_channels: int = 16, out_channels: int | None = None,
                  num_layers: int = 2, dropout: float = 0.5, cached: bool = False, add_self_loops: bool = True,
-                 normalize: bool = True, learn_scale: Sequence[int] = ()) -> None:
+                 normalize: bool = True, learn_scale: Sequence[int] = (),
+                 channel_scale: bool = False) -> None:
         super().__init__()
         from torch_geometric.nn import GCNConv
 
@@ -57,7 +59,8 @@ class GCN(nn.Module):
         learn_scale = sorted(set(learn_scale))
         if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_layers for i in learn_scale):
             raise ValueError(f"learn_scale must hold conv indices in [0, {num_layers - 1}], got {learn_scale!r}")
-        self.scales = nn.ParameterDict({str(i): nn.Parameter(torch.ones(())) for i in learn_scale})
+        self.scales = nn.ParameterDict({str(i): nn.Parameter(torch.ones((sizes[i + 1],) if channel_scale else ()))
+                                        for i in learn_scale})
         self.dropout = dropout
         self.in_channels = in_channels
         self.out_features = sizes[-1]
