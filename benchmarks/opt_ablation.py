@@ -120,7 +120,8 @@ def run(task: str, seed: int, v: dict[str, Any]) -> float:
                                 **({"opt_v_init": v["vinit"]} if method and "vinit" in v else {}), **lr_scale)
         epochs = v.get("epochs", 200)
     else:
-        dm = SyntheticShapesDataModule(num_points=128, train_per_class=32, val_per_class=2, test_per_class=16, seed=seed)
+        dm = SyntheticShapesDataModule(num_points=128, train_per_class=32, val_per_class=2, test_per_class=16,
+                                       seed=seed)
         model = PointCloudClassifier("pointnet", dm.num_classes, backbone_kwargs=POINTNET, opt_method=method,
                                      opt_kwargs=kwargs or None, ogd_lr=v.get("ogd_lr", 0.02),
                                      optimizer=v.get("optimizer", "adam"), lr=v.get("lr", 1e-3),
@@ -148,7 +149,8 @@ def markdown(paths: list[str]) -> str:
     """A table (task, variant, n, mean ± sd, paired difference to the plain run [95 % CI], p) from JSON lines."""
     rows = [json.loads(line) for path in paths for line in open(path) if line.strip()]
     index = {(r["task"], r["variant"], tuple(r["seeds"])): r["values"] for r in rows}
-    out = ["| task | variant | seeds | accuracy % (mean ± sd) | Δ vs plain [95 % CI] | p (t) |", "|---|---|---|---|---|---|"]
+    out = ["| task | variant | seeds | accuracy % (mean ± sd) | Δ vs plain [95 % CI] | p (t) |",
+           "|---|---|---|---|---|---|"]
     for r in rows:
         vals, seeds = r["values"], tuple(r["seeds"])
         sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
@@ -159,7 +161,8 @@ def markdown(paths: list[str]) -> str:
             t = paired_test(ref, vals)
             diff, p = f"{t.mean_diff:+.2f} [{t.ci_low:+.2f}, {t.ci_high:+.2f}]", format_p(t.p_t)
         span = f"{seeds[0]}-{seeds[-1]}" if len(seeds) > 1 else str(seeds[0])
-        out.append(f"| {r['task']} | `{r['variant']}` | {span} | {statistics.mean(vals):.1f} ± {sd:.1f} | {diff} | {p} |")
+        mean = statistics.mean(vals)
+        out.append(f"| {r['task']} | `{r['variant']}` | {span} | {mean:.1f} ± {sd:.1f} | {diff} | {p} |")
     return "\n".join(out)
 
 
@@ -188,7 +191,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
         seeds = range(args.seed_offset, args.seed_offset + args.seeds)
         results[text] = [run(args.task, s, parse_variant(text)) for s in seeds]
         vals = results[text]
-        line = f"{args.task:<10} {text:<60} {statistics.mean(vals):6.2f} ± {statistics.stdev(vals) if len(vals) > 1 else 0:5.2f}"
+        sd = statistics.stdev(vals) if len(vals) > 1 else 0
+        line = f"{args.task:<10} {text:<60} {statistics.mean(vals):6.2f} ± {sd:5.2f}"
         if base_name in results and text != base_name:
             r = paired_test(results[base_name], vals)
             line += (f"   diff {r.mean_diff:+6.2f} ± {r.sd_diff:5.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}] "

@@ -17,7 +17,8 @@ Also printed, per OPT run: the largest relative change of the OPT layers' hypers
 logged by the ``EnergyMonitor`` every step (float32), the same in float64 between the final weights
 ``W = R V`` and ``V`` — the invariance OPT is built on — and ``max|RᵀR − I|`` at the end. (PointNet's
 first layer has 64 neurons in 3-D, some 1° apart; its float32 energy is ill-conditioned, which is why
-the monitor's number there is ~1e-4 while the float64 comparison is ~1e-6.) The thesis' claim is a small *gain* from OPT on Cora/PubMed/ModelNet40;
+the monitor's number there is ~1e-4 while the float64 comparison is ~1e-6.) The thesis' claim is a small *gain* from
+OPT on Cora/PubMed/ModelNet40;
 ``benchmarks/reproduce.py`` turns these runs into paired claims (``--runs`` picks the task:variant pairs).
 
     python benchmarks/opt_claims.py            # ~3 minutes on 2 CPU cores

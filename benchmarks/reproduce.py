@@ -59,7 +59,8 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import torch
 
@@ -71,7 +72,7 @@ try:
 except ImportError:  # run from a checkout without installing it
     sys.path.append(str(BENCH.parent))
 
-from claim_stats import (  # noqa: E402
+from claim_stats import (
     CONTRADICTED,
     INCONCLUSIVE,
     NO_VERDICT,

@@ -190,7 +190,8 @@ def main() -> None:
         mhe = MHERegularizer()
         by_labels = MHERegularizer(**labels)
         monitor = EnergyMonitor(every_n_steps=1)
-    callbacks = [mhe, by_labels, CoMHERegularizer(projection=CoMHEProjection(projection_dim=8, num_projections=3), seed=5), monitor,
+    comhe = CoMHERegularizer(projection=CoMHEProjection(projection_dim=8, num_projections=3), seed=5)
+    callbacks = [mhe, by_labels, comhe, monitor,
                  Recorder(args.out)]
     if args.save_at:
         from lightning.pytorch.callbacks import ModelCheckpoint

@@ -9,7 +9,7 @@ Dropout on the input of every conv, as in the reference implementation.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -68,7 +68,8 @@ class GCN(nn.Module):
 
     def forward(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None = None) -> Tensor:
         if x.dim() != 2 or x.shape[1] != self.in_channels:
-            raise ValueError(f"GCN expects node features of shape (num_nodes, {self.in_channels}), got {tuple(x.shape)}")
+            raise ValueError(f"GCN expects node features of shape (num_nodes, {self.in_channels}), "
+                             f"got {tuple(x.shape)}")
         for i, conv in enumerate(self.convs):
             x = F.dropout(x, p=self.dropout, training=self.training)
             x = conv(x, edge_index, edge_weight)
