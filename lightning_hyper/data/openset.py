@@ -28,7 +28,6 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from lightning_hyper.functional.seeding import derive_seed
 from lightning_hyper.functional.checks import check_positive_int
 from lightning_hyper.data.sampling import epoch_loader, epoch_sampler
 
@@ -191,7 +190,7 @@ class OpenSetDataModule(L.LightningDataModule):
         self.val_open = TensorDataset(x[hv], y[hv])
         self.test_open = TensorDataset(x[ht], y[ht])
         self.val_pairs = _pairs_dataset(x[hv], y[hv], self.num_pairs, self.num_folds, self.seed)
-        self.test_pairs = _pairs_dataset(x[ht], y[ht], self.num_pairs, self.num_folds, derive_seed(self.seed, 1))
+        self.test_pairs = _pairs_dataset(x[ht], y[ht], self.num_pairs, self.num_folds, self.seed + 1)
         self._ready = True
 
     def _loader(self, ds: Dataset, shuffle: bool = False) -> DataLoader:

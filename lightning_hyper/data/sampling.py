@@ -15,13 +15,16 @@ from collections.abc import Iterator, Sized
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
-from lightning_hyper.functional.seeding import seeded_generator
-
 __all__ = ["EpochShuffleSampler", "epoch_loader", "epoch_sampler"]
 
+_GOLDEN = 0x9E3779B97F4A7C15  # odd 64-bit constant: distinct epochs -> distinct seeds
+
+
 class EpochShuffleSampler(RandomSampler):
-    """Random permutation of ``range(len(data_source))`` seeded from ``(seed, epoch)`` (the library's one seed
-    derivation, :func:`lightning_hyper.functional.seeding.derive_seed`).
+    """Random permutation of ``range(len(data_source))`` seeded from ``(seed, epoch)``.
+
+    The order a seed gives is kept fixed across versions (``seed + golden * (epoch + 1)``, as released), so
+    published results stay reproducible; new seed derivations use :mod:`lightning_hyper.functional.seeding`.
 
     Args:
         data_source: a sized (map-style) dataset.
@@ -46,7 +49,7 @@ class EpochShuffleSampler(RandomSampler):
     def order(self, epoch: int) -> list[int]:
         """The indices of epoch ``epoch`` (what the pass of that epoch yields)."""
         seed = torch.initial_seed() if self.seed is None else self.seed
-        gen = seeded_generator(seed, epoch)
+        gen = torch.Generator().manual_seed((seed + _GOLDEN * (epoch + 1)) % 2**64)
         return torch.randperm(len(self.data_source), generator=gen).tolist()
 
     def __iter__(self) -> Iterator[int]:
