@@ -407,10 +407,11 @@ class _GramEnergyFn(torch.autograd.Function):
     def _backward(ctx, grad_out: Tensor) -> tuple[Tensor, None, None, None]:
         unit, norms, g_unit = ctx.saved_tensors
         # each ordered pair (i, j) and (j, i) holds the same K_ij: dE/dû = (K + Kᵀ) û = 2 K û
-        g_unit = g_unit * (grad_out.view(-1, 1, 1) * 2.0)
-        # normalization Jacobian: (I - ŵŵᵀ) g / ‖w‖
-        radial = (g_unit * unit).sum(dim=-1, keepdim=True)
-        g_x = (g_unit - radial * unit) / norms.unsqueeze(-1)
+        # normalization Jacobian (I - ŵŵᵀ) g / ‖w‖, in three passes: the radial part, its removal, one per-row
+        # factor that also carries 2 × grad_out
+        radial = torch.linalg.vecdot(g_unit, unit).unsqueeze(-1)
+        factor = (grad_out.view(-1, 1) * 2.0 / norms).unsqueeze(-1)
+        g_x = torch.addcmul(g_unit, radial, unit, value=-1.0).mul_(factor)
         return g_x, None, None, None
 
 
