@@ -70,8 +70,8 @@ MUTANTS = [
            ENERGY_TESTS),
     Mutant("energy-self-pairs-kept", ENERGY, "            _zero_self_pairs(inv, diagonal)\n", "", ENERGY_TESTS),
     Mutant("half-space-s2-closed-form-slope", ENERGY, ".mul_(16.0 * a_)", ".mul_(8.0 * a_)", ENERGY_TESTS),
-    Mutant("energy-normalization-jacobian", ENERGY, "g_x = torch.addcmul(g_unit, radial, unit, value=-1.0).mul_(factor)",
-           "g_x = g_unit * factor", ENERGY_TESTS),
+    Mutant("energy-normalization-jacobian", ENERGY,
+           "g_x = torch.addcmul(g_unit, radial, unit, value=-1.0).mul_(factor)", "g_x = g_unit * factor", ENERGY_TESTS),
     Mutant("energy-mean-pairs", ENERGY, "            pairs = n * (n - 1)\n", "            pairs = n * n\n",
            ENERGY_TESTS),
     # ---------------------------------------------------------------- half-space pairing
