@@ -436,3 +436,19 @@ def test_schedules_match_dense_autograd(s, metric, half_space):
     chunked = hyperspherical_energy(w, s=s, metric=metric, half_space=half_space, chunk_size=50)
     (g_chunk,) = torch.autograd.grad(chunked, w)
     torch.testing.assert_close(g_chunk, g_ref, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("s,metric,half_space,reduction", VARIANTS)
+def test_split_gram_matches_double_loop(monkeypatch, s, metric, half_space, reduction):
+    """Layers of SPLIT_MIN_ROWS rows or more take the Gram matrix as three blocks [A; B]; lowered to 4 here so
+    that 7 rows (uneven halves 3 + 4) take that path: value against the loop, gradient against gradcheck."""
+    from lightning_hyper.functional import energy
+
+    monkeypatch.setattr(energy, "SPLIT_MIN_ROWS", 4)
+    w = torch.randn(7, 5, dtype=torch.float64) * torch.rand(7, 1, dtype=torch.float64).add(0.1)
+    got = hyperspherical_energy(w, s=s, metric=metric, half_space=half_space, reduction=reduction)
+    assert got.item() == pytest.approx(loop_energy(w.numpy(), s, metric, half_space, reduction), rel=1e-10,
+                                       abs=1e-12)
+    w.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda x: hyperspherical_energy(x, s=s, metric=metric, half_space=half_space, reduction=reduction), (w,))
