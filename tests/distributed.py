@@ -12,6 +12,9 @@ import itertools
 import os
 import socket
 
+import lightning as L
+import torch
+
 _LOW, _HIGH = 20000, 32767  # below Linux' default ephemeral range 32768-60999
 _USED: set[int] = set()
 
@@ -44,3 +47,32 @@ def free_port() -> int:
             _USED.add(port)
             return port
     raise RuntimeError("no free TCP port outside the ephemeral range for the DDP rendezvous")
+
+
+class LogRecorder(L.Callback):
+    """Records, per rank, the raw value of every ``self.log`` call whose name starts with one of ``prefixes``
+    (before any cross-rank reduction), whether it asked for ``sync_dist``, and after every batch the value the
+    trainer then holds in ``callback_metrics``. Subclasses save what they need in ``on_train_end``."""
+
+    def __init__(self, folder, prefixes: tuple[str, ...]) -> None:
+        self.folder = str(folder)
+        self.prefixes = tuple(prefixes)
+        self.raw: dict[str, list[float]] = {}
+        self.logged: dict[str, list[float]] = {}
+        self.sync: dict[str, bool] = {}
+
+    def setup(self, trainer, pl_module, stage):
+        torch.set_num_threads(1)
+        original = pl_module.log
+
+        def log(name, value, *args, **kwargs):
+            if name.startswith(self.prefixes):
+                self.raw.setdefault(name, []).append(float(value))
+                self.sync[name] = bool(kwargs.get("sync_dist", False))
+            return original(name, value, *args, **kwargs)
+
+        pl_module.log = log
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        for name in self.raw:
+            self.logged.setdefault(name, []).append(float(trainer.callback_metrics[name]))

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from tests.distributed import LogRecorder
 from lightning_hyper.callbacks import CoMHEProjection, CoMHERegularizer, EnergyMonitor, MHERegularizer
 
 IN, HIDDEN, MID, CLASSES = 12, 16, 15, 5
@@ -67,26 +68,9 @@ def full_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-class Recorder(L.Callback):
+class Recorder(LogRecorder):
     def __init__(self, folder: str) -> None:
-        self.folder = folder
-        self.raw: dict[str, list[float]] = {}
-        self.logged: dict[str, list[float]] = {}
-
-    def setup(self, trainer, pl_module, stage):
-        torch.set_num_threads(1)
-        original = pl_module.log
-
-        def log(name, value, *args, **kwargs):
-            if name.startswith(PREFIXES):
-                self.raw.setdefault(name, []).append(float(value))
-            return original(name, value, *args, **kwargs)
-
-        pl_module.log = log
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        for name in self.raw:
-            self.logged.setdefault(name, []).append(float(trainer.callback_metrics[name]))
+        super().__init__(folder, PREFIXES)
 
     def on_train_end(self, trainer, pl_module):
         states = {c.state_key: c.state_dict() for c in trainer.callbacks

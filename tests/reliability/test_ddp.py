@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_hyper.callbacks import MHERegularizer
 from tests.callbacks.helpers import PlainNet, trainer
-from tests.distributed import free_port
+from tests.distributed import LogRecorder, free_port
 from tests.reliability.families import (
     FAMILIES,
     assert_same_state,
@@ -37,7 +37,7 @@ from tests.reliability.families import (
 STEPS = 4
 
 
-class RankRecorder(Callback):
+class RankRecorder(LogRecorder):
     """Records, per rank, the raw value of every ``self.log`` call of the callbacks (before the
     cross-rank reduction), the value the trainer then holds in ``callback_metrics``, and the final
     replica and callback states."""
@@ -45,26 +45,7 @@ class RankRecorder(Callback):
     PREFIXES = ("mhe/", "monitor/", "comhe/", "dh2l/", "orthogonal/", "orthogonality/")
 
     def __init__(self, folder) -> None:
-        self.folder = str(folder)
-        self.raw: dict[str, list[float]] = {}
-        self.logged: dict[str, list[float]] = {}
-        self.sync: dict[str, bool] = {}
-
-    def setup(self, trainer, pl_module, stage):
-        torch.set_num_threads(1)
-        original = pl_module.log
-
-        def log(name, value, *args, **kwargs):
-            if name.startswith(self.PREFIXES):
-                self.raw.setdefault(name, []).append(float(value))
-                self.sync[name] = bool(kwargs.get("sync_dist", False))
-            return original(name, value, *args, **kwargs)
-
-        pl_module.log = log
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        for name in self.raw:
-            self.logged.setdefault(name, []).append(float(trainer.callback_metrics[name]))
+        super().__init__(folder, self.PREFIXES)
 
     def on_train_end(self, trainer, pl_module):
         states = {type(c).__name__: c.state_dict() for c in trainer.callbacks if c is not self}
