@@ -17,13 +17,20 @@ negation; its energy over the 2N points is computed from the same N×N Gram matr
 
 ``reduction="mean"`` divides by the number of ordered pairs, N(N-1) (2N(2N-1) half-space).
 
-Implementation: one Gram GEMM per row block (one block, the whole Gram, for small layers), the
-kernel applied elementwise in place (self pairs are replaced by a safe value *before* any
-log/pow/acos and zeroed after, so no 0·inf appears), and, when a gradient is needed, the block's rows
-of :math:`\nabla_{\hat W} = 2K\hat W` (K the kernel-derivative matrix) from one more GEMM in the
-forward pass; the custom backward is then only the normalization Jacobian. Peak memory is
-O(N·chunk + N·d); nothing of size N×N×d is ever built, and N×N only when it fits the block budget.
-Always runs with autocast off, in float32 (float64 if the input is float64).
+Implementation (``dE/dx`` is formed in the forward pass; the custom backward only scales it):
+
+* wide layers (N <= d: every convolution of a ResNet) take the Gram matrix of the raw rows (split recursively into
+  AAᵀ, BBᵀ, ABᵀ from 128 rows), rescale it to cosines on N×N, apply the kernel in place, and get the gradient from
+  one GEMM ``M x`` with ``M = 2 D K D - 2 diag(r / n^2)`` (K the kernel-derivative matrix, D = diag(1/n),
+  :math:`r_i = \sum_j K_{ij} G_{ij}`): the normalization Jacobian lives on M's diagonal, so no N×d pass is made
+  but the GEMMs' own;
+* tall layers (N > d) normalize the rows once and take the Gram matrix in square tiles on and above the diagonal
+  (cache-sized on CPU), each tile's kernel in place and its rows of :math:`2K\hat W` added by GEMM at once; then
+  the normalization Jacobian on N×d.
+
+Self pairs are replaced by a safe value *before* any log/pow/acos and zeroed after, so no 0·inf appears. Peak
+memory is O(N·d + tile²) (O(N·d + N²) for wide layers whose N×N fits the block budget); nothing of size N×N×d is
+ever built. Always runs with autocast off, in float32 (float64 if the input is float64).
 """
 from __future__ import annotations
 
@@ -310,7 +317,10 @@ def _prepare(neurons: Tensor, min_norm: float, zero_norm: str, name: str,
     if x.shape[-2] and x.shape[-1] == 0:
         raise ValueError(f"{name}: neurons have dimension d=0 (shape {tuple(x.shape)})")
     norms = torch.linalg.vector_norm(x.detach(), dim=-1)
-    if not x.numel() or bool(((norms >= min_norm) & (norms < math.inf)).all()):
+    if not x.numel():
+        return x, norms
+    low, high = torch.aminmax(norms)  # one pass; NaN propagates into both and takes the slow path
+    if low.item() >= min_norm and high.item() < math.inf:
         return x, norms
     if not bool(torch.isfinite(x.detach()).all()):
         bad = (~torch.isfinite(x.detach())).any(dim=-1).nonzero()[:5].tolist()
@@ -350,101 +360,143 @@ def block_rows(n: int, chunk_size: int | None, batch: int = 1) -> int:
     return max(1, DEFAULT_BLOCK_ELEMENTS // max(n * batch, 1))
 
 
-def _row_blocks(n: int, rows: int) -> list[tuple[int, int]]:
-    return [(a, min(a + rows, n)) for a in range(0, n, rows)]
-
-
 def _zero_self_pairs(t: Tensor, diagonal: int | None) -> None:
     """Zero the self pairs ``(i, i + diagonal)`` of a (B, R, M) block in place (O(R), no mask)."""
     if diagonal is not None:
         t.diagonal(offset=diagonal, dim1=1, dim2=2).zero_()
 
 
-#: from this many rows the Gram matrix is computed as its two diagonal half blocks and one off-diagonal block
-#: (the other is its transpose) whenever a half block fits the row-block budget: 3/4 of the Gram FLOPs and of
-#: the kernel's passes (measured 0.68-0.88x the whole-matrix time at N = 2048-4096 on CPU; no gain at N = 512)
-SPLIT_MIN_ROWS = 1024
+#: raw-Gram path ("wide" layers, N <= d, e.g. every convolution of a ResNet): the cosines are the Gram matrix of the
+#: raw rows rescaled on N×N, and the gradient is one GEMM ``M x`` of the raw rows (the normalization Jacobian folded
+#: into M's diagonal), so no N×d pass but the GEMMs' own reads. From this many rows its Gram is split recursively
+#: into AAᵀ, BBᵀ, ABᵀ (the fourth block a copy of the third) down to blocks of 64-127 rows: 0.72x the single GEMM's
+#: time at (256, 2304), 0.67x at (512, 4608), 0.55x at (2048, 2048) (1 thread; none at 128 rows)
+RAW_SPLIT_MIN_ROWS = 128
 
 
-def _split_gram(unit: Tensor, spec: PairKernel, need: bool) -> tuple[Tensor, Tensor | None]:
-    """Energy sum (and gradient rows ``K Û``) from the blocks AAᵀ, BBᵀ, ABᵀ of ``unit = [A; B]``, one block
-    alive at a time; the off-diagonal block stands for both orders of its pairs."""
-    h = unit.shape[1] // 2
-    a, b = unit[:, :h], unit[:, h:]
-    g_unit = torch.empty_like(unit) if need else None
-    total = None
-    for rows, g_rows in ((a, slice(None, h)), (b, slice(h, None))):
-        c = rows @ rows.transpose(1, 2)
-        _zero_self_pairs(c, 0)  # a safe value before the kernel
-        t, k = spec.sum_and_slope_(c, 0, need)
-        total = t if total is None else total + t
-        if g_unit is not None:
-            torch.matmul(k, rows, out=g_unit[:, g_rows])
-        del c, k
-    t_ab, k_ab = spec.sum_and_slope_(a @ b.transpose(1, 2), None, need)
-    total = total + 2.0 * t_ab
-    if g_unit is not None:
-        g_unit[:, :h].baddbmm_(k_ab, b)
-        g_unit[:, h:].baddbmm_(k_ab.transpose(1, 2), a)
-    return total, g_unit
+def _raw_gram(x: Tensor) -> Tensor:
+    """Gram matrix ``x xᵀ`` of (B, N, d) rows, from its upper blocks (see RAW_SPLIT_MIN_ROWS)."""
+    if x.shape[1] < RAW_SPLIT_MIN_ROWS:
+        return x @ x.transpose(1, 2)
+    g = x.new_empty(x.shape[0], x.shape[1], x.shape[1])
+    _fill_gram(x, g)
+    return g
+
+
+def _fill_gram(x: Tensor, g: Tensor) -> None:
+    n = x.shape[1]
+    if n < RAW_SPLIT_MIN_ROWS:
+        g.copy_(x @ x.transpose(1, 2))
+        return
+    h = n // 2
+    a, b = x[:, :h], x[:, h:]
+    _fill_gram(a, g[:, :h, :h])
+    _fill_gram(b, g[:, h:, h:])
+    ab = a @ b.transpose(1, 2)
+    g[:, :h, h:] = ab
+    g[:, h:, :h] = ab.transpose(1, 2)
+
+
+def _raw_energy(x: Tensor, inv: Tensor, spec: PairKernel, need: bool, scale: float) -> tuple[Tensor, Tensor | None]:
+    r"""Energy sums (B,) and ``scale * dE/dx`` of (B, N, d) rows ``x`` with inverse norms ``inv`` (B, N), the whole
+    N×N at once.
+
+    With :math:`c_{ij} = (xx^T)_{ij} / (n_i n_j)` and :math:`K_{ij} = f'(c_{ij})` (zero on the diagonal),
+    :math:`\partial E/\partial x_i = \tfrac{2}{n_i}\sum_j K_{ij} x_j / n_j - \tfrac{2 r_i}{n_i^2} x_i`,
+    :math:`r_i = \sum_j K_{ij} c_{ij}`: one GEMM ``M x`` with ``M = 2 D K D - 2 diag(r / n^2)``, D = diag(1/n).
+    """
+    outer = inv.unsqueeze(2) * inv.unsqueeze(1)
+    gram = _raw_gram(x)
+    c = gram * outer
+    _zero_self_pairs(c, 0)  # a safe value before the kernel
+    total, k = spec.sum_and_slope_(c, 0, need)
+    if k is None:
+        return total, None
+    m = k.mul_(outer.mul_(2.0 * scale))  # 2 scale D K D, zero on the diagonal
+    # r_i = sum_j K_ij c_ij = sum_j (D K D)_ij (x xᵀ)_ij: the radial part of each row's gradient, on the diagonal
+    m.diagonal(dim1=1, dim2=2).sub_(torch.linalg.vecdot(m, gram).mul_(inv.square_()))
+    return total, m @ x
+
+
+#: on CPU the tall-layer path takes the Gram matrix in square tiles of about this many entries (all sets of a batch
+#: together; 1 MiB of float32, so that each tile's elementwise kernel runs in the core's L2 cache instead of memory):
+#: (4096, 512) half-space forward+backward 0.74x the time of half blocks of the whole Gram, CoMHE's (5, 4096, 30)
+#: 0.32x (1 thread). Accelerators take tiles as large as the block budget allows.
+CPU_TILE_ELEMENTS = 1 << 18
+
+
+def tile_rows(n: int, chunk_size: int | None, batch: int, device: torch.device) -> int:
+    """Rows (= columns) of one Gram tile: ``chunk_size`` if given, else a cache-sized tile on CPU (see
+    CPU_TILE_ELEMENTS) and the block budget elsewhere."""
+    if chunk_size is not None:
+        return block_rows(n, chunk_size, batch)
+    budget = CPU_TILE_ELEMENTS if device.type == "cpu" else DEFAULT_BLOCK_ELEMENTS
+    return max(64, math.isqrt(budget // max(batch, 1)))
+
+
+def _unit_energy(x: Tensor, inv: Tensor, spec: PairKernel, need: bool, scale: float,
+                 tile: int) -> tuple[Tensor, Tensor | None]:
+    """As :func:`_raw_energy` for tall layers (N > d) or Gram matrices over the block budget: the rows are
+    normalized once (an N×d pass is cheaper than the N×N ones here), and the Gram matrix is taken in square tiles of
+    ``tile`` rows on and above the diagonal (a tile above stands for both orders of its pairs: about half the Gram
+    FLOPs and kernel passes). Each tile's kernel runs in place and its rows of ``K Û`` (both orders) are added by
+    GEMM at once, so nothing N×N exists: peak memory O(B·tile² + B·N·d). Then the normalization Jacobian on N×d."""
+    n = x.shape[1]
+    unit = x * inv.unsqueeze(-1)
+    total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    g_unit = torch.zeros_like(unit) if need else None
+    for a0 in range(0, n, tile):
+        ua = unit[:, a0:a0 + tile]
+        for b0 in range(a0, n, tile):
+            ub = unit[:, b0:b0 + tile]
+            c = ua @ ub.transpose(1, 2)
+            if b0 == a0:  # a diagonal tile: each pair in both orders, self pairs left out
+                _zero_self_pairs(c, 0)  # a safe value before the kernel
+                t, k = spec.sum_and_slope_(c, 0, need)
+                total += t
+                if g_unit is not None:
+                    g_unit[:, a0:a0 + tile].baddbmm_(k, ua)
+            else:  # a tile above the diagonal stands for the one below
+                t, k = spec.sum_and_slope_(c, None, need)
+                total += 2.0 * t
+                if g_unit is not None:
+                    g_unit[:, a0:a0 + tile].baddbmm_(k, ub)
+                    g_unit[:, b0:b0 + tile].baddbmm_(k.transpose(1, 2), ua)
+            del c, k
+    if g_unit is None:
+        return total, None
+    # dE/dû = (K + Kᵀ) û = 2 K û; the Jacobian (I - ûûᵀ) g / ‖w‖ in place: the radial part, its removal, 2/‖w‖
+    radial = torch.linalg.vecdot(g_unit, unit).unsqueeze(-1)
+    return total, g_unit.addcmul_(radial, unit, value=-1.0).mul_((inv * (2.0 * scale)).unsqueeze(-1))
 
 
 class _GramEnergyFn(torch.autograd.Function):
-    """Sum over ordered pairs i != j of the pair term, from normalized rows (see module doc).
-
-    Rows are taken in blocks of ``rows`` (one block, the whole Gram matrix, when ``rows >= N``): each block's
-    cosines against all N rows come from one GEMM, the kernel runs in place on them, and, when a gradient is
-    needed, the block's rows of ``dE/dû = 2 K û`` (K symmetric) come from one more GEMM at once, so nothing of
-    size N×N outlives its block: the backward is only the normalization Jacobian. Peak memory
-    O(rows · N + N · d). (Upper-triangle blocks halve the Gram FLOPs but measured 2-4x slower on CPU.)
-    """
+    """``scale * (sum over ordered pairs i != j of the pair term) + offset`` of (N, d) or (B, N, d) rows (see the
+    module doc); ``dE/dx`` is formed in the forward (by :func:`_raw_energy` or :func:`_unit_energy`), so nothing
+    N×N is kept and the backward is one multiplication by the incoming gradient."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, norms: Tensor, spec: PairKernel, rows: int) -> Tensor:  # type: ignore[override]
-        # x: (B, N, d), norms: (B, N) detached; returns (B,) energies
-        n = x.shape[1]
-        unit = x / norms.unsqueeze(-1)
+    def forward(ctx, x: Tensor, norms: Tensor, spec: PairKernel, chunk_size: int | None,  # type: ignore[override]
+                scale: float, offset: float) -> Tensor:
+        batched = x.dim() == 3
+        xb, nb = (x, norms) if batched else (x.unsqueeze(0), norms.unsqueeze(0))
+        n, d = xb.shape[1], xb.shape[2]
         need = x.requires_grad
-        unit_t = unit.transpose(1, 2)
-        h = n // 2
-        if n >= SPLIT_MIN_ROWS and h * (n - h) <= rows * n:  # 3 of the Gram's 4 half blocks, each within budget
-            total, g_unit = _split_gram(unit, spec, need)
-        elif rows >= n:  # one block: the whole Gram matrix
-            c = unit @ unit_t
-            _zero_self_pairs(c, 0)  # a safe value before the kernel
-            total, k = spec.sum_and_slope_(c, 0, need)
-            g_unit = k @ unit if k is not None else None
+        inv = nb.reciprocal()
+        if n <= d and chunk_size is None and n * n * xb.shape[0] <= DEFAULT_BLOCK_ELEMENTS:
+            total, grad = _raw_energy(xb, inv, spec, need, scale)
         else:
-            total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
-            g_unit = torch.empty_like(unit) if need else None
-            for a, b in _row_blocks(n, rows):
-                c = unit[:, a:b] @ unit_t
-                _zero_self_pairs(c, a)
-                t, k = spec.sum_and_slope_(c, a, need)
-                total += t
-                if g_unit is not None:
-                    torch.matmul(k, unit, out=g_unit[:, a:b])
-        ctx.spec = spec
+            total, grad = _unit_energy(xb, inv, spec, need, scale, tile_rows(n, chunk_size, xb.shape[0], x.device))
         if need:
-            ctx.save_for_backward(unit, norms, g_unit)
-        return total.to(x.dtype)
+            ctx.save_for_backward(grad if batched else grad[0])
+        total = total.mul_(scale).add_(offset).to(x.dtype)
+        return total if batched else total[0]
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        # a custom backward runs under the autocast state of the caller of .backward(): keep it off
-        with autocast_off(grad_out.device.type):
-            return _GramEnergyFn._backward(ctx, grad_out)
-
-    @staticmethod
-    def _backward(ctx, grad_out: Tensor) -> tuple[Tensor, None, None, None]:
-        unit, norms, g_unit = ctx.saved_tensors
-        # each ordered pair (i, j) and (j, i) holds the same K_ij: dE/dû = (K + Kᵀ) û = 2 K û
-        # normalization Jacobian (I - ŵŵᵀ) g / ‖w‖, in three passes: the radial part, its removal, one per-row
-        # factor that also carries 2 × grad_out
-        radial = torch.linalg.vecdot(g_unit, unit).unsqueeze(-1)
-        factor = (grad_out.view(-1, 1) * 2.0 / norms).unsqueeze(-1)
-        g_x = torch.addcmul(g_unit, radial, unit, value=-1.0).mul_(factor)
-        return g_x, None, None, None
+        (grad,) = ctx.saved_tensors
+        g = grad * (grad_out.view(-1, 1, 1) if grad.dim() == 3 else grad_out)
+        return g, None, None, None, None, None
 
 
 def hyperspherical_energy(
@@ -472,8 +524,8 @@ def hyperspherical_energy(
         reduction: ``"sum"`` over ordered pairs i≠j, or ``"mean"`` (divided by their number).
         angle_unit: ``"radian"`` (thesis) or ``"pi"`` (θ/π, the authors' code).
         eps: added to the squared chord (euclidean); cosine clamp margin (angular).
-        chunk_size: rows per Gram block (default: so a block holds 2^25 entries); peak memory
-            is O(N · chunk_size).
+        chunk_size: rows of one square Gram tile (default: a cache-sized tile on CPU, the wide-layer path
+            or a 2^25-entry tile elsewhere); peak memory is O(chunk_size² + N · d).
         min_norm: rows with a smaller norm have no direction.
         zero_norm: ``"error"`` (default) raises on such rows; ``"exclude"`` leaves them out (in a batch
             ``(B, N, d)``, each set loses its own such rows; a set left with fewer than 2 rows has energy 0).
@@ -496,30 +548,20 @@ def _energy(neurons: Tensor, s: float, metric: str, half_space: bool, reduction:
         except _RaggedExclusion:  # rare: zero-norm rows in a batch of sets, each set on its own
             return torch.stack([_energy(w, s, metric, half_space, reduction, angle_unit, eps, chunk_size, min_norm,
                                         zero_norm, quiet=True) for w in neurons])
-        batched = x.dim() == 3
-        if not batched:
-            x, norms = x.unsqueeze(0), norms.unsqueeze(0)
-        n = x.shape[1]
+        n = x.shape[-2]
         spec = PairKernel(float(s), metric, float(eps), angle_unit, bool(half_space))
         if n < 2 and not (half_space and n == 1):  # no pairs: energy 0, zero gradient (never NaN)
             if not quiet:
                 warn_no_pairs(n, "hyperspherical_energy")
-            total = x.sum(dim=(1, 2)) * 0.0
-            return total if batched else total[0]
+            return x.sum(dim=(-2, -1)) * 0.0
+        pairs = 2 * n * (2 * n - 1) if half_space else n * (n - 1)
+        scale = 1.0 / pairs if reduction == "mean" else 1.0
+        offset = 2 * n * spec.antipodal_value() * scale if half_space else 0.0
         if n == 1:  # half-space: only the pair (w, -w), a constant
-            total = x.sum(dim=(1, 2)) * 0.0
-        else:
-            total = _GramEnergyFn.apply(x, norms, spec, block_rows(n, chunk_size, x.shape[0]))
-        if not batched:
-            total = total[0]
-        if half_space:
-            total = total + 2 * n * spec.antipodal_value()
-            pairs = 2 * n * (2 * n - 1)
-        else:
-            pairs = n * (n - 1)
-        if reduction == "mean":
-            total = total / pairs
-    return total
+            return x.sum(dim=(-2, -1)) * 0.0 + offset
+        if chunk_size is not None:
+            block_rows(n, chunk_size)  # validates it
+        return _GramEnergyFn.apply(x, norms, spec, chunk_size, scale, offset)
 
 
 def output_energy_from_labels(

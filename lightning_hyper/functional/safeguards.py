@@ -28,6 +28,8 @@ class _BoundGradientNorm(torch.autograd.Function):
         if isinstance(limit, Tensor):
             limit = limit.to(device=norm.device, dtype=norm.dtype)
         # finite norm > limit: scale down; a NaN/Inf gradient is passed on unchanged (the callers report it)
+        if grad.device.type == "cpu" and not bool(norm > limit):  # (a host check costs nothing on CPU; on an
+            return grad, None  # accelerator it would stall the stream, so there the scale is always applied)
         scale = torch.where(torch.isfinite(norm) & (norm > limit), limit / norm.clamp_min(1e-30),
                             torch.ones_like(norm))
         return grad * scale.to(grad.dtype), None

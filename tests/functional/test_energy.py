@@ -337,7 +337,10 @@ class LargestTensor(TorchDispatchMode):
 
 @pytest.mark.parametrize("half_space", [False, True])
 def test_chunked_memory_is_bounded(half_space):
-    """No tensor larger than N x chunk is ever produced (forward and backward); never N x N x d."""
+    """Tall layers (N > d): no tensor larger than one chunk_size² tile or the N×d rows is ever produced (forward and
+    backward), and by default (cache-sized tiles on CPU) nothing N×N either; never N x N x d."""
+    from lightning_hyper.functional import energy
+
     n, d, chunk = 600, 16, 64
     w = torch.randn(n, d, requires_grad=True)
     full = hyperspherical_energy(w.detach(), half_space=half_space)
@@ -345,10 +348,13 @@ def test_chunked_memory_is_bounded(half_space):
         e = hyperspherical_energy(w, chunk_size=chunk, half_space=half_space)
         e.backward()
     assert e.item() == pytest.approx(full.item(), rel=1e-5)
-    assert probe.largest <= n * chunk
-    with LargestTensor() as probe:  # default: a single block for small N, still never N x N x d
-        hyperspherical_energy(w, half_space=half_space).backward()
-    assert n * n <= probe.largest < n * n * 2
+    assert probe.largest <= max(chunk * chunk, n * d)
+    with LargestTensor() as probe:
+        e = hyperspherical_energy(w, half_space=half_space)
+        e.backward()
+    assert e.item() == pytest.approx(full.item(), rel=1e-5)
+    tile = energy.tile_rows(n, None, 1, w.device)
+    assert tile < n and probe.largest <= max(tile * tile, n * d) < n * n
 
 
 @pytest.mark.parametrize("half_space", [False, True])
@@ -439,16 +445,75 @@ def test_schedules_match_dense_autograd(s, metric, half_space):
 
 
 @pytest.mark.parametrize("s,metric,half_space,reduction", VARIANTS)
-def test_split_gram_matches_double_loop(monkeypatch, s, metric, half_space, reduction):
-    """Layers of SPLIT_MIN_ROWS rows or more take the Gram matrix as three blocks [A; B]; lowered to 4 here so
-    that 7 rows (uneven halves 3 + 4) take that path: value against the loop, gradient against gradcheck."""
-    from lightning_hyper.functional import energy
-
-    monkeypatch.setattr(energy, "SPLIT_MIN_ROWS", 4)
+def test_gram_tiles_match_double_loop(s, metric, half_space, reduction):
+    """Tall layers take the Gram matrix in square tiles on and above the diagonal (a tile above stands for both
+    orders of its pairs); 7 rows in tiles of 3 give diagonal tiles, tiles above it and a ragged last tile: value
+    against the loop, gradient against gradcheck."""
     w = torch.randn(7, 5, dtype=torch.float64) * torch.rand(7, 1, dtype=torch.float64).add(0.1)
-    got = hyperspherical_energy(w, s=s, metric=metric, half_space=half_space, reduction=reduction)
+    got = hyperspherical_energy(w, s=s, metric=metric, half_space=half_space, reduction=reduction, chunk_size=3)
     assert got.item() == pytest.approx(loop_energy(w.numpy(), s, metric, half_space, reduction), rel=1e-10,
                                        abs=1e-12)
     w.requires_grad_(True)
     assert torch.autograd.gradcheck(
-        lambda x: hyperspherical_energy(x, s=s, metric=metric, half_space=half_space, reduction=reduction), (w,))
+        lambda x: hyperspherical_energy(x, s=s, metric=metric, half_space=half_space, reduction=reduction,
+                                        chunk_size=3), (w,))
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("s,metric,half_space,reduction", VARIANTS)
+def test_raw_gram_path_matches_double_loop(monkeypatch, split, s, metric, half_space, reduction):
+    """Wide layers (N <= d, every ResNet convolution) take the raw-Gram path: cosines rescaled on N×N, the
+    gradient one GEMM ``M x`` with the normalization Jacobian on M's diagonal; from RAW_SPLIT_MIN_ROWS rows
+    (lowered to 4 here: uneven halves 3 + 4) the Gram is three half blocks. Value against the loop, gradient
+    against gradcheck and against the tall path (chunk_size=2) on the same rows."""
+    from lightning_hyper.functional import energy
+
+    monkeypatch.setattr(energy, "RAW_SPLIT_MIN_ROWS", 4 if split else 10**9)
+    w = torch.randn(7, 9, dtype=torch.float64) * torch.rand(7, 1, dtype=torch.float64).add(0.1)
+    got = hyperspherical_energy(w, s=s, metric=metric, half_space=half_space, reduction=reduction)
+    assert got.item() == pytest.approx(loop_energy(w.numpy(), s, metric, half_space, reduction), rel=1e-10,
+                                       abs=1e-12)
+    w.requires_grad_(True)
+    f = lambda x: hyperspherical_energy(x, s=s, metric=metric, half_space=half_space, reduction=reduction)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (w,))
+    (g_raw,) = torch.autograd.grad(f(w), w)
+    (g_tall,) = torch.autograd.grad(hyperspherical_energy(w, s=s, metric=metric, half_space=half_space,
+                                                          reduction=reduction, chunk_size=2), w)
+    torch.testing.assert_close(g_raw, g_tall, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape,raw", [((7, 9), True), ((9, 9), True), ((9, 7), False), ((2, 3, 5), True)])
+def test_path_selection(monkeypatch, shape, raw):
+    """Wide layers (N <= d) take the raw-Gram path, tall ones the normalized-rows path; both give the loop's value
+    (batched sets included)."""
+    from lightning_hyper.functional import energy
+
+    calls = []
+    for name in ("_raw_energy", "_unit_energy"):
+        original = getattr(energy, name)
+        monkeypatch.setattr(energy, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    w = torch.randn(*shape, dtype=torch.float64)
+    got = hyperspherical_energy(w, s=1.0)
+    assert calls == ["_raw_energy" if raw else "_unit_energy"]
+    sets = w if w.dim() == 3 else w[None]
+    ref = [loop_energy(v.numpy(), 1.0, "euclidean", False, "mean") for v in sets]
+    np.testing.assert_allclose(got.reshape(-1).numpy(), ref, rtol=1e-10)
+
+
+def test_raw_path_float32_near_collinear_rows():
+    """Two rows 1e-2 apart in float32: the raw-Gram cosines (rescaled after the GEMM) are as accurate as the
+    normalized-rows path's (float32 1 - c is what limits both; at 3e-3 apart both are off by up to 4 %): energy
+    within 1 % of float64, gradient within 3 %."""
+    torch.manual_seed(0)
+    base = torch.randn(1, 64, dtype=torch.float64)
+    w64 = torch.cat([base, base + 1e-2 * torch.randn(1, 64, dtype=torch.float64),
+                     torch.randn(30, 64, dtype=torch.float64)]) * torch.rand(32, 1, dtype=torch.float64).add(0.5)
+    w64.requires_grad_(True)
+    ref = hyperspherical_energy(w64, s=2)
+    (g64,) = torch.autograd.grad(ref, w64)
+    for chunk_size in (None, 2):  # raw-Gram path, normalized-rows path
+        w32 = w64.detach().float().requires_grad_()
+        got = hyperspherical_energy(w32, s=2, chunk_size=chunk_size)
+        assert got.item() == pytest.approx(ref.item(), rel=1e-2)
+        (g32,) = torch.autograd.grad(got, w32)
+        assert (g32.double() - g64).norm() / g64.norm() < 3e-2
