@@ -3,6 +3,8 @@
 Prints, measured side by side in one run on the same model and batch:
   * with MHERegularizer / without  (target <= 1.05)
   * with a naive per-layer autograd energy / without (what a direct implementation costs)
+  * the floor: without + the penalty's unavoidable GEMMs timed alone (half of each Gram matrix and the gradient's
+    N×N by N×d product), over without: what no exact per-step energy can beat on this machine
 
     python benchmarks/train_overhead.py [--steps 5] [--batch 64] [--device cpu]
 """
@@ -64,6 +66,25 @@ def main() -> None:
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
+    rows = [as_neurons(m).detach().contiguous() for m, _ in layers]
+    slopes = [torch.randn(w.shape[0], w.shape[0], device=w.device) for w in rows]
+
+    def gemm_floor() -> float:
+        """The penalty's unavoidable GEMMs, timed alone: half of each layer's Gram matrix (its symmetric half; the
+        full GEMM timed and halved) and the gradient's ``M x`` (N²d each: dE/dx_i sums over all j)."""
+        half = sum(_timed_gemm(lambda w=w: w @ w.T) for w in rows) / 2
+        grad = sum(_timed_gemm(lambda w=w, m=m: m @ w) for w, m in zip(rows, slopes))
+        return half + grad
+
+    def _timed_gemm(fn) -> float:
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
     variants = {"plain": None, "mhe": penalty_ours, "naive": penalty_naive}
     for fn in variants.values():  # warm-up
         step(fn)
@@ -71,6 +92,7 @@ def main() -> None:
     for _ in range(args.steps):  # interleave so background load hits all variants alike
         for k, fn in variants.items():
             times[k].append(step(fn))
+    floor = statistics.median(gemm_floor() for _ in range(max(args.steps, 3)))
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"device={args.device} threads={torch.get_num_threads()} layers with MHE={len(layers)} "
           f"batch={args.batch} steps={args.steps}")
@@ -78,6 +100,8 @@ def main() -> None:
         print(f"  {k:>6}: {med[k] * 1e3:8.1f} ms/step")
     print(f"ratio MHE/plain   = {med['mhe'] / med['plain']:.3f}  (target <= 1.05)")
     print(f"ratio naive/plain = {med['naive'] / med['plain']:.3f}")
+    print(f"floor: (plain + the penalty's GEMMs alone, {floor * 1e3:.1f} ms) / plain = "
+          f"{(med['plain'] + floor) / med['plain']:.3f}  (no exact per-step energy can be cheaper)")
 
 
 if __name__ == "__main__":

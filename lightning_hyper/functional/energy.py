@@ -161,7 +161,7 @@ def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
 def _sum64(t: Tensor) -> Tensor:
     """Sum of a (B, R, M) block per set, float64: rows summed in their own dtype (torch's cascade sum), the R
     row sums in float64 (a float64 reduction over the whole block would first copy it to float64: 10-20x)."""
-    return t.sum(dim=2).sum(dim=1, dtype=torch.float64)
+    return t.sum(dim=-1).sum(dim=-1, dtype=torch.float64)
 
 
 def _riesz_(r2: Tensor, s: float) -> Tensor:
@@ -298,13 +298,9 @@ def normalize_neurons(neurons: Tensor, min_norm: float = 1e-6) -> tuple[Tensor, 
     return unit, norms
 
 
-def _prepare(neurons: Tensor, min_norm: float, zero_norm: str, name: str,
-             batched: bool = False) -> tuple[Tensor, Tensor]:
-    """Validate ``neurons``; return ``(x, norms)``: float32/64 rows and their (detached) norms.
-
-    The common case costs one norm pass and one host sync; the slow path diagnoses NaN/Inf,
-    rescales rows whose norm overflows, and rejects or drops rows of norm < ``min_norm``.
-    """
+def _rows(neurons: Tensor, zero_norm: str, name: str, batched: bool = False) -> Tensor:
+    """Validate the type, shape and ``zero_norm`` of ``neurons``; return them as float32/64 rows (no pass over
+    them)."""
     if not isinstance(neurons, Tensor):
         raise TypeError(f"{name}: expected a Tensor of shape (N, d), got {type(neurons).__name__}")
     if neurons.dim() not in (2, 3) or (neurons.dim() == 3 and not batched):
@@ -316,6 +312,17 @@ def _prepare(neurons: Tensor, min_norm: float, zero_norm: str, name: str,
     x = neurons.to(compute_dtype(neurons))
     if x.shape[-2] and x.shape[-1] == 0:
         raise ValueError(f"{name}: neurons have dimension d=0 (shape {tuple(x.shape)})")
+    return x
+
+
+def _prepare(neurons: Tensor, min_norm: float, zero_norm: str, name: str,
+             batched: bool = False) -> tuple[Tensor, Tensor]:
+    """Validate ``neurons``; return ``(x, norms)``: float32/64 rows and their (detached) norms.
+
+    The common case costs one norm pass and one host sync; the slow path diagnoses NaN/Inf,
+    rescales rows whose norm overflows, and rejects or drops rows of norm < ``min_norm``.
+    """
+    x = _rows(neurons, zero_norm, name, batched)
     norms = torch.linalg.vector_norm(x.detach(), dim=-1)
     if not x.numel():
         return x, norms
@@ -361,9 +368,9 @@ def block_rows(n: int, chunk_size: int | None, batch: int = 1) -> int:
 
 
 def _zero_self_pairs(t: Tensor, diagonal: int | None) -> None:
-    """Zero the self pairs ``(i, i + diagonal)`` of a (B, R, M) block in place (O(R), no mask)."""
+    """Zero the self pairs ``(i, i + diagonal)`` of a (B, R, M) (or (R, M)) block in place (O(R), no mask)."""
     if diagonal is not None:
-        t.diagonal(offset=diagonal, dim1=1, dim2=2).zero_()
+        t.diagonal(offset=diagonal, dim1=-2, dim2=-1).zero_()
 
 
 #: raw-Gram path ("wide" layers, N <= d, e.g. every convolution of a ResNet): the cosines are the Gram matrix of the
@@ -375,38 +382,52 @@ RAW_SPLIT_MIN_ROWS = 128
 
 
 def _raw_gram(x: Tensor) -> Tensor:
-    """Gram matrix ``x xᵀ`` of (B, N, d) rows, from its upper blocks (see RAW_SPLIT_MIN_ROWS)."""
-    if x.shape[1] < RAW_SPLIT_MIN_ROWS:
-        return x @ x.transpose(1, 2)
-    g = x.new_empty(x.shape[0], x.shape[1], x.shape[1])
+    """Gram matrix ``x xᵀ`` of (..., N, d) rows, from its upper blocks (see RAW_SPLIT_MIN_ROWS)."""
+    n = x.shape[-2]
+    if n < RAW_SPLIT_MIN_ROWS:
+        return x @ x.transpose(-1, -2)
+    g = x.new_empty(*x.shape[:-1], n)
     _fill_gram(x, g)
     return g
 
 
 def _fill_gram(x: Tensor, g: Tensor) -> None:
-    n = x.shape[1]
+    n = x.shape[-2]
     if n < RAW_SPLIT_MIN_ROWS:
-        g.copy_(x @ x.transpose(1, 2))
+        g.copy_(x @ x.transpose(-1, -2))
         return
     h = n // 2
-    a, b = x[:, :h], x[:, h:]
-    _fill_gram(a, g[:, :h, :h])
-    _fill_gram(b, g[:, h:, h:])
-    ab = a @ b.transpose(1, 2)
-    g[:, :h, h:] = ab
-    g[:, h:, :h] = ab.transpose(1, 2)
+    a, b = x[..., :h, :], x[..., h:, :]
+    _fill_gram(a, g[..., :h, :h])
+    _fill_gram(b, g[..., h:, h:])
+    ab = a @ b.transpose(-1, -2)
+    g[..., :h, h:] = ab
+    g[..., h:, :h] = ab.transpose(-1, -2)
 
 
-def _raw_energy(x: Tensor, inv: Tensor, spec: PairKernel, need: bool, scale: float) -> tuple[Tensor, Tensor | None]:
-    r"""Energy sums (B,) and ``scale * dE/dx`` of (B, N, d) rows ``x`` with inverse norms ``inv`` (B, N), the whole
-    N×N at once.
+class _NeedsChecks(Exception):
+    """The raw-Gram path found a row of norm < min_norm, or a NaN/Inf, on the Gram diagonal: :func:`_prepare`
+    diagnoses it (or rescales / drops the rows)."""
+
+
+def _raw_energy(x: Tensor, inv: Tensor | None, spec: PairKernel, need: bool, scale: float,
+                min_norm: float = 0.0) -> tuple[Tensor, Tensor | None]:
+    r"""Energy sums (B,) (a scalar for (N, d)) and ``scale * dE/dx`` of (..., N, d) rows ``x`` with inverse norms
+    ``inv`` (..., N), the whole N×N at once. ``inv=None`` takes the norms from the Gram diagonal (no pass over x),
+    raising ``_NeedsChecks`` if one is below ``min_norm`` or not finite.
 
     With :math:`c_{ij} = (xx^T)_{ij} / (n_i n_j)` and :math:`K_{ij} = f'(c_{ij})` (zero on the diagonal),
     :math:`\partial E/\partial x_i = \tfrac{2}{n_i}\sum_j K_{ij} x_j / n_j - \tfrac{2 r_i}{n_i^2} x_i`,
     :math:`r_i = \sum_j K_{ij} c_{ij}`: one GEMM ``M x`` with ``M = 2 D K D - 2 diag(r / n^2)``, D = diag(1/n).
     """
-    outer = inv.unsqueeze(2) * inv.unsqueeze(1)
     gram = _raw_gram(x)
+    if inv is None:
+        sq = gram.diagonal(dim1=-2, dim2=-1)
+        low, high = torch.aminmax(sq)  # NaN propagates into both
+        if not (low.item() >= min_norm * min_norm and high.item() < math.inf):
+            raise _NeedsChecks
+        inv = sq.rsqrt()
+    outer = inv.unsqueeze(-1) * inv.unsqueeze(-2)
     c = gram * outer
     _zero_self_pairs(c, 0)  # a safe value before the kernel
     total, k = spec.sum_and_slope_(c, 0, need)
@@ -414,7 +435,7 @@ def _raw_energy(x: Tensor, inv: Tensor, spec: PairKernel, need: bool, scale: flo
         return total, None
     m = k.mul_(outer.mul_(2.0 * scale))  # 2 scale D K D, zero on the diagonal
     # r_i = sum_j K_ij c_ij = sum_j (D K D)_ij (x xᵀ)_ij: the radial part of each row's gradient, on the diagonal
-    m.diagonal(dim1=1, dim2=2).sub_(torch.linalg.vecdot(m, gram).mul_(inv.square_()))
+    m.diagonal(dim1=-2, dim2=-1).sub_(torch.linalg.vecdot(m, gram).mul_(inv.square()))
     return total, m @ x
 
 
@@ -476,27 +497,35 @@ class _GramEnergyFn(torch.autograd.Function):
     N×N is kept and the backward is one multiplication by the incoming gradient."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, norms: Tensor, spec: PairKernel, chunk_size: int | None,  # type: ignore[override]
-                scale: float, offset: float) -> Tensor:
-        batched = x.dim() == 3
-        xb, nb = (x, norms) if batched else (x.unsqueeze(0), norms.unsqueeze(0))
-        n, d = xb.shape[1], xb.shape[2]
+    def forward(ctx, x: Tensor, norms: Tensor | None, spec: PairKernel,  # type: ignore[override]
+                chunk_size: int | None, scale: float, offset: float, min_norm: float) -> Tensor:
         need = x.requires_grad
-        inv = nb.reciprocal()
-        if n <= d and chunk_size is None and n * n * xb.shape[0] <= DEFAULT_BLOCK_ELEMENTS:
-            total, grad = _raw_energy(xb, inv, spec, need, scale)
-        else:
-            total, grad = _unit_energy(xb, inv, spec, need, scale, tile_rows(n, chunk_size, xb.shape[0], x.device))
+        if norms is None or _takes_raw_path(x, chunk_size):  # wide: (..., N, d) as it is
+            total, grad = _raw_energy(x, None if norms is None else norms.reciprocal(), spec, need, scale, min_norm)
+        else:  # tall: as a batch (B, N, d)
+            xb, inv = (x, norms.reciprocal()) if x.dim() == 3 else (x.unsqueeze(0), norms.reciprocal().unsqueeze(0))
+            total, grad = _unit_energy(xb, inv, spec, need, scale, tile_rows(xb.shape[1], chunk_size, xb.shape[0],
+                                                                                x.device))
+            if x.dim() == 2:
+                total, grad = total[0], (grad[0] if grad is not None else None)
         if need:
-            ctx.save_for_backward(grad if batched else grad[0])
-        total = total.mul_(scale).add_(offset).to(x.dtype)
-        return total if batched else total[0]
+            ctx.save_for_backward(grad)
+        total = total.mul_(scale)
+        if offset:
+            total = total.add_(offset)
+        return total.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         (grad,) = ctx.saved_tensors
         g = grad * (grad_out.view(-1, 1, 1) if grad.dim() == 3 else grad_out)
-        return g, None, None, None, None, None
+        return g, None, None, None, None, None, None
+
+
+def _takes_raw_path(x: Tensor, chunk_size: int | None) -> bool:
+    """Wide layers (N <= d) whose N×N Gram (per set) fits the block budget, unless a tile size is imposed."""
+    n, d = x.shape[-2], x.shape[-1]
+    return chunk_size is None and 2 <= n <= d and n * n * (x.shape[0] if x.dim() == 3 else 1) <= DEFAULT_BLOCK_ELEMENTS
 
 
 def hyperspherical_energy(
@@ -543,25 +572,37 @@ def _energy(neurons: Tensor, s: float, metric: str, half_space: bool, reduction:
     validate_energy_args(s, metric, reduction, angle_unit, eps)
     neurons = _whole(neurons)
     with autocast_off(neurons.device.type if isinstance(neurons, Tensor) else "cpu"):
+        spec = PairKernel(float(s), metric, float(eps), angle_unit, bool(half_space))
+        x = _rows(neurons, zero_norm, "neurons", batched=True)
+        if _takes_raw_path(x, chunk_size):  # the rows are checked on the Gram diagonal, no norm pass
+            try:
+                return _GramEnergyFn.apply(x, None, spec, None, *_reduction(x.shape[-2], spec, reduction), min_norm)
+            except _NeedsChecks:
+                pass
         try:
             x, norms = _prepare(neurons, min_norm, zero_norm, "neurons", batched=True)
         except _RaggedExclusion:  # rare: zero-norm rows in a batch of sets, each set on its own
             return torch.stack([_energy(w, s, metric, half_space, reduction, angle_unit, eps, chunk_size, min_norm,
                                         zero_norm, quiet=True) for w in neurons])
         n = x.shape[-2]
-        spec = PairKernel(float(s), metric, float(eps), angle_unit, bool(half_space))
         if n < 2 and not (half_space and n == 1):  # no pairs: energy 0, zero gradient (never NaN)
             if not quiet:
                 warn_no_pairs(n, "hyperspherical_energy")
             return x.sum(dim=(-2, -1)) * 0.0
-        pairs = 2 * n * (2 * n - 1) if half_space else n * (n - 1)
-        scale = 1.0 / pairs if reduction == "mean" else 1.0
-        offset = 2 * n * spec.antipodal_value() * scale if half_space else 0.0
+        scale, offset = _reduction(n, spec, reduction)
         if n == 1:  # half-space: only the pair (w, -w), a constant
             return x.sum(dim=(-2, -1)) * 0.0 + offset
         if chunk_size is not None:
             block_rows(n, chunk_size)  # validates it
-        return _GramEnergyFn.apply(x, norms, spec, chunk_size, scale, offset)
+        return _GramEnergyFn.apply(x, norms, spec, chunk_size, scale, offset, min_norm)
+
+
+def _reduction(n: int, spec: PairKernel, reduction: str) -> tuple[float, float]:
+    """``(scale, offset)`` of the energy of n neurons: the sum over ordered pairs i != j times ``scale`` (1 / their
+    number for ``"mean"``) plus ``offset`` (half-space: the 2N antipodal pairs (w, -w), scaled)."""
+    pairs = 2 * n * (2 * n - 1) if spec.half_space else n * (n - 1)
+    scale = 1.0 / pairs if reduction == "mean" else 1.0
+    return scale, (2 * n * spec.antipodal_value() * scale if spec.half_space else 0.0)
 
 
 def output_energy_from_labels(
