@@ -53,7 +53,7 @@ MUTANTS = [
     # ---------------------------------------------------------------- energy kernel
     Mutant("energy-s2-value", ENERGY, "    if s == 2:\n        return r2.reciprocal_()",
            "    if s == 2:\n        return r2.rsqrt_()", ENERGY_TESTS),
-    Mutant("energy-s2-slope", ENERGY, "        return f.square_().mul_(2.0)", "        return f.square_()",
+    Mutant("energy-s2-slope", ENERGY, "        return f.square_(), 2.0", "        return f.square_(), 1.0",
            ENERGY_TESTS),
     Mutant("energy-pair-kernel-s2-slope", ENERGY, "return f, (f.square().mul_(2.0) if need_slope else None)",
            "return f, (f.square() if need_slope else None)", ENERGY_TESTS),
@@ -70,7 +70,8 @@ MUTANTS = [
     Mutant("energy-tile-off-diagonal-once", ENERGY, "                total += 2.0 * t\n",
            "                total += t\n", ENERGY_TESTS),
     Mutant("energy-self-pairs-kept", ENERGY, "            _zero_self_pairs(inv, diagonal)\n", "", ENERGY_TESTS),
-    Mutant("half-space-s2-closed-form-slope", ENERGY, ".mul_(16.0 * a_)", ".mul_(8.0 * a_)", ENERGY_TESTS),
+    Mutant("half-space-s2-closed-form-slope", ENERGY, "inv.square_().mul_(c), a_", "inv.square_().mul_(c), 0.5 * a_",
+           ENERGY_TESTS),
     Mutant("energy-normalization-jacobian", ENERGY,
            "return total, g_unit.addcmul_(radial, unit, value=-1.0).mul_(", "return total, g_unit.mul_(", ENERGY_TESTS),
     Mutant("energy-raw-radial-diagonal", ENERGY,

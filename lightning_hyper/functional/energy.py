@@ -103,21 +103,31 @@ class PairKernel:
 
         ``c``: (B, R, M) cosines of rows ``a:a+R`` against all M columns; its entries ``(i, i + diagonal)`` are
         the self pairs (left out; ``None``: no self pair). Returns ``((B,) float64 sums, slope or None)``, the
-        slope zero on the self pairs. The default energies (euclidean, s > 0) run in place in few passes
-        (memory-bound on CPU): full space in the Gram buffer itself; half space with s = 2 from the closed
-        form ``2[1/(2-2c+eps) + 1/(2+2c+eps)] = 2A/((2-2c+eps)(2+2c+eps))``, ``A = 4 + 2 eps``.
+        slope zero on the self pairs.
+        """
+        total, k, factor = self.sum_and_scaled_slope_(c, diagonal, need_slope)
+        return total, (k.mul_(factor) if k is not None and factor != 1.0 else k)
+
+    def sum_and_scaled_slope_(self, c: Tensor, diagonal: int | None,
+                              need_slope: bool) -> tuple[Tensor, Tensor | None, float]:
+        """As :meth:`sum_and_slope_`, the slope returned as ``(k, factor)`` with d term / d c = ``factor * k``, so
+        that callers fold the constant into their own scaling (one pass less over the block).
+
+        The default energies (euclidean, s > 0) run in place in few passes (memory-bound on CPU): full space in
+        the Gram buffer itself; half space with s = 2 from the closed form
+        ``2[1/(2-2c+eps) + 1/(2+2c+eps)] = 2A/((2-2c+eps)(2+2c+eps))``, ``A = 4 + 2 eps``.
         """
         if self.metric == "euclidean" and self.s == 2 and self.half_space:
             a_, h = 4.0 + 2.0 * self.eps, 1.0 + 0.5 * self.eps
-            # den/4 = (h - c)(h + c), as a product: h^2 - c^2 would cancel catastrophically near |c| = 1
+            # den = (h - c)(h + c) = (2-2c+eps)(2+2c+eps)/4, as a product: h^2 - c^2 would cancel catastrophically
+            # near |c| = 1; the clamp is the chord clamp of both terms (r2, r2m >= eps) for |c| <= 1 + rounding
             den = torch.add(c, h).mul_(torch.rsub(c, h))
-            # the clamp is the chord clamp of both terms (r2, r2m >= eps) for |c| <= 1 + rounding
-            inv = den.clamp_min_(0.25 * self.eps * (4.0 + self.eps)).reciprocal_().mul_(0.25)
+            inv = den.clamp_min_(0.25 * self.eps * (4.0 + self.eps)).reciprocal_()
             _zero_self_pairs(inv, diagonal)
-            total = _sum64(inv).mul_(2.0 * a_)
+            total = _sum64(inv).mul_(0.5 * a_)  # 2A / (4 den)
             if not need_slope:
-                return total, None
-            return total, inv.square_().mul_(c).mul_(16.0 * a_)  # d/dc 2A/den = 16 A c / den^2
+                return total, None, 1.0
+            return total, inv.square_().mul_(c), a_  # d/dc 2A/(4 den) = A c / den^2
         if self.metric == "euclidean" and self.s > 0:
             r2 = c.mul_(-2.0).add_(2.0 + self.eps).clamp_min_(self.eps)  # squared chord + eps
             r2m = torch.rsub(r2, 4.0 + 2.0 * self.eps).clamp_min_(self.eps) if self.half_space else None
@@ -130,16 +140,16 @@ class PairKernel:
             if fm is not None:  # the four ordered pairs among ±w_i, ±w_j, counted once per (i, j)
                 total = 2.0 * (total + _sum64(fm))
             if not need_slope:
-                return total, None
-            k = _riesz_slope_(f, self.s)  # in place, self pairs stay 0
-            if fm is not None:
-                k = k.sub_(_riesz_slope_(fm, self.s)).mul_(2.0)  # r2m = 2 + 2c + eps: the opposite slope
-            return total, k
+                return total, None, 1.0
+            k, factor = _riesz_slope_(f, self.s)  # in place, self pairs stay 0
+            if fm is not None:  # r2m = 2 + 2c + eps: the opposite slope
+                return total, k.sub_(_riesz_slope_(fm, self.s)[0]), 2.0 * factor
+            return total, k, factor
         f, k = self.value_and_slope(c, need_slope, inplace=True)
         _zero_self_pairs(f, diagonal)
         if k is not None:
             _zero_self_pairs(k, diagonal)
-        return _sum64(f), k
+        return _sum64(f), k, 1.0
 
     def antipodal_value(self) -> float:
         """f(d_max): the constant term of the pair (w, -w) in half-space energy."""
@@ -161,6 +171,8 @@ def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
 def _sum64(t: Tensor) -> Tensor:
     """Sum of a (B, R, M) block per set, float64: rows summed in their own dtype (torch's cascade sum), the R
     row sums in float64 (a float64 reduction over the whole block would first copy it to float64: 10-20x)."""
+    if t.shape[-1] * t.shape[-2] <= 1 << 16:  # small: one reduction (the float64 copy costs less than a call)
+        return t.sum(dim=(-2, -1), dtype=torch.float64)
     return t.sum(dim=-1).sum(dim=-1, dtype=torch.float64)
 
 
@@ -173,14 +185,14 @@ def _riesz_(r2: Tensor, s: float) -> Tensor:
     return r2.log_().mul_(-s / 2).exp_()
 
 
-def _riesz_slope_(f: Tensor, s: float) -> Tensor:
-    """d f / d c for ``f = r2^(-s/2)``, ``r2 = 2 - 2c + eps``, from ``f`` in place:
-    ``s r2^(-s/2-1) = s f^((s+2)/s)``."""
+def _riesz_slope_(f: Tensor, s: float) -> tuple[Tensor, float]:
+    """d f / d c for ``f = r2^(-s/2)``, ``r2 = 2 - 2c + eps``, from ``f`` in place, as ``(k, factor)`` with
+    d f / d c = ``factor * k``: ``s r2^(-s/2-1) = s f^((s+2)/s)``."""
     if s == 2:
-        return f.square_().mul_(2.0)
+        return f.square_(), 2.0
     if s == 1:
-        return f.pow_(3)
-    return f.pow_((s + 2.0) / s).mul_(s)
+        return f.pow_(3), 1.0
+    return f.pow_((s + 2.0) / s), s
 
 
 def _riesz(r2: Tensor, s: float, need_slope: bool) -> tuple[Tensor, Tensor | None]:
@@ -430,10 +442,10 @@ def _raw_energy(x: Tensor, inv: Tensor | None, spec: PairKernel, need: bool, sca
     outer = inv.unsqueeze(-1) * inv.unsqueeze(-2)
     c = gram * outer
     _zero_self_pairs(c, 0)  # a safe value before the kernel
-    total, k = spec.sum_and_slope_(c, 0, need)
+    total, k, factor = spec.sum_and_scaled_slope_(c, 0, need)
     if k is None:
         return total, None
-    m = k.mul_(outer.mul_(2.0 * scale))  # 2 scale D K D, zero on the diagonal
+    m = k.mul_(outer.mul_(2.0 * scale * factor))  # 2 scale D K D, zero on the diagonal
     # r_i = sum_j K_ij c_ij = sum_j (D K D)_ij (x xᵀ)_ij: the radial part of each row's gradient, on the diagonal
     m.diagonal(dim1=-2, dim2=-1).sub_(torch.linalg.vecdot(m, gram).mul_(inv.square()))
     return total, m @ x
@@ -473,12 +485,12 @@ def _unit_energy(x: Tensor, inv: Tensor, spec: PairKernel, need: bool, scale: fl
             c = ua @ ub.transpose(1, 2)
             if b0 == a0:  # a diagonal tile: each pair in both orders, self pairs left out
                 _zero_self_pairs(c, 0)  # a safe value before the kernel
-                t, k = spec.sum_and_slope_(c, 0, need)
+                t, k, factor = spec.sum_and_scaled_slope_(c, 0, need)
                 total += t
                 if g_unit is not None:
                     g_unit[:, a0:a0 + tile].baddbmm_(k, ua)
             else:  # a tile above the diagonal stands for the one below
-                t, k = spec.sum_and_slope_(c, None, need)
+                t, k, factor = spec.sum_and_scaled_slope_(c, None, need)
                 total += 2.0 * t
                 if g_unit is not None:
                     g_unit[:, a0:a0 + tile].baddbmm_(k, ub)
@@ -488,7 +500,7 @@ def _unit_energy(x: Tensor, inv: Tensor, spec: PairKernel, need: bool, scale: fl
         return total, None
     # dE/dû = (K + Kᵀ) û = 2 K û; the Jacobian (I - ûûᵀ) g / ‖w‖ in place: the radial part, its removal, 2/‖w‖
     radial = torch.linalg.vecdot(g_unit, unit).unsqueeze(-1)
-    return total, g_unit.addcmul_(radial, unit, value=-1.0).mul_((inv * (2.0 * scale)).unsqueeze(-1))
+    return total, g_unit.addcmul_(radial, unit, value=-1.0).mul_((inv * (2.0 * scale * factor)).unsqueeze(-1))
 
 
 class _GramEnergyFn(torch.autograd.Function):
