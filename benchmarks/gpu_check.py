@@ -4,7 +4,7 @@
     python benchmarks/gpu_check.py --json out.json
 
 Part 1 (correctness): value and gradient of each hand-written forward/backward -- the Gram energy (one
-block, triangular blocks, chunked; full and half space, euclidean and angular), the compressive energy,
+block, tiles, chunked, wide layers' raw-row Gram; full and half space, euclidean and angular), the compressive energy,
 the margin functions and the Caffe A-Softmax backward, the SphereConv / decoupled operators, the
 orthogonal maps (Löwdin's polar-factor backward, Cayley, Householder) -- computed on CUDA in float32 and
 compared with the same call on CPU in float64. Part 2 (speed): the ratios of docs/performance.md, measured
@@ -38,6 +38,10 @@ def correctness_cases() -> list[Case]:
                               lambda x, h=half, m=metric: hyperspherical_energy(x, s=2.0, metric=m, half_space=h),
                               (n, 32), 2e-4))
     cases.append(("energy chunked", lambda x: hyperspherical_energy(x, s=1.0, chunk_size=50), (300, 32), 2e-4))
+    for shape in ((40, 64), (300, 400), (3, 40, 64)):  # wide layers: the raw-row Gram (split from 128 rows)
+        for half in (False, True):
+            cases.append((f"energy wide {shape} half={half}",
+                          lambda x, h=half: hyperspherical_energy(x, s=2.0, half_space=h).sum(), shape, 2e-4))
     g = torch.Generator().manual_seed(0)
     proj = torch.randn(5, 8, 32, generator=g, dtype=torch.float64)
     cases.append(("compressive energy", lambda x: compressive_energy(x, proj.to(x)), (200, 32), 2e-4))
