@@ -583,6 +583,8 @@ def _energy(neurons: Tensor, s: float, metric: str, half_space: bool, reduction:
             chunk_size: int | None, min_norm: float, zero_norm: str, quiet: bool = False) -> Tensor:
     validate_energy_args(s, metric, reduction, angle_unit, eps)
     neurons = _whole(neurons)
+    if isinstance(neurons, Tensor) and neurons.requires_grad and not torch.is_grad_enabled():
+        neurons = neurons.detach()  # under no_grad: no gradient GEMM (a custom forward cannot see the grad mode)
     with autocast_off(neurons.device.type if isinstance(neurons, Tensor) else "cpu"):
         spec = PairKernel(float(s), metric, float(eps), angle_unit, bool(half_space))
         x = _rows(neurons, zero_norm, "neurons", batched=True)

@@ -517,3 +517,22 @@ def test_raw_path_float32_near_collinear_rows():
         assert got.item() == pytest.approx(ref.item(), rel=1e-2)
         (g32,) = torch.autograd.grad(got, w32)
         assert (g32.double() - g64).norm() / g64.norm() < 3e-2
+
+
+def test_no_gradient_work_under_no_grad(monkeypatch):
+    """Under ``torch.no_grad()`` a weight that requires grad costs only the forward: the gradient GEMM is skipped
+    (a custom autograd forward cannot see the grad mode, so the energy detaches its input), same value."""
+    from lightning_hyper.functional import energy
+
+    needs = []
+    for name in ("_raw_energy", "_unit_energy"):
+        original = getattr(energy, name)
+        monkeypatch.setattr(energy, name, lambda x, inv, spec, need, *a, _f=original: needs.append(need)
+                            or _f(x, inv, spec, need, *a))
+    for shape in ((8, 16), (16, 8)):
+        w = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+        with torch.no_grad():
+            value = hyperspherical_energy(w)
+        assert needs[-1] is False and not value.requires_grad
+        assert value.item() == pytest.approx(hyperspherical_energy(w).item(), rel=1e-12)
+        assert needs[-1] is True
