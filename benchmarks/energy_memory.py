@@ -49,13 +49,13 @@ def worker(n: int, d: int, chunk_size: int | None, mode: str, dtype: str, thread
     import torch
 
     from lightning_hyper.functional import hyperspherical_energy
-    from lightning_hyper.functional.energy import DEFAULT_BLOCK_ELEMENTS
+    from lightning_hyper.functional.energy import tile_rows
 
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(n, d, generator=gen, dtype=getattr(torch, dtype)).to(device)
     w.requires_grad_(mode == "forward+backward")
-    rows = chunk_size if chunk_size is not None else max(1, DEFAULT_BLOCK_ELEMENTS // max(n, 1))
+    rows = tile_rows(n, chunk_size, 1, torch.device(device))  # the Gram tile (tall layers: N > d)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--n", type=int, default=50_000, help="number of neurons N")
     parser.add_argument("--d", type=int, default=512, help="neuron dimension d")
     parser.add_argument("--chunk-size", type=int, default=None,
-                        help="Gram rows per block (default: the library's, 2^25 entries per block)")
+                        help="rows of a square Gram tile (default: the library's, cache-sized on CPU)")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     parser.add_argument("--threads", type=int, default=2)
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         extra = f", grad finite={r['grad_finite']}" if "grad_finite" in r else ""
         print(f"  {mode:>16}: {r['seconds']:8.1f} s   peak {_fmt_bytes(r['peak_bytes'])} "
               f"(+{_fmt_bytes(r['peak_above_baseline_bytes'])} above the {_fmt_bytes(r['baseline_bytes'])} before "
-              f"the call; {r['chunk_rows']} rows per block)   energy={r['energy']:.6g}{extra}", flush=True)
+              f"the call; {r['chunk_rows']}-row tiles)   energy={r['energy']:.6g}{extra}", flush=True)
         ratio = r["peak_above_baseline_bytes"] / gram
         print(f"  {'':>16}  = {100 * ratio:.2f}% of one N x N Gram, "
               f"{r['peak_above_baseline_bytes'] / naive:.2e} of the N x N x d tensor", flush=True)

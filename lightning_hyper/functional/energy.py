@@ -53,6 +53,7 @@ __all__ = [
     "normalize_neurons",
     "PairKernel",
     "block_rows",
+    "tile_rows",
     "compute_dtype",
     "validate_energy_args",
 ]
