@@ -652,3 +652,188 @@ def test_kernel_orthogonality_bad_input():
         kernel_orthogonality(torch.randn(3, 4, 2))
     with pytest.raises(ValueError, match=r"eps=.* is not supported; accepted values: a finite number >= 0"):
         kernel_orthogonality(torch.randn(3, 4), eps=-1.0)
+
+
+# ------------------------------------------------------------------ fused autograd Functions vs plain autograd
+# Each custom Function (operators._SquareSum, _PatchSquareSums, _AsinActivation, _DecoupledProduct) against the
+# plain autograd composition of the same formula, in float64: values and gradients, plus gradcheck on tiny shapes.
+from lightning_hyper.functional import operators as ops  # noqa: E402
+
+FUSED_ANGULAR = ["cosine", "sqcos", "relu_cos", "linear", "sigmoid"]
+
+
+def _plain_square_sums(x, ks, stride, padding, dilation, groups):
+    sq = (x * x).unflatten(1, (groups, x.shape[1] // groups)).sum(2)
+    ones = torch.ones((groups, 1, *ks), dtype=x.dtype)
+    return ops._CONV[x.dim() - 2](sq, ones, None, stride, padding, dilation, groups)
+
+
+@pytest.mark.parametrize("nd,ks,padding,dilation,groups", [
+    (2, (3, 3), 1, 1, 1), (2, (3, 2), (0, 1), (2, 1), 2), (2, (5, 5), 2, 1, 1), (1, (3,), 2, 2, 1),
+    (3, (3, 3, 3), 1, 1, 2), (2, (2, 2), 0, 1, 1),
+])
+def test_patch_square_sums_match_plain_autograd(nd, ks, padding, dilation, groups):
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 4, *([7] * nd), dtype=D, generator=gen, requires_grad=True)
+    back = ops._transposed_padding(nd, ks, 1, padding, dilation)
+    assert back is not None
+    got = ops._PatchSquareSums.apply(x, ks, padding, dilation, groups, back)
+    ref = _plain_square_sums(x, ks, 1, padding, dilation, groups)
+    torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
+    gy = torch.randn(ref.shape, dtype=D, generator=gen)
+    torch.testing.assert_close(torch.autograd.grad(got, x, gy)[0], torch.autograd.grad(ref, x, gy)[0],
+                               atol=1e-12, rtol=0)
+    small = x[:1, :, *([slice(0, 5)] * nd)].detach().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: ops._PatchSquareSums.apply(t, ks, padding, dilation, groups, back),
+                                    (small,))
+    assert torch.autograd.gradgradcheck(lambda t: ops._PatchSquareSums.apply(t, ks, padding, dilation, groups, back),
+                                        (small,))
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_square_sum_matches_plain_autograd(groups):
+    x = torch.randn(2, 4, 5, 5, dtype=D, generator=torch.Generator().manual_seed(12), requires_grad=True)
+    ref = (x * x).unflatten(1, (groups, 4 // groups)).sum(2)
+    got = ops._SquareSum.apply(x, groups)
+    torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
+    gy = torch.randn_like(ref)
+    torch.testing.assert_close(torch.autograd.grad(got, x, gy)[0], torch.autograd.grad(ref, x, gy)[0])
+    assert torch.autograd.gradcheck(lambda t: ops._SquareSum.apply(t, groups), (x[:1, :, :3, :3].detach()
+                                                                              .requires_grad_(True),))
+
+
+def test_transposed_padding_applies_only_to_stride_one():
+    assert ops._transposed_padding(2, (3, 3), 1, 1, 1) == (1, 1)
+    assert ops._transposed_padding(2, (3, 3), 1, (0, 2), (1, 2)) == (2, 2)
+    assert ops._transposed_padding(2, (3, 3), 2, 1, 1) is None  # strided: the generic conv backward
+    assert ops._transposed_padding(2, (3, 3), 1, "same", 1) is None
+    assert ops._transposed_padding(2, (3, 3), 1, 3, 1) is None  # padding beyond the kernel
+
+
+def _plain_angle(inner, xn, name, k, delta=1e-6):
+    """The autograd composition: safe_acos + the angle function (no custom Function but safe_acos's)."""
+    return angular_activation(inner * xn.reciprocal(), name, k, delta)
+
+
+@pytest.mark.parametrize("name,k", [("linear", None), ("sigmoid", 0.3), ("learnable", "tensor")])
+def test_asin_activation_matches_plain_autograd(name, k):
+    gen = torch.Generator().manual_seed(13)
+    xn = (torch.rand(2, 1, 4, 4, dtype=D, generator=gen) + 0.5).requires_grad_(True)
+    inner = ((torch.rand(2, 3, 4, 4, dtype=D, generator=gen) * 2 - 1) * xn.detach()).requires_grad_(True)
+    with torch.no_grad():
+        inner[0, 0, 0, 0] = xn[0, 0, 0, 0]  # |c| = 1: the clamp and the capped derivative
+    kk = torch.tensor([0.3, 0.6, 1.1], dtype=D).view(1, 3, 1, 1).requires_grad_(True) if k == "tensor" else k
+    fn = "sigmoid" if name == "learnable" else name
+    got = ops._AsinActivation.apply(inner, xn, kk, 1e-6, 1e-6)
+    ref = _plain_angle(inner, xn, fn, kk)
+    torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
+    leaves = [inner, xn] + ([kk] if k == "tensor" else [])
+    gy = torch.randn(ref.shape, dtype=D, generator=gen)
+    for a, b in zip(torch.autograd.grad(got, leaves, gy), torch.autograd.grad(ref, leaves, gy)):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+    small = [inner[:1, :, :2, :2].detach().clone().requires_grad_(True),
+             xn[:1, :, :2, :2].detach().requires_grad_(True)]
+    with torch.no_grad():
+        small[0].mul_(0.9)  # away from the clamp (gradcheck's finite differences)
+    if k == "tensor":
+        assert torch.autograd.gradcheck(lambda a, b, c: ops._AsinActivation.apply(a, b, c, 1e-6, 1e-6),
+                                        (*small, kk))
+    else:
+        assert torch.autograd.gradcheck(lambda a, b: ops._AsinActivation.apply(a, b, kk, 1e-6, 1e-6), tuple(small))
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("radius_scale", [None, "batch"])
+@pytest.mark.parametrize("magnitude", MAGNITUDE_FNS)
+@pytest.mark.parametrize("angular", FUSED_ANGULAR)
+def test_fused_decoupled_matches_autograd_composition(groups, radius_scale, magnitude, angular):
+    """fast=True (the fused _DecoupledProduct where it applies) against fast=False (plain autograd), float64."""
+    gen = torch.Generator().manual_seed(14)
+    x = torch.randn(2, 4, 7, 7, dtype=D, generator=gen, requires_grad=True)
+    w = torch.randn(6, 4 // groups, 3, 3, dtype=D, generator=gen, requires_grad=True)
+    rho = (torch.rand(6, dtype=D, generator=gen) * 3 + 0.5).requires_grad_(True)
+    outs, grads = [], []
+    for fast in (True, False):
+        out = decoupled_conv(x, w, None, 1, 1, 1, groups, magnitude, angular, alpha=1.3, rho=rho, beta=0.4, k=0.3,
+                             radius_scale=radius_scale, fast=fast)
+        gy = torch.randn(out.shape, dtype=D, generator=torch.Generator().manual_seed(15))
+        outs.append(out)
+        grads.append(torch.autograd.grad(out, (x, w, rho), gy, allow_unused=True))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-12, rtol=0)
+    for a, b in zip(*grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def _decoupled_product_cases():
+    for magnitude in ("tanh", "ball", "seg", "given_tensor", "given_float"):
+        for angular in FUSED_ANGULAR:
+            if magnitude.startswith("given") and angular == "cosine":
+                continue  # decoupled_combine keeps its one-factor path there
+            yield magnitude, angular
+
+
+@pytest.mark.parametrize("magnitude,angular", list(_decoupled_product_cases()))
+def test_decoupled_product_gradcheck_and_plain_reference(magnitude, angular):
+    gen = torch.Generator().manual_seed(16)
+    xn = (torch.rand(2, 1, 3, 3, dtype=D, generator=gen) + 0.5).requires_grad_(True)
+    inner = ((torch.rand(2, 4, 3, 3, dtype=D, generator=gen) * 1.8 - 0.9) * xn.detach()).requires_grad_(True)
+    rho = torch.tensor([0.4, 0.9, 1.3, 2.0], dtype=D).view(1, 4, 1, 1).requires_grad_(True)
+    assert ((xn.detach() - rho.detach()).abs() > 1e-3).all()  # away from the ball / seg kinks
+    h = (torch.rand(2, 1, 3, 3, dtype=D, generator=gen) + 0.2).requires_grad_(True)
+    alpha, beta, k = 1.3, 0.4, 0.3
+
+    def fused(a, b, hh, r):
+        if magnitude.startswith("given"):
+            return ops._DecoupledProduct.apply(a, b, hh if magnitude == "given_tensor" else 0.7, None, "given",
+                                               alpha, beta, angular, k, 1e-6, 1e-6)
+        return ops._DecoupledProduct.apply(a, b, None, r, magnitude, alpha, beta, angular, k, 1e-6, 1e-6)
+
+    def plain(a, b, hh, r):
+        g = _plain_angle(a, b, angular, k)
+        if magnitude == "given_tensor":
+            return hh * g
+        if magnitude == "given_float":
+            return 0.7 * g
+        return magnitude_function(b, magnitude, alpha, r, beta) * g
+
+    args = (inner, xn, h, rho)
+    got, ref = fused(*args), plain(*args)
+    torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
+    gy = torch.randn(ref.shape, dtype=D, generator=gen)
+    for a, b in zip(torch.autograd.grad(got, args, gy, allow_unused=True),
+                    torch.autograd.grad(ref, args, gy, allow_unused=True)):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+    assert torch.autograd.gradcheck(fused, args)
+
+
+def test_fused_decoupled_float_radius_and_linear_layout():
+    """A number as the radius (no radius gradient), and the fully connected layout incl. a 1-D input."""
+    gen = torch.Generator().manual_seed(17)
+    x = torch.randn(2, 4, 6, 6, dtype=D, generator=gen, requires_grad=True)
+    w = torch.randn(3, 4, 3, 3, dtype=D, generator=gen, requires_grad=True)
+    for magnitude, angular in (("tanh", "cosine"), ("ball", "linear"), ("seg", "sqcos")):
+        res = [decoupled_conv(x, w, None, 1, 1, magnitude=magnitude, angular=angular, rho=1.5, beta=0.3, fast=f)
+               for f in (True, False)]
+        torch.testing.assert_close(res[0], res[1], atol=1e-12, rtol=0)
+        ga = torch.autograd.grad(res[0].square().sum(), (x, w))
+        gb = torch.autograd.grad(res[1].square().sum(), (x, w))
+        for a, b in zip(ga, gb):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+    wl = torch.randn(5, 8, dtype=D, generator=gen, requires_grad=True)
+    rho = (torch.rand(5, dtype=D, generator=gen) + 0.5).requires_grad_(True)
+    for xl in (torch.randn(3, 8, dtype=D, generator=gen), torch.randn(8, dtype=D, generator=gen)):
+        xl.requires_grad_(True)
+        for magnitude, angular in (("tanh", "cosine"), ("seg", "linear"), ("ball", "sigmoid"), ("log", "sqcos")):
+            res = [decoupled_linear(xl, wl, None, magnitude, angular, rho=rho, beta=0.3, k=0.4, fast=f)
+                   for f in (True, False)]
+            torch.testing.assert_close(res[0], res[1], atol=1e-12, rtol=0)
+            ga = torch.autograd.grad(res[0].square().sum(), (xl, wl, rho), allow_unused=True)
+            gb = torch.autograd.grad(res[1].square().sum(), (xl, wl, rho), allow_unused=True)
+            for a, b in zip(ga, gb):
+                assert (a is None) == (b is None)
+                if a is not None:
+                    torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
