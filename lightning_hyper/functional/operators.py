@@ -362,6 +362,56 @@ class _PatchSquareSums(torch.autograd.Function):
         return (xg * g2.unsqueeze(2)).flatten(1, 2), None, None, None, None, None
 
 
+class _ConvAndPatchSums(torch.autograd.Function):
+    """Stride-1 ``(conv(x, w_hat), conv(sum_group(x * x), ones))``: the main convolution and the squared patch
+    norms of :func:`normalized_conv` in one node.
+
+    Same kernels as the two separate convolutions (``torch.ops.aten.convolution_backward`` for the main one,
+    :class:`_PatchSquareSums`' transposed all-ones convolution for the patch sums), but the patch-norm term of
+    ``dL/dx`` is added in place into the main convolution's input gradient (``addcmul_``) instead of being a
+    second full-size tensor that autograd then adds. Differentiable twice (differentiable ops only).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w_hat: Tensor, padding: tuple[int, ...], dilation: tuple[int, ...],  # type: ignore[override]
+                groups: int, back_pad: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+        nd = x.dim() - 2
+        ks = tuple(w_hat.shape[2:])
+        inner = _CONV[nd](x, w_hat, None, 1, padding, dilation, groups)
+        sq = (x * x).unflatten(1, (groups, x.shape[1] // groups)).sum(2)
+        ones = torch.ones((groups, 1, *ks), dtype=sq.dtype, device=sq.device)
+        ssq = _CONV[nd](sq, ones, None, 1, padding, dilation, groups)
+        ctx.save_for_backward(x, w_hat)
+        ctx.conf = (nd, padding, dilation, groups, back_pad)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zero-filled conv backward
+        return inner, ssq
+
+    @staticmethod
+    def backward(ctx, grad_inner: Tensor | None, grad_ssq: Tensor | None):  # type: ignore[override]
+        x, w_hat = ctx.saved_tensors
+        nd, padding, dilation, groups, back_pad = ctx.conf
+        need_x, need_w = ctx.needs_input_grad[:2]
+        grad_x = grad_w = None
+        if grad_inner is not None and (need_x or need_w):
+            grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+                grad_inner, x, w_hat, None, [1] * nd, list(padding), list(dilation), False, [0] * nd, groups,
+                [need_x, need_w, False],
+            )
+        if grad_ssq is not None and need_x:
+            ones = torch.ones((groups, 1, *w_hat.shape[2:]), dtype=grad_ssq.dtype, device=grad_ssq.device)
+            g2 = _CONV[nd](grad_ssq * 2.0, ones, None, 1, back_pad, dilation, groups)  # (N, G, *spatial): small
+            if groups == 1:
+                grad_x = x * g2 if grad_x is None else grad_x.addcmul_(x, g2)
+            else:
+                xg = x.unflatten(1, (groups, x.shape[1] // groups))
+                g2 = g2.unsqueeze(2)
+                if grad_x is None:
+                    grad_x = (xg * g2).flatten(1, 2)
+                else:
+                    grad_x.unflatten(1, (groups, x.shape[1] // groups)).addcmul_(xg, g2)
+        return grad_x, grad_w, None, None, None, None
+
+
 def _per_channel(t: Tensor, c_out: int) -> Tensor:
     """Broadcast a per-group patch quantity ``(N, G, *S)`` to ``(N, C_out, *S)`` (or keep ``G = 1``)."""
     g = t.shape[1]
@@ -394,6 +444,15 @@ def normalized_conv(
     conv = _conv_fn(weight)
     wn = filter_norms(weight, eps)
     w_hat = weight / wn.reshape(-1, *([1] * (weight.dim() - 1)))
+    nd = weight.dim() - 2
+    ks = tuple(weight.shape[2:])
+    if (need_patch_norms and x.dim() == weight.dim() and not _autocast_enabled(x)
+            and x.shape[1] == weight.shape[1] * groups and weight.shape[0] % groups == 0
+            and _transposed_padding(nd, ks, stride, padding, dilation) is not None):
+        # stride 1 without autocast: one node for both convolutions, the patch-norm gradient added in place
+        back_pad = _transposed_padding(nd, ks, stride, padding, dilation)
+        inner, ssq = _ConvAndPatchSums.apply(x, w_hat, _tuple(padding, nd), _tuple(dilation, nd), groups, back_pad)
+        return inner, torch.sqrt(ssq.clamp_min(0.0) + eps), wn
     inner = conv(x, w_hat, None, stride, padding, dilation, groups)
     xn = None
     if need_patch_norms:
@@ -542,6 +601,14 @@ def _angle_from_parts(
 _FUSED_ANGULAR = ("cosine", "sqcos", "relu_cos", "linear", "sigmoid")
 
 
+def _float_mask(compare, a: Tensor, b: Tensor | float) -> Tensor:
+    """``compare(a, b)`` (``torch.le`` / ``torch.lt`` / ``torch.gt``, broadcast) as 0/1 in ``a``'s dtype:
+    multiplying by it is a plain in-place pass, where a boolean mask costs a conversion (or a slow
+    ``torch.where``) every time."""
+    shape = torch.broadcast_shapes(a.shape, b.shape) if isinstance(b, Tensor) else a.shape
+    return compare(a, b, out=torch.empty(shape, dtype=a.dtype, device=a.device))
+
+
 def _unless_aliased(buf: Tensor, result: Tensor) -> Tensor | None:
     """``buf`` for reuse as scratch space, or ``None`` where ``result`` (a ``sum_to_size`` of it that reduced
     nothing, as for grouped convolutions' per-channel patch norms) is ``buf`` itself."""
@@ -590,12 +657,14 @@ class _DecoupledProduct(torch.autograd.Function):
             if magnitude == "tanh":
                 big_h = z.tanh_()
             else:
-                mask = z <= 1.0  # clamp_max passes the gradient at z == 1
-                big_h = z.clamp_max(1.0)
+                mask = _float_mask(torch.lt, z, 1.0)  # clamp_max's gradient is 0 at z == 1
+                big_h = z.clamp_max_(1.0)
             hconst = alpha
         elif magnitude == "seg":
-            mask = xn <= rho
-            big_h = torch.where(mask, alpha * xn, beta * xn + (alpha - beta) * rho)
+            mask = _float_mask(torch.le, xn, rho)  # the left branch at xn == rho, as torch.where(xn <= rho, ...)
+            # alpha xn below rho, beta xn + (alpha - beta) rho above: no full-size select
+            low = torch.minimum(xn, rho) if isinstance(rho, Tensor) else xn.clamp_max(rho)
+            big_h = low.mul_(alpha - beta).add_(beta * xn)
         elif not isinstance(h, Tensor):
             big_h, hconst = None, h
         scale = hconst * const
@@ -638,8 +707,8 @@ class _DecoupledProduct(torch.autograd.Function):
                 buf = inner * rxn  # c
                 if angular == "sqcos":  # g' = 2 |c|
                     a, chan = buf.abs().mul_(grad), 2.0 * scale
-                elif angular == "relu_cos":  # clamp_min passes the gradient at c == 0
-                    a, chan = torch.where(buf >= 0.0, grad, 0.0), scale
+                elif angular == "relu_cos":  # clamp_min's gradient is 0 at c == 0
+                    a, chan = _float_mask(torch.gt, buf, 0.0).mul_(grad), scale
                 elif angular == "linear":
                     a, chan = _asin_slope(buf, cap).mul_(grad), scale
                 else:  # sigmoid: g' = (1 - t^2) asin'(c) / (2k T)
@@ -670,7 +739,7 @@ class _DecoupledProduct(torch.autograd.Function):
                 if magnitude == "tanh":  # phi' = 1 - tanh^2
                     tmp = torch.mul(buf, big_h)
                     buf.addcmul_(tmp, big_h, value=-1.0)
-                else:  # phi' = [z <= 1]
+                else:  # phi' = [z < 1]
                     tmp = None
                     buf.mul_(mask)
                 rinv = _recip(rho)

@@ -837,3 +837,69 @@ def test_fused_decoupled_float_radius_and_linear_layout():
                 assert (a is None) == (b is None)
                 if a is not None:
                     torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("magnitude", ["ball", "seg"])
+def test_decoupled_product_kink_ties_follow_the_composition(magnitude):
+    """At ||x|| == rho exactly (ball: ||x|| / rho == 1) the gradients follow autograd's: clamp_max / clamp_min give 0
+    (the right branch), SegConv's torch.where(xn <= rho, ...) the left branch."""
+    xn = torch.tensor([[[[0.5, 1.0, 2.0]]]], dtype=D, requires_grad=True)
+    inner = (torch.tensor([[[[0.3, -0.4, 0.9]], [[0.2, 0.1, -0.7]]]], dtype=D) * xn.detach()).requires_grad_(True)
+    rho = torch.tensor([1.0, 2.0], dtype=D).view(1, 2, 1, 1).requires_grad_(True)
+    args = (inner, xn, rho)
+    with torch.no_grad():
+        inner[0, 1, 0, 0] = 0.0  # relu_cos: c == 0
+    for angular in ("cosine", "linear", "relu_cos"):
+        got = ops._DecoupledProduct.apply(inner, xn, None, rho, magnitude, 1.3, 0.4, angular, None, 1e-6, 1e-6)
+        ref = magnitude_function(xn, magnitude, 1.3, rho, 0.4) * _plain_angle(inner, xn, angular, None)
+        torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
+        for a, b in zip(torch.autograd.grad(got.sum(), args), torch.autograd.grad(ref.sum(), args)):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("nd,ks,padding,dilation,groups", [
+    (2, (3, 3), 1, 1, 1), (2, (3, 2), (0, 1), (2, 1), 2), (1, (3,), 2, 2, 1), (3, (3, 3, 3), 1, 1, 2),
+])
+def test_conv_and_patch_sums_match_plain_autograd(nd, ks, padding, dilation, groups):
+    gen = torch.Generator().manual_seed(18)
+    x = torch.randn(2, 4, *([6] * nd), dtype=D, generator=gen, requires_grad=True)
+    w = torch.randn(6, 4 // groups, *ks, dtype=D, generator=gen, requires_grad=True)
+    pad, dil = ops._tuple(padding, nd), ops._tuple(dilation, nd)
+    back = ops._transposed_padding(nd, ks, 1, padding, dilation)
+
+    def fused(xx, ww):
+        return ops._ConvAndPatchSums.apply(xx, ww, pad, dil, groups, back)
+
+    def plain(xx, ww):
+        return (ops._CONV[nd](xx, ww, None, 1, padding, dilation, groups),
+                _plain_square_sums(xx, ks, 1, padding, dilation, groups))
+
+    got, ref = fused(x, w), plain(x, w)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    gys = [torch.randn(r.shape, dtype=D, generator=gen) for r in ref]
+    for used in ((0, 1), (0,), (1,)):  # both outputs, only the convolution, only the patch sums
+        ga = torch.autograd.grad([got[i] for i in used], (x, w), [gys[i] for i in used], allow_unused=True,
+                                 retain_graph=True)
+        gb = torch.autograd.grad([ref[i] for i in used], (x, w), [gys[i] for i in used], allow_unused=True,
+                                 retain_graph=True)
+        for a, b in zip(ga, gb):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-11)
+    small = (x[:1, :, *([slice(0, 5)] * nd)].detach().requires_grad_(True), w.detach().requires_grad_(True))
+    assert torch.autograd.gradcheck(fused, small)
+    if nd == 2:
+        assert torch.autograd.gradgradcheck(fused, small)
+
+
+def test_normalized_conv_uses_the_fused_node_only_where_it_applies():
+    x = torch.randn(2, 4, 6, 6, dtype=D, requires_grad=True)
+    w = torch.randn(6, 2, 3, 3, dtype=D, requires_grad=True)
+    inner, xn, _ = ops.normalized_conv(x, w, 1, 1, 1, 2)
+    assert type(inner.grad_fn).__name__ == "_ConvAndPatchSumsBackward"
+    torch.testing.assert_close(xn, patch_norms(x, 3, 1, 1, 1, 2), atol=1e-12, rtol=0)
+    for args in ((2, 1, 1, 2), (1, "same", 1, 2)):  # strided / string padding: two separate convolutions
+        inner, xn, _ = ops.normalized_conv(x, w, *args)
+        assert type(inner.grad_fn).__name__ == "ConvolutionBackward0"
+        torch.testing.assert_close(xn, patch_norms(x, 3, *args), atol=1e-12, rtol=0)
