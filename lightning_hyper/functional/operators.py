@@ -509,8 +509,9 @@ class _AsinActivation(torch.autograd.Function):
             return t * big_t.reciprocal()
         ctx.k_float = float(k)
         t = a.mul_(1.0 / (2.0 * k)).tanh_()
-        ctx.save_for_backward(inner, xn, t)
-        return t * (1.0 / math.tanh(math.pi / (4.0 * k)))
+        out = t * (1.0 / math.tanh(math.pi / (4.0 * k)))
+        ctx.save_for_backward(inner, xn, t.mul_(t).neg_().add_(1.0))  # only 1 - t^2 is needed: in t's buffer
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -526,13 +527,14 @@ class _AsinActivation(torch.autograd.Function):
             r.mul_(grad)
             chan = 2.0 / math.pi  # constant factors of dg/dc; the per-patch 1/xn is applied after the channel sum
         else:
-            t = saved[2]
-            grad_t = _one_minus_square(t).mul_(grad)  # grad * (1 - t^2)
-            r.mul_(grad_t)
             if ctx.k_float is not None:
+                r.mul_(saved[2]).mul_(grad)  # saved[2] = 1 - t^2
                 k = ctx.k_float
                 chan = 1.0 / (2.0 * k * math.tanh(math.pi / (4.0 * k)))
             else:
+                t = saved[2]
+                grad_t = _one_minus_square(t).mul_(grad)  # grad * (1 - t^2)
+                r.mul_(grad_t)
                 k = saved[3]
                 big_t = torch.tanh(math.pi / (4.0 * k))
                 if ctx.needs_input_grad[2]:
@@ -602,11 +604,37 @@ _FUSED_ANGULAR = ("cosine", "sqcos", "relu_cos", "linear", "sigmoid")
 
 
 def _float_mask(compare, a: Tensor, b: Tensor | float) -> Tensor:
-    """``compare(a, b)`` (``torch.le`` / ``torch.lt`` / ``torch.gt``, broadcast) as 0/1 in ``a``'s dtype:
+    """``compare(a, b)`` (e.g. ``torch.gt``, broadcast) as 0/1 in ``a``'s dtype:
     multiplying by it is a plain in-place pass, where a boolean mask costs a conversion (or a slow
     ``torch.where``) every time."""
     shape = torch.broadcast_shapes(a.shape, b.shape) if isinstance(b, Tensor) else a.shape
     return compare(a, b, out=torch.empty(shape, dtype=a.dtype, device=a.device))
+
+
+class _CosineFromParts(torch.autograd.Function):
+    """``cos = inner / xn`` (``xn`` broadcast to ``inner``) with one full-size buffer in the backward: ``grad *
+    inner`` is summed to ``xn``'s shape, then overwritten by ``dL/dinner = grad / xn`` (autograd's ``inner *
+    xn.reciprocal()`` allocates both). Differentiable twice (then without the buffer reuse)."""
+
+    @staticmethod
+    def forward(ctx, inner: Tensor, xn: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(inner, xn)
+        return inner * xn.reciprocal()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        inner, xn = ctx.saved_tensors
+        rxn = xn.reciprocal()
+        grad_xn = None
+        buf = None
+        if ctx.needs_input_grad[1]:
+            prod = grad * inner
+            grad_xn = -(prod.sum_to_size(xn.shape) * (rxn * rxn))
+            buf = None if torch.is_grad_enabled() else _unless_aliased(prod, grad_xn)
+        grad_inner = None
+        if ctx.needs_input_grad[0]:
+            grad_inner = grad * rxn if buf is None else torch.mul(grad, rxn, out=buf)
+        return grad_inner, grad_xn
 
 
 def _unless_aliased(buf: Tensor, result: Tensor) -> Tensor | None:
@@ -651,17 +679,15 @@ class _DecoupledProduct(torch.autograd.Function):
                     big_g = big_g.mul_(1.0 / (2.0 * k)).tanh_()
                     const = 1.0 / math.tanh(math.pi / (4.0 * k))
         # h = hconst * H: H = tanh(z) / min(z, 1) (z = xn / rho), the SegConv h, or the given h
-        mask, hconst, big_h = None, 1.0, h
+        hconst, big_h = 1.0, h
         if magnitude in ("tanh", "ball"):
             z = xn * _recip(rho)
             if magnitude == "tanh":
                 big_h = z.tanh_()
             else:
-                mask = _float_mask(torch.lt, z, 1.0)  # clamp_max's gradient is 0 at z == 1
                 big_h = z.clamp_max_(1.0)
             hconst = alpha
         elif magnitude == "seg":
-            mask = _float_mask(torch.le, xn, rho)  # the left branch at xn == rho, as torch.where(xn <= rho, ...)
             # alpha xn below rho, beta xn + (alpha - beta) rho above: no full-size select
             low = torch.minimum(xn, rho) if isinstance(rho, Tensor) else xn.clamp_max(rho)
             big_h = low.mul_(alpha - beta).add_(beta * xn)
@@ -679,13 +705,13 @@ class _DecoupledProduct(torch.autograd.Function):
         keep_g = big_g if (big_h is not None or angular == "sigmoid") else None
         rho_float = None if isinstance(rho, Tensor) else rho
         ctx.conf = (magnitude, angular, alpha, beta, k, cap, const, hconst, rho_float)
-        ctx.save_for_backward(inner, xn, big_h, mask, keep_g, rho if isinstance(rho, Tensor) else None)
+        ctx.save_for_backward(inner, xn, big_h, keep_g, rho if isinstance(rho, Tensor) else None)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        inner, xn, big_h, mask, big_g, rho_t = ctx.saved_tensors
+        inner, xn, big_h, big_g, rho_t = ctx.saved_tensors
         magnitude, angular, alpha, beta, k, cap, const, hconst, rho_float = ctx.conf
         rho = rho_t if rho_t is not None else rho_float
         rxn = xn.reciprocal()
@@ -739,9 +765,9 @@ class _DecoupledProduct(torch.autograd.Function):
                 if magnitude == "tanh":  # phi' = 1 - tanh^2
                     tmp = torch.mul(buf, big_h)
                     buf.addcmul_(tmp, big_h, value=-1.0)
-                else:  # phi' = [z < 1]
-                    tmp = None
-                    buf.mul_(mask)
+                else:  # phi' = [z < 1] = [phi < 1] = sign(1 - phi) (clamp_max's gradient is 0 at z == 1)
+                    tmp = torch.rsub(big_h, 1.0).sign_()
+                    buf.mul_(tmp)
                 rinv = _recip(rho)
                 if need_rho and rho_t is not None:  # dz/drho = -xn / rho^2
                     tmp = torch.mul(buf, xn, out=tmp) if tmp is not None else buf * xn
@@ -750,7 +776,9 @@ class _DecoupledProduct(torch.autograd.Function):
                     part = _channel_dot(buf, rinv, xn.shape)
                     grad_xn = part.mul_(hscale) if grad_xn is None else grad_xn.add_(part, alpha=hscale)
             else:  # seg: h = alpha xn below rho, beta xn + (alpha - beta) rho above
-                below = torch.mul(buf, mask)
+                # [xn <= rho] = [sign(rho - xn) >= 0] (the left branch at the tie, as torch.where(xn <= rho, ...))
+                below = torch.rsub(xn, rho).sign_().add_(1.0).clamp_max_(1.0)
+                below = below.mul_(buf) if below.shape == buf.shape else below * buf
                 above = buf.sub_(below)
                 if need_xn:  # (before the radius: the sums may be the buffers themselves, modified in place)
                     part = below.sum_to_size(xn.shape).mul_(alpha).add_(above.sum_to_size(xn.shape), alpha=beta)
@@ -799,7 +827,11 @@ def sphere_conv(
     inner, xn = _float32_block(inner, xn)
     if isinstance(k, Tensor) and k.dim() == 1 and k.numel() > 1:
         k = _channel_view(k, nd)
-    out = _angle_from_parts(inner, _per_channel(xn, inner.shape[1]), angle_fn, k, acos_eps, clamp_cos=lowp)
+    xn = _per_channel(xn, inner.shape[1])
+    if angle_fn == "cosine" and not lowp:
+        out = _CosineFromParts.apply(inner, xn)
+    else:
+        out = _angle_from_parts(inner, xn, angle_fn, k, acos_eps, clamp_cos=lowp)
     return add_channel_bias(out, bias)
 
 

@@ -903,3 +903,18 @@ def test_normalized_conv_uses_the_fused_node_only_where_it_applies():
         inner, xn, _ = ops.normalized_conv(x, w, *args)
         assert type(inner.grad_fn).__name__ == "ConvolutionBackward0"
         torch.testing.assert_close(xn, patch_norms(x, 3, *args), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("xn_channels", [1, 3])
+def test_cosine_from_parts_matches_plain_autograd(xn_channels):
+    gen = torch.Generator().manual_seed(19)
+    xn = (torch.rand(2, xn_channels, 4, 4, dtype=D, generator=gen) + 0.5).requires_grad_(True)
+    inner = torch.randn(2, 3, 4, 4, dtype=D, generator=gen, requires_grad=True)
+    got, ref = ops._CosineFromParts.apply(inner, xn), inner * xn.reciprocal()
+    torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
+    gy = torch.randn(ref.shape, dtype=D, generator=gen)
+    for a, b in zip(torch.autograd.grad(got, (inner, xn), gy), torch.autograd.grad(ref, (inner, xn), gy)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    small = (inner[:1, :, :2, :2].detach().requires_grad_(True), xn[:1, :, :2, :2].detach().requires_grad_(True))
+    assert torch.autograd.gradcheck(ops._CosineFromParts.apply, small)
+    assert torch.autograd.gradgradcheck(ops._CosineFromParts.apply, small)
