@@ -567,14 +567,23 @@ def _channel_dot(t: Tensor, w: Tensor | float, shape: torch.Size) -> Tensor:
     return (t * w).sum_to_size(shape)
 
 
-def _one_minus_square(t: Tensor) -> Tensor:
-    """``1 - t*t`` as a new tensor in one pass."""
-    return torch.addcmul(t.new_ones(()), t, t, value=-1.0)
+def _one_minus_square(t: Tensor, out: Tensor | None = None) -> Tensor:
+    """``1 - t*t`` in one pass (a new tensor, or into ``out``)."""
+    if out is None:
+        return torch.addcmul(t.new_ones(()), t, t, value=-1.0)
+    return torch.addcmul(t.new_ones(()), t, t, value=-1.0, out=out)
 
 
-def _asin_slope(c: Tensor, cap: float) -> Tensor:
-    """``1 / sqrt(max(1 - c^2, cap))`` (the capped derivative of ``asin``) as a new tensor."""
-    return _one_minus_square(c).clamp_min_(cap).rsqrt_()
+def _asin_slope(c: Tensor, cap: float, out: Tensor | None = None) -> Tensor:
+    """``1 / sqrt(max(1 - c^2, cap))`` (the capped derivative of ``asin``), a new tensor or into ``out``."""
+    return _one_minus_square(c, out).clamp_min_(cap).rsqrt_()
+
+
+def _reduce(t: Tensor, shape: torch.Size) -> Tensor:
+    """``t.sum_to_size(shape)`` that never is ``t`` itself (copied where nothing was reduced, e.g. grouped
+    convolutions' per-channel patch norms), so that ``t`` can be reused as scratch space."""
+    r = t.sum_to_size(shape)
+    return r.clone() if r.data_ptr() == t.data_ptr() else r
 
 
 def _angle_from_parts(
@@ -716,75 +725,80 @@ class _DecoupledProduct(torch.autograd.Function):
         rho = rho_t if rho_t is not None else rho_float
         rxn = xn.reciprocal()
         need_inner, need_xn, need_h, need_rho = ctx.needs_input_grad[:4]
-        full_h = big_h is not None and big_h.shape == inner.shape
         grad_inner = grad_xn = grad_h = grad_rho = None
-        buf = None  # a full-size scratch buffer, reused
+        # two full-size buffers, reused (one more for the sigmoid): `a` ends up as dL/dinner; the h side first
+        shape = inner.shape
+        a = buf = None
+
+        def into(t: Tensor | None) -> Tensor | None:  # t as an out= buffer where it has the full shape
+            return t if t is not None and t.shape == shape else None
+
+        # ---- through h: dL/dh = grad * g = grad * G * const
+        if magnitude == "given":
+            if need_h:
+                a = grad * big_g
+                grad_h = _reduce(a, big_h.shape).mul_(const)
+        elif need_xn or need_rho:
+            a = torch.mul(grad, inner).mul_(rxn) if angular == "cosine" else grad * big_g
+            if magnitude in ("tanh", "ball"):  # h = alpha phi(z), z = xn / rho
+                hscale = const * alpha
+                if magnitude == "tanh":  # phi' = 1 - tanh^2
+                    buf = torch.mul(a, big_h)
+                    a.addcmul_(buf, big_h, value=-1.0)
+                else:  # phi' = [z < 1] = [phi < 1] = sign(1 - phi) (clamp_max's gradient is 0 at z == 1)
+                    buf = torch.rsub(big_h, 1.0).sign_()
+                    a.mul_(buf)
+                rinv = _recip(rho)
+                if need_rho and rho_t is not None:  # dz/drho = -xn / rho^2
+                    buf = torch.mul(a, xn, out=into(buf)) if into(buf) is not None else a * xn
+                    grad_rho = _reduce(buf, rho_t.shape).mul_(rinv * rinv * -hscale)
+                if need_xn:
+                    grad_xn = _channel_dot(a, rinv, xn.shape).mul_(hscale)
+            else:  # seg: h = alpha xn below rho, beta xn + (alpha - beta) rho above
+                # [xn <= rho] = [sign(rho - xn) >= 0] (the left branch at the tie, as torch.where(xn <= rho, ...))
+                buf = torch.rsub(xn, rho).sign_().add_(1.0).clamp_max_(1.0)
+                below = buf.mul_(a) if into(buf) is not None else buf * a
+                above = a.sub_(below)
+                if need_xn:
+                    grad_xn = _reduce(below, xn.shape).mul_(alpha).add_(above.sum_to_size(xn.shape), alpha=beta)
+                    grad_xn.mul_(const)
+                if need_rho and rho_t is not None:
+                    grad_rho = _reduce(above, rho_t.shape).mul_((alpha - beta) * const)
         # ---- through g(c), c = inner / xn: dL/dc = grad * h * g'(c)
         if need_inner or need_xn:
             scale = hconst * const
             if angular == "cosine":  # big_h is full here (radius magnitudes)
-                a = grad * big_h
+                a = torch.mul(grad, big_h, out=into(a)) if into(a) is not None else grad * big_h
                 if need_xn:
-                    buf = torch.mul(a, inner)
-                    grad_xn = buf.sum_to_size(xn.shape).mul_(rxn * rxn * scale).neg_()
-                    buf = _unless_aliased(buf, grad_xn)
+                    buf = torch.mul(a, inner, out=into(buf)) if into(buf) is not None else a * inner
+                    part = _reduce(buf, xn.shape).mul_(rxn * rxn * scale)
+                    grad_xn = part.neg_() if grad_xn is None else grad_xn.sub_(part)
                 grad_inner = a.mul_(rxn * scale)
             else:
-                buf = inner * rxn  # c
+                c = torch.mul(inner, rxn, out=into(buf)) if into(buf) is not None else inner * rxn
+                out_a = into(a)
                 if angular == "sqcos":  # g' = 2 |c|
-                    a, chan = buf.abs().mul_(grad), 2.0 * scale
+                    a = (torch.abs(c, out=out_a) if out_a is not None else c.abs()).mul_(grad)
+                    chan = 2.0 * scale
                 elif angular == "relu_cos":  # clamp_min's gradient is 0 at c == 0
-                    a, chan = _float_mask(torch.gt, buf, 0.0).mul_(grad), scale
-                elif angular == "linear":
-                    a, chan = _asin_slope(buf, cap).mul_(grad), scale
-                else:  # sigmoid: g' = (1 - t^2) asin'(c) / (2k T)
-                    a = _asin_slope(buf, cap).mul_(_one_minus_square(big_g).mul_(grad))
-                    chan = scale / (2.0 * k)
+                    a = (torch.gt(c, 0.0, out=out_a) if out_a is not None else _float_mask(torch.gt, c, 0.0))
+                    a.mul_(grad)
+                    chan = scale
+                else:
+                    a = _asin_slope(c, cap, out_a).mul_(grad)
+                    chan = scale
+                    if angular == "sigmoid":  # g' = (1 - t^2) asin'(c) / (2k T)
+                        a.mul_(_one_minus_square(big_g))
+                        chan = scale / (2.0 * k)
                 patch = rxn * chan  # dc/dinner = 1/xn, dc/dxn = -c/xn, times the small factors
-                if full_h:
+                if big_h is not None and big_h.shape == shape:
                     a.mul_(big_h)
                 elif big_h is not None:
                     patch = patch * big_h
                 if need_xn:
-                    grad_xn = buf.mul_(a).sum_to_size(xn.shape).mul_(patch).neg_()
-                    buf = _unless_aliased(buf, grad_xn)
+                    part = _reduce(c.mul_(a), xn.shape).mul_(patch)
+                    grad_xn = part.neg_() if grad_xn is None else grad_xn.sub_(part)
                 grad_inner = a.mul_(patch)
-        # ---- through h: dL/dh = grad * g = grad * G * const
-        if magnitude == "given":
-            if need_h:
-                buf = torch.mul(grad, big_g, out=buf) if buf is not None else grad * big_g
-                grad_h = buf.sum_to_size(big_h.shape).mul_(const)
-        elif need_xn or need_rho:
-            if angular == "cosine":
-                buf = torch.mul(grad, inner, out=buf) if buf is not None else grad * inner
-                buf.mul_(rxn)
-            else:
-                buf = torch.mul(grad, big_g, out=buf) if buf is not None else grad * big_g
-            if magnitude in ("tanh", "ball"):  # h = alpha phi(z), z = xn / rho
-                hscale = const * alpha
-                if magnitude == "tanh":  # phi' = 1 - tanh^2
-                    tmp = torch.mul(buf, big_h)
-                    buf.addcmul_(tmp, big_h, value=-1.0)
-                else:  # phi' = [z < 1] = [phi < 1] = sign(1 - phi) (clamp_max's gradient is 0 at z == 1)
-                    tmp = torch.rsub(big_h, 1.0).sign_()
-                    buf.mul_(tmp)
-                rinv = _recip(rho)
-                if need_rho and rho_t is not None:  # dz/drho = -xn / rho^2
-                    tmp = torch.mul(buf, xn, out=tmp) if tmp is not None else buf * xn
-                    grad_rho = tmp.sum_to_size(rho_t.shape).mul_(rinv * rinv * -hscale)
-                if need_xn:
-                    part = _channel_dot(buf, rinv, xn.shape)
-                    grad_xn = part.mul_(hscale) if grad_xn is None else grad_xn.add_(part, alpha=hscale)
-            else:  # seg: h = alpha xn below rho, beta xn + (alpha - beta) rho above
-                # [xn <= rho] = [sign(rho - xn) >= 0] (the left branch at the tie, as torch.where(xn <= rho, ...))
-                below = torch.rsub(xn, rho).sign_().add_(1.0).clamp_max_(1.0)
-                below = below.mul_(buf) if below.shape == buf.shape else below * buf
-                above = buf.sub_(below)
-                if need_xn:  # (before the radius: the sums may be the buffers themselves, modified in place)
-                    part = below.sum_to_size(xn.shape).mul_(alpha).add_(above.sum_to_size(xn.shape), alpha=beta)
-                    grad_xn = part.mul_(const) if grad_xn is None else grad_xn.add_(part, alpha=const)
-                if need_rho and rho_t is not None:
-                    grad_rho = above.sum_to_size(rho_t.shape).mul_((alpha - beta) * const)
         return grad_inner, grad_xn, grad_h, grad_rho, None, None, None, None, None, None, None
 
 
