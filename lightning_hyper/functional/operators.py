@@ -516,45 +516,52 @@ class _AsinActivation(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        # full-size buffers: c, r (-> grad_inner) and, for the sigmoid, one more; everything else in place
+        # two full-size buffers (c, then r -> grad_inner); everything else in place
         saved = ctx.saved_tensors
         inner, xn = saved[0], saved[1]
         rxn = xn.reciprocal()
+        if ctx.sigmoid and ctx.k_float is None:
+            return _AsinActivation._backward_learnable(ctx, grad, saved, rxn)
         c = inner * rxn
         r = _asin_slope(c, ctx.cap)  # d asin(c) / dc (capped)
-        grad_k = None
         if not ctx.sigmoid:
             r.mul_(grad)
             chan = 2.0 / math.pi  # constant factors of dg/dc; the per-patch 1/xn is applied after the channel sum
         else:
-            if ctx.k_float is not None:
-                r.mul_(saved[2]).mul_(grad)  # saved[2] = 1 - t^2
-                k = ctx.k_float
-                chan = 1.0 / (2.0 * k * math.tanh(math.pi / (4.0 * k)))
-            else:
-                t = saved[2]
-                grad_t = _one_minus_square(t).mul_(grad)  # grad * (1 - t^2)
-                r.mul_(grad_t)
-                k = saved[3]
-                big_t = torch.tanh(math.pi / (4.0 * k))
-                if ctx.needs_input_grad[2]:
-                    # g = tanh(u)/T, u = asin(c)/(2k), T = tanh(v), v = pi/(4k):
-                    # dg/dk = t (1 - T^2) v / (k T^2) - (1 - t^2) u / (k T), constants per filter
-                    u = saved[4]
-                    v = math.pi / (4.0 * k)
-                    coef_t = (1.0 - big_t * big_t) * v / (k * big_t * big_t)
-                    coef_u = 1.0 / (k * big_t)
-                    term_u = grad_t.mul_(u).sum_to_size(k.shape)
-                    scratch = _unless_aliased(grad_t, term_u)
-                    grad_t_sum = (grad * t if scratch is None else torch.mul(grad, t, out=scratch)).sum_to_size(k.shape)
-                    grad_k = grad_t_sum * coef_t - term_u * coef_u
-                r.div_(2.0 * k * big_t)
-                chan = 1.0
-        factor = rxn * chan if chan != 1.0 else rxn  # dc/dinner = 1/xn, dc/dxn = -c/xn
+            r.mul_(saved[2]).mul_(grad)  # saved[2] = 1 - t^2
+            k = ctx.k_float
+            chan = 1.0 / (2.0 * k * math.tanh(math.pi / (4.0 * k)))
+        factor = rxn * chan  # dc/dinner = 1/xn, dc/dxn = -c/xn
         grad_xn = None
         if ctx.needs_input_grad[1]:
             grad_xn = c.mul_(r).sum_to_size(xn.shape).mul_(factor).neg_()
         r.mul_(factor)
+        return r, grad_xn, None, None, None
+
+    @staticmethod
+    def _backward_learnable(ctx, grad: Tensor, saved: tuple[Tensor, ...], rxn: Tensor):
+        """The sigmoid with a tensor ``k`` (learnable): ``dL/dk`` too, still in two full-size buffers (``c`` is
+        recomputed once more instead of a third buffer)."""
+        inner, xn, t, k, u = saved
+        big_t = torch.tanh(math.pi / (4.0 * k))
+        b = _one_minus_square(t).mul_(grad)  # grad * (1 - t^2)
+        a = None
+        grad_k = None
+        if ctx.needs_input_grad[2]:
+            # g = tanh(u)/T, u = asin(c)/(2k), T = tanh(v), v = pi/(4k):
+            # dg/dk = t (1 - T^2) v / (k T^2) - (1 - t^2) u / (k T), constants per filter
+            v = math.pi / (4.0 * k)
+            coef_t = (1.0 - big_t * big_t) * v / (k * big_t * big_t)
+            coef_u = 1.0 / (k * big_t)
+            a = torch.mul(b, u)
+            term_u = _reduce(a, k.shape)
+            grad_k = _reduce(torch.mul(grad, t, out=a), k.shape) * coef_t - term_u * coef_u
+        c = inner * rxn if a is None else torch.mul(inner, rxn, out=a)
+        r = b.mul_(_asin_slope(c, ctx.cap, out=c)).div_(2.0 * k * big_t)  # c's buffer: the capped asin'(c)
+        grad_xn = None
+        if ctx.needs_input_grad[1]:
+            grad_xn = torch.mul(inner, rxn, out=c).mul_(r).sum_to_size(xn.shape).mul_(rxn).neg_()
+        r.mul_(rxn)
         return r, grad_xn, grad_k, None, None
 
 

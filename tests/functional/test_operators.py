@@ -918,3 +918,19 @@ def test_cosine_from_parts_matches_plain_autograd(xn_channels):
     small = (inner[:1, :, :2, :2].detach().requires_grad_(True), xn[:1, :, :2, :2].detach().requires_grad_(True))
     assert torch.autograd.gradcheck(ops._CosineFromParts.apply, small)
     assert torch.autograd.gradgradcheck(ops._CosineFromParts.apply, small)
+
+
+def test_sphere_linear_learnable_k_unbatched_input():
+    """A 1-D input: the k-gradient's sums reduce nothing (the scratch buffer must not be the result)."""
+    gen = torch.Generator().manual_seed(20)
+    w = torch.randn(5, 8, dtype=D, generator=gen, requires_grad=True)
+    k = torch.tensor([0.3, 0.5, 0.7, 0.9, 1.1], dtype=D, requires_grad=True)
+    for x in (torch.randn(8, dtype=D, generator=gen), torch.randn(3, 8, dtype=D, generator=gen)):
+        x.requires_grad_(True)
+        got = sphere_linear(x, w, None, "learnable", k)
+        inner, xn, _ = ops.linear_parts(x, w)
+        ref = _plain_angle(inner, xn, "sigmoid", k)
+        torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
+        for a, b in zip(torch.autograd.grad(got.square().sum(), (x, w, k)),
+                        torch.autograd.grad(ref.square().sum(), (x, w, k))):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
