@@ -21,6 +21,14 @@ input channels of each group) with an all-ones kernel, with exactly the same str
 and dilation as the main convolution (the reference code hard-codes stride 1 for it, a bug for
 strided layers). Both norms get ``eps`` inside the square root (``sqrt(||.||^2 + eps)``), so an
 all-zero patch or filter gives ``cos = 0`` and finite gradients.
+
+Speed (the operators are memory-bound once the convolutions are done, and on CPU a fresh full-size tensor
+costs several in-place passes): the elementwise work after the convolutions runs in a few custom autograd
+Functions with hand-written backwards that recompute cheap quantities and reuse one or two full-size buffers
+(``_ConvAndPatchSums``: both convolutions of a stride-1 layer, the patch-norm term added in place into the input
+gradient; ``_CosineFromParts``; ``_AsinActivation``: linear / sigmoid ``g``; ``_DecoupledProduct``: ``h * g`` of
+the unweighted decoupled operators). Each is tested against the plain autograd composition of the same formula;
+``decoupled_conv(..., fast=False)`` keeps that composition.
 """
 from __future__ import annotations
 
