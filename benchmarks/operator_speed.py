@@ -1,4 +1,4 @@
-"""Forward+backward time of SphereConv2d / DecoupledConv2d divided by nn.Conv2d's (issue 4 target: <= 2.0).
+"""Forward+backward time of SphereConv2d / DecoupledConv2d divided by nn.Conv2d's (Performance II target: <= 1.6).
 
 Shapes: a CIFAR ResNet-20 layer (batch 128, 64 -> 64 channels, 8x8, 3x3, padding 1) and a ResNet-18
 layer (64 -> 64 channels, 56x56, 3x3, the conv2_x layer of ImageNet ResNet-18; batch 128 on GPU, 16 on
@@ -7,6 +7,7 @@ CPU by default to keep the run short). Each variant is timed side by side with t
 estimator of the uncontended cost on a shared machine (``--stat median`` prints medians instead).
 
     python benchmarks/operator_speed.py            # full
+    python benchmarks/operator_speed.py --threads 1 --reps 20   # one CPU thread (pin the process to one core)
     python benchmarks/operator_speed.py --smoke    # tiny shapes, a few repetitions (used by the tests)
 """
 from __future__ import annotations

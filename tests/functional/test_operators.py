@@ -652,3 +652,285 @@ def test_kernel_orthogonality_bad_input():
         kernel_orthogonality(torch.randn(3, 4, 2))
     with pytest.raises(ValueError, match=r"eps=.* is not supported; accepted values: a finite number >= 0"):
         kernel_orthogonality(torch.randn(3, 4), eps=-1.0)
+
+
+# ------------------------------------------------------------------ fused autograd Functions vs plain autograd
+# Each custom Function (operators._SquareSum, _PatchSquareSums, _AsinActivation, _DecoupledProduct) against the
+# plain autograd composition of the same formula, in float64: values and gradients, plus gradcheck on tiny shapes.
+from lightning_hyper.functional import operators as ops  # noqa: E402
+
+FUSED_ANGULAR = ["cosine", "sqcos", "relu_cos", "linear", "sigmoid"]
+
+
+def _plain_square_sums(x, ks, stride, padding, dilation, groups):
+    sq = (x * x).unflatten(1, (groups, x.shape[1] // groups)).sum(2)
+    ones = torch.ones((groups, 1, *ks), dtype=x.dtype)
+    return ops._CONV[x.dim() - 2](sq, ones, None, stride, padding, dilation, groups)
+
+
+@pytest.mark.parametrize("nd,ks,padding,dilation,groups", [
+    (2, (3, 3), 1, 1, 1), (2, (3, 2), (0, 1), (2, 1), 2), (2, (5, 5), 2, 1, 1), (1, (3,), 2, 2, 1),
+    (3, (3, 3, 3), 1, 1, 2), (2, (2, 2), 0, 1, 1),
+])
+def test_patch_square_sums_match_plain_autograd(nd, ks, padding, dilation, groups):
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 4, *([7] * nd), dtype=D, generator=gen, requires_grad=True)
+    back = ops._transposed_padding(nd, ks, 1, padding, dilation)
+    assert back is not None
+    got = ops._PatchSquareSums.apply(x, ks, padding, dilation, groups, back)
+    ref = _plain_square_sums(x, ks, 1, padding, dilation, groups)
+    torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
+    gy = torch.randn(ref.shape, dtype=D, generator=gen)
+    torch.testing.assert_close(torch.autograd.grad(got, x, gy)[0], torch.autograd.grad(ref, x, gy)[0],
+                               atol=1e-12, rtol=0)
+    small = x[:1, :, *([slice(0, 5)] * nd)].detach().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: ops._PatchSquareSums.apply(t, ks, padding, dilation, groups, back),
+                                    (small,))
+    assert torch.autograd.gradgradcheck(lambda t: ops._PatchSquareSums.apply(t, ks, padding, dilation, groups, back),
+                                        (small,))
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_square_sum_matches_plain_autograd(groups):
+    x = torch.randn(2, 4, 5, 5, dtype=D, generator=torch.Generator().manual_seed(12), requires_grad=True)
+    ref = (x * x).unflatten(1, (groups, 4 // groups)).sum(2)
+    got = ops._SquareSum.apply(x, groups)
+    torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
+    gy = torch.randn_like(ref)
+    torch.testing.assert_close(torch.autograd.grad(got, x, gy)[0], torch.autograd.grad(ref, x, gy)[0])
+    assert torch.autograd.gradcheck(lambda t: ops._SquareSum.apply(t, groups), (x[:1, :, :3, :3].detach()
+                                                                              .requires_grad_(True),))
+
+
+def test_transposed_padding_applies_only_to_stride_one():
+    assert ops._transposed_padding(2, (3, 3), 1, 1, 1) == (1, 1)
+    assert ops._transposed_padding(2, (3, 3), 1, (0, 2), (1, 2)) == (2, 2)
+    assert ops._transposed_padding(2, (3, 3), 2, 1, 1) is None  # strided: the generic conv backward
+    assert ops._transposed_padding(2, (3, 3), 1, "same", 1) is None
+    assert ops._transposed_padding(2, (3, 3), 1, 3, 1) is None  # padding beyond the kernel
+
+
+def _plain_angle(inner, xn, name, k, delta=1e-6):
+    """The autograd composition: safe_acos + the angle function (no custom Function but safe_acos's)."""
+    return angular_activation(inner * xn.reciprocal(), name, k, delta)
+
+
+@pytest.mark.parametrize("name,k", [("linear", None), ("sigmoid", 0.3), ("learnable", "tensor")])
+def test_asin_activation_matches_plain_autograd(name, k):
+    gen = torch.Generator().manual_seed(13)
+    xn = (torch.rand(2, 1, 4, 4, dtype=D, generator=gen) + 0.5).requires_grad_(True)
+    inner = ((torch.rand(2, 3, 4, 4, dtype=D, generator=gen) * 2 - 1) * xn.detach()).requires_grad_(True)
+    with torch.no_grad():
+        inner[0, 0, 0, 0] = xn[0, 0, 0, 0]  # |c| = 1: the clamp and the capped derivative
+    kk = torch.tensor([0.3, 0.6, 1.1], dtype=D).view(1, 3, 1, 1).requires_grad_(True) if k == "tensor" else k
+    fn = "sigmoid" if name == "learnable" else name
+    got = ops._AsinActivation.apply(inner, xn, kk, 1e-6, 1e-6)
+    ref = _plain_angle(inner, xn, fn, kk)
+    torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
+    leaves = [inner, xn] + ([kk] if k == "tensor" else [])
+    gy = torch.randn(ref.shape, dtype=D, generator=gen)
+    for a, b in zip(torch.autograd.grad(got, leaves, gy), torch.autograd.grad(ref, leaves, gy)):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+    small = [inner[:1, :, :2, :2].detach().clone().requires_grad_(True),
+             xn[:1, :, :2, :2].detach().requires_grad_(True)]
+    with torch.no_grad():
+        small[0].mul_(0.9)  # away from the clamp (gradcheck's finite differences)
+    if k == "tensor":
+        assert torch.autograd.gradcheck(lambda a, b, c: ops._AsinActivation.apply(a, b, c, 1e-6, 1e-6),
+                                        (*small, kk))
+    else:
+        assert torch.autograd.gradcheck(lambda a, b: ops._AsinActivation.apply(a, b, kk, 1e-6, 1e-6), tuple(small))
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("radius_scale", [None, "batch"])
+@pytest.mark.parametrize("magnitude", MAGNITUDE_FNS)
+@pytest.mark.parametrize("angular", FUSED_ANGULAR)
+def test_fused_decoupled_matches_autograd_composition(groups, radius_scale, magnitude, angular):
+    """fast=True (the fused _DecoupledProduct where it applies) against fast=False (plain autograd), float64."""
+    gen = torch.Generator().manual_seed(14)
+    x = torch.randn(2, 4, 7, 7, dtype=D, generator=gen, requires_grad=True)
+    w = torch.randn(6, 4 // groups, 3, 3, dtype=D, generator=gen, requires_grad=True)
+    rho = (torch.rand(6, dtype=D, generator=gen) * 3 + 0.5).requires_grad_(True)
+    outs, grads = [], []
+    for fast in (True, False):
+        out = decoupled_conv(x, w, None, 1, 1, 1, groups, magnitude, angular, alpha=1.3, rho=rho, beta=0.4, k=0.3,
+                             radius_scale=radius_scale, fast=fast)
+        gy = torch.randn(out.shape, dtype=D, generator=torch.Generator().manual_seed(15))
+        outs.append(out)
+        grads.append(torch.autograd.grad(out, (x, w, rho), gy, allow_unused=True))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-12, rtol=0)
+    for a, b in zip(*grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def _decoupled_product_cases():
+    for magnitude in ("tanh", "ball", "seg", "given_tensor", "given_float"):
+        for angular in FUSED_ANGULAR:
+            if magnitude.startswith("given") and angular == "cosine":
+                continue  # decoupled_combine keeps its one-factor path there
+            yield magnitude, angular
+
+
+@pytest.mark.parametrize("magnitude,angular", list(_decoupled_product_cases()))
+def test_decoupled_product_gradcheck_and_plain_reference(magnitude, angular):
+    gen = torch.Generator().manual_seed(16)
+    xn = (torch.rand(2, 1, 3, 3, dtype=D, generator=gen) + 0.5).requires_grad_(True)
+    inner = ((torch.rand(2, 4, 3, 3, dtype=D, generator=gen) * 1.8 - 0.9) * xn.detach()).requires_grad_(True)
+    rho = torch.tensor([0.4, 0.9, 1.3, 2.0], dtype=D).view(1, 4, 1, 1).requires_grad_(True)
+    assert ((xn.detach() - rho.detach()).abs() > 1e-3).all()  # away from the ball / seg kinks
+    h = (torch.rand(2, 1, 3, 3, dtype=D, generator=gen) + 0.2).requires_grad_(True)
+    alpha, beta, k = 1.3, 0.4, 0.3
+
+    def fused(a, b, hh, r):
+        if magnitude.startswith("given"):
+            return ops._DecoupledProduct.apply(a, b, hh if magnitude == "given_tensor" else 0.7, None, "given",
+                                               alpha, beta, angular, k, 1e-6, 1e-6)
+        return ops._DecoupledProduct.apply(a, b, None, r, magnitude, alpha, beta, angular, k, 1e-6, 1e-6)
+
+    def plain(a, b, hh, r):
+        g = _plain_angle(a, b, angular, k)
+        if magnitude == "given_tensor":
+            return hh * g
+        if magnitude == "given_float":
+            return 0.7 * g
+        return magnitude_function(b, magnitude, alpha, r, beta) * g
+
+    args = (inner, xn, h, rho)
+    got, ref = fused(*args), plain(*args)
+    torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
+    gy = torch.randn(ref.shape, dtype=D, generator=gen)
+    for a, b in zip(torch.autograd.grad(got, args, gy, allow_unused=True),
+                    torch.autograd.grad(ref, args, gy, allow_unused=True)):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+    assert torch.autograd.gradcheck(fused, args)
+
+
+def test_fused_decoupled_float_radius_and_linear_layout():
+    """A number as the radius (no radius gradient), and the fully connected layout incl. a 1-D input."""
+    gen = torch.Generator().manual_seed(17)
+    x = torch.randn(2, 4, 6, 6, dtype=D, generator=gen, requires_grad=True)
+    w = torch.randn(3, 4, 3, 3, dtype=D, generator=gen, requires_grad=True)
+    for magnitude, angular in (("tanh", "cosine"), ("ball", "linear"), ("seg", "sqcos")):
+        res = [decoupled_conv(x, w, None, 1, 1, magnitude=magnitude, angular=angular, rho=1.5, beta=0.3, fast=f)
+               for f in (True, False)]
+        torch.testing.assert_close(res[0], res[1], atol=1e-12, rtol=0)
+        ga = torch.autograd.grad(res[0].square().sum(), (x, w))
+        gb = torch.autograd.grad(res[1].square().sum(), (x, w))
+        for a, b in zip(ga, gb):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+    wl = torch.randn(5, 8, dtype=D, generator=gen, requires_grad=True)
+    rho = (torch.rand(5, dtype=D, generator=gen) + 0.5).requires_grad_(True)
+    for xl in (torch.randn(3, 8, dtype=D, generator=gen), torch.randn(8, dtype=D, generator=gen)):
+        xl.requires_grad_(True)
+        for magnitude, angular in (("tanh", "cosine"), ("seg", "linear"), ("ball", "sigmoid"), ("log", "sqcos")):
+            res = [decoupled_linear(xl, wl, None, magnitude, angular, rho=rho, beta=0.3, k=0.4, fast=f)
+                   for f in (True, False)]
+            torch.testing.assert_close(res[0], res[1], atol=1e-12, rtol=0)
+            ga = torch.autograd.grad(res[0].square().sum(), (xl, wl, rho), allow_unused=True)
+            gb = torch.autograd.grad(res[1].square().sum(), (xl, wl, rho), allow_unused=True)
+            for a, b in zip(ga, gb):
+                assert (a is None) == (b is None)
+                if a is not None:
+                    torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("magnitude", ["ball", "seg"])
+def test_decoupled_product_kink_ties_follow_the_composition(magnitude):
+    """At ||x|| == rho exactly (ball: ||x|| / rho == 1) the gradients follow autograd's: clamp_max / clamp_min give 0
+    (the right branch), SegConv's torch.where(xn <= rho, ...) the left branch."""
+    xn = torch.tensor([[[[0.5, 1.0, 2.0]]]], dtype=D, requires_grad=True)
+    inner = (torch.tensor([[[[0.3, -0.4, 0.9]], [[0.2, 0.1, -0.7]]]], dtype=D) * xn.detach()).requires_grad_(True)
+    rho = torch.tensor([1.0, 2.0], dtype=D).view(1, 2, 1, 1).requires_grad_(True)
+    args = (inner, xn, rho)
+    with torch.no_grad():
+        inner[0, 1, 0, 0] = 0.0  # relu_cos: c == 0
+    for angular in ("cosine", "linear", "relu_cos"):
+        got = ops._DecoupledProduct.apply(inner, xn, None, rho, magnitude, 1.3, 0.4, angular, None, 1e-6, 1e-6)
+        ref = magnitude_function(xn, magnitude, 1.3, rho, 0.4) * _plain_angle(inner, xn, angular, None)
+        torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
+        for a, b in zip(torch.autograd.grad(got.sum(), args), torch.autograd.grad(ref.sum(), args)):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("nd,ks,padding,dilation,groups", [
+    (2, (3, 3), 1, 1, 1), (2, (3, 2), (0, 1), (2, 1), 2), (1, (3,), 2, 2, 1), (3, (3, 3, 3), 1, 1, 2),
+])
+def test_conv_and_patch_sums_match_plain_autograd(nd, ks, padding, dilation, groups):
+    gen = torch.Generator().manual_seed(18)
+    x = torch.randn(2, 4, *([6] * nd), dtype=D, generator=gen, requires_grad=True)
+    w = torch.randn(6, 4 // groups, *ks, dtype=D, generator=gen, requires_grad=True)
+    pad, dil = ops._tuple(padding, nd), ops._tuple(dilation, nd)
+    back = ops._transposed_padding(nd, ks, 1, padding, dilation)
+
+    def fused(xx, ww):
+        return ops._ConvAndPatchSums.apply(xx, ww, pad, dil, groups, back)
+
+    def plain(xx, ww):
+        return (ops._CONV[nd](xx, ww, None, 1, padding, dilation, groups),
+                _plain_square_sums(xx, ks, 1, padding, dilation, groups))
+
+    got, ref = fused(x, w), plain(x, w)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    gys = [torch.randn(r.shape, dtype=D, generator=gen) for r in ref]
+    for used in ((0, 1), (0,), (1,)):  # both outputs, only the convolution, only the patch sums
+        ga = torch.autograd.grad([got[i] for i in used], (x, w), [gys[i] for i in used], allow_unused=True,
+                                 retain_graph=True)
+        gb = torch.autograd.grad([ref[i] for i in used], (x, w), [gys[i] for i in used], allow_unused=True,
+                                 retain_graph=True)
+        for a, b in zip(ga, gb):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-11)
+    small = (x[:1, :, *([slice(0, 5)] * nd)].detach().requires_grad_(True), w.detach().requires_grad_(True))
+    assert torch.autograd.gradcheck(fused, small)
+    if nd == 2:
+        assert torch.autograd.gradgradcheck(fused, small)
+
+
+def test_normalized_conv_uses_the_fused_node_only_where_it_applies():
+    x = torch.randn(2, 4, 6, 6, dtype=D, requires_grad=True)
+    w = torch.randn(6, 2, 3, 3, dtype=D, requires_grad=True)
+    inner, xn, _ = ops.normalized_conv(x, w, 1, 1, 1, 2)
+    assert type(inner.grad_fn).__name__ == "_ConvAndPatchSumsBackward"
+    torch.testing.assert_close(xn, patch_norms(x, 3, 1, 1, 1, 2), atol=1e-12, rtol=0)
+    for args in ((2, 1, 1, 2), (1, "same", 1, 2)):  # strided / string padding: two separate convolutions
+        inner, xn, _ = ops.normalized_conv(x, w, *args)
+        assert type(inner.grad_fn).__name__ == "ConvolutionBackward0"
+        torch.testing.assert_close(xn, patch_norms(x, 3, *args), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("xn_channels", [1, 3])
+def test_cosine_from_parts_matches_plain_autograd(xn_channels):
+    gen = torch.Generator().manual_seed(19)
+    xn = (torch.rand(2, xn_channels, 4, 4, dtype=D, generator=gen) + 0.5).requires_grad_(True)
+    inner = torch.randn(2, 3, 4, 4, dtype=D, generator=gen, requires_grad=True)
+    got, ref = ops._CosineFromParts.apply(inner, xn), inner * xn.reciprocal()
+    torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
+    gy = torch.randn(ref.shape, dtype=D, generator=gen)
+    for a, b in zip(torch.autograd.grad(got, (inner, xn), gy), torch.autograd.grad(ref, (inner, xn), gy)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    small = (inner[:1, :, :2, :2].detach().requires_grad_(True), xn[:1, :, :2, :2].detach().requires_grad_(True))
+    assert torch.autograd.gradcheck(ops._CosineFromParts.apply, small)
+    assert torch.autograd.gradgradcheck(ops._CosineFromParts.apply, small)
+
+
+def test_sphere_linear_learnable_k_unbatched_input():
+    """A 1-D input: the k-gradient's sums reduce nothing (the scratch buffer must not be the result)."""
+    gen = torch.Generator().manual_seed(20)
+    w = torch.randn(5, 8, dtype=D, generator=gen, requires_grad=True)
+    k = torch.tensor([0.3, 0.5, 0.7, 0.9, 1.1], dtype=D, requires_grad=True)
+    for x in (torch.randn(8, dtype=D, generator=gen), torch.randn(3, 8, dtype=D, generator=gen)):
+        x.requires_grad_(True)
+        got = sphere_linear(x, w, None, "learnable", k)
+        inner, xn, _ = ops.linear_parts(x, w)
+        ref = _plain_angle(inner, xn, "sigmoid", k)
+        torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
+        for a, b in zip(torch.autograd.grad(got.square().sum(), (x, w, k)),
+                        torch.autograd.grad(ref.square().sum(), (x, w, k))):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
