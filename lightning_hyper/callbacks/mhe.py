@@ -67,7 +67,7 @@ class MHERegularizer(PenaltyCallback):
         zero_norm: neurons of (near) zero norm have no direction: ``"warn"`` (default: left out of the
             energy until they have one, with one warning per fit; e.g. a zero-initialized classifier),
             ``"exclude"`` (the same, silently) or ``"error"`` (stop, naming the layer).
-        chunk_size: Gram row-block size for very large layers.
+        chunk_size: rows of a square Gram tile (default: cache-sized on CPU; see ``hyperspherical_energy``).
         seed: seed of the neuron subsets.
         sharded_energy: how the energy of a layer sharded by FSDP2 (``ModelParallelStrategy``, a ``DTensor``
             weight) is computed: ``"gather"`` (its full weight on every rank, one layer at a time), ``"ring"``

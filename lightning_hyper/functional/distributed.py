@@ -7,7 +7,7 @@ Two ways to get the energy of a weight whose rows live on several ranks:
   a reduce-scatter that **averages** over the ranks, so a penalty that differs between ranks (it uses
   each rank's labels) gets the gradient DDP would give it (the mean over the ranks); a penalty that is
   the same on every rank gets its own gradient. Per-rank memory: the layer's full weight (N·d) plus the
-  energy core's row blocks.
+  energy core's Gram tiles.
 * **ring** (:func:`ring_hyperspherical_energy`): each rank keeps its own rows; the normalized row blocks
   travel around a ring of point-to-point sends, and every rank sums the pair terms of its rows against
   each block as it passes (an all-reduce adds the ranks' sums). The backward runs the same ring again and
