@@ -30,6 +30,7 @@ BASE = "lightning_hyper/callbacks/base.py"
 MARGIN = "lightning_hyper/functional/margin.py"
 ORTHO = "lightning_hyper/functional/orthogonal.py"
 PROJ = "lightning_hyper/functional/projection.py"
+OPS = "lightning_hyper/functional/operators.py"
 
 ENERGY_TESTS = ("tests/functional/test_energy.py",)
 INJECTION_TESTS = ("tests/callbacks/test_base.py", "tests/callbacks/test_mhe.py")
@@ -38,6 +39,7 @@ DDP_TESTS = ("tests/reliability/test_ddp.py::test_ddp_penalty_gradient_is_the_me
 MARGIN_TESTS = ("tests/functional/test_margin.py", "tests/nn/test_heads.py")
 ORTHO_TESTS = ("tests/functional/test_orthogonal.py",)
 PROJ_TESTS = ("tests/functional/test_projection.py",)
+OPS_TESTS = ("tests/functional/test_operators.py", "tests/nn/test_sphere.py", "tests/nn/test_decoupled.py")
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,16 @@ MUTANTS = [
            "return _solve(_eye_like(P) - S, V) - V", ORTHO_TESTS),
     Mutant("gram-schmidt-normalize", ORTHO, "rows.append(t / t.norm(dim=-1, keepdim=True).clamp_min(eps))",
            "rows.append(t)", ORTHO_TESTS),
+    # ---------------------------------------------------------------- fused operator backwards
+    Mutant("patch-sums-backward-factor", OPS, "g2 = _CONV[nd](grad * 2.0, ones", "g2 = _CONV[nd](grad * 1.0, ones",
+           OPS_TESTS),
+    Mutant("conv-and-patch-sums-dropped", OPS, "grad_x = x * g2 if grad_x is None else grad_x.addcmul_(x, g2)",
+           "grad_x = x * g2 if grad_x is None else grad_x", OPS_TESTS),
+    Mutant("decoupled-tanh-slope", OPS, "a.addcmul_(buf, big_h, value=-1.0)", "a.addcmul_(buf, big_h, value=-0.5)",
+           OPS_TESTS),
+    Mutant("decoupled-seg-slope", OPS, ".add_(above.sum_to_size(xn.shape), alpha=beta)",
+           ".add_(above.sum_to_size(xn.shape), alpha=alpha)", OPS_TESTS),
+    Mutant("decoupled-sigmoid-slope", OPS, "chan = scale / (2.0 * k)", "chan = scale / k", OPS_TESTS),
     # ---------------------------------------------------------------- CoMHE projection
     Mutant("projection-transpose", PROJ, "return torch.matmul(x, p.transpose(-1, -2))",
            "return torch.matmul(x, p.transpose(-1, -2)).abs()", PROJ_TESTS),
