@@ -536,3 +536,35 @@ def test_no_gradient_work_under_no_grad(monkeypatch):
         assert needs[-1] is False and not value.requires_grad
         assert value.item() == pytest.approx(hyperspherical_energy(w).item(), rel=1e-12)
         assert needs[-1] is True
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (4, 9)])  # tall (norm pass) and wide (rows checked on the Gram diagonal)
+def test_row_checks_on_both_paths(shape):
+    """The wide path checks its rows on the Gram diagonal instead of a norm pass; every check still fires with the
+    same message, and the recoveries (rescaled huge rows, excluded zero rows, bf16 under autocast) give the values
+    of the plain computation."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(*shape, generator=g)
+    e = hyperspherical_energy(w)
+    assert e.item() == pytest.approx(loop_energy(w.numpy(), 2.0, "euclidean", False, "mean"), rel=1e-5)
+    for factor in (1e30, 1e-4):  # squares overflow float32 / small but above min_norm
+        assert hyperspherical_energy(w * factor).item() == pytest.approx(e.item(), rel=1e-5)
+    bad = w.clone()
+    bad[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        hyperspherical_energy(bad)
+    zero = w.clone()
+    zero[2] = 0.0
+    with pytest.raises(ValueError, match="min_norm"):
+        hyperspherical_energy(zero)
+    with pytest.raises(ValueError, match="min_norm"):  # a row of norm ~2e-8 < min_norm = 1e-6, not zero
+        hyperspherical_energy(zero.index_fill(0, torch.tensor([2]), 1e-8))
+    kept = torch.cat([w[:2], w[3:]])
+    assert hyperspherical_energy(zero, zero_norm="exclude").item() == pytest.approx(
+        hyperspherical_energy(kept).item(), rel=1e-6)
+    leaf = w.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = hyperspherical_energy(leaf)
+    assert got.dtype == torch.float32 and got.item() == pytest.approx(e.item(), rel=1e-6)
+    got.backward()
+    assert torch.isfinite(leaf.grad).all()
