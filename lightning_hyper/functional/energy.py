@@ -35,6 +35,7 @@ ever built. Always runs with autocast off, in float32 (float64 if the input is f
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 
@@ -583,6 +584,19 @@ def hyperspherical_energy(
 def _energy(neurons: Tensor, s: float, metric: str, half_space: bool, reduction: str, angle_unit: str, eps: float,
             chunk_size: int | None, min_norm: float, zero_norm: str, quiet: bool = False) -> Tensor:
     validate_energy_args(s, metric, reduction, angle_unit, eps)
+    # the common case in few Python steps (small layers notice tens of microseconds): a plain float (N, d) tensor of
+    # a wide layer with autocast off; its rows are checked on the Gram diagonal inside the one autograd node, and
+    # anything else (or a failing check) takes the general way below
+    if (type(neurons) in _PLAIN_TENSORS and chunk_size is None and neurons.dim() == 2
+            and neurons.dtype in _FLOAT_DTYPES and zero_norm in ZERO_NORM_POLICIES):
+        n, d = neurons.shape
+        if 2 <= n <= d and n * n <= DEFAULT_BLOCK_ELEMENTS and not torch.is_autocast_enabled(neurons.device.type):
+            spec = _kernel(float(s), metric, float(eps), angle_unit, bool(half_space))
+            x = neurons.detach() if neurons.requires_grad and not torch.is_grad_enabled() else neurons
+            try:
+                return _GramEnergyFn.apply(x, None, spec, None, *_reduction(n, spec, reduction), min_norm)
+            except _NeedsChecks:
+                pass
     neurons = _whole(neurons)
     if isinstance(neurons, Tensor) and neurons.requires_grad and not torch.is_grad_enabled():
         neurons = neurons.detach()  # under no_grad: no gradient GEMM (a custom forward cannot see the grad mode)
@@ -610,6 +624,16 @@ def _energy(neurons: Tensor, s: float, metric: str, half_space: bool, reduction:
         if chunk_size is not None:
             block_rows(n, chunk_size)  # validates it
         return _GramEnergyFn.apply(x, norms, spec, chunk_size, scale, offset, min_norm)
+
+
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+_FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+@functools.lru_cache(maxsize=256)
+def _kernel(s: float, metric: str, eps: float, angle_unit: str, half_space: bool) -> PairKernel:
+    """The (immutable) :class:`PairKernel` of validated arguments, made once."""
+    return PairKernel(s, metric, eps, angle_unit, half_space)
 
 
 def _reduction(n: int, spec: PairKernel, reduction: str) -> tuple[float, float]:
