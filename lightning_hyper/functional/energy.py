@@ -586,13 +586,15 @@ def _energy(neurons: Tensor, s: float, metric: str, half_space: bool, reduction:
     validate_energy_args(s, metric, reduction, angle_unit, eps)
     # the common case in few Python steps (small layers notice tens of microseconds): a plain float (N, d) tensor of
     # a wide layer with autocast off; its rows are checked on the Gram diagonal inside the one autograd node, and
-    # anything else (or a failing check) takes the general way below
+    # anything else takes the general way below, and so does a failing check (to its diagnosis, not a second try)
+    tried_raw = False
     if (type(neurons) in _PLAIN_TENSORS and chunk_size is None and neurons.dim() == 2
             and neurons.dtype in _FLOAT_DTYPES and zero_norm in ZERO_NORM_POLICIES):
         n, d = neurons.shape
         if 2 <= n <= d and n * n <= DEFAULT_BLOCK_ELEMENTS and not torch.is_autocast_enabled(neurons.device.type):
             spec = _kernel(float(s), metric, float(eps), angle_unit, bool(half_space))
             x = neurons.detach() if neurons.requires_grad and not torch.is_grad_enabled() else neurons
+            tried_raw = True
             try:
                 return _GramEnergyFn.apply(x, None, spec, None, *_reduction(n, spec, reduction), min_norm)
             except _NeedsChecks:
@@ -601,9 +603,9 @@ def _energy(neurons: Tensor, s: float, metric: str, half_space: bool, reduction:
     if isinstance(neurons, Tensor) and neurons.requires_grad and not torch.is_grad_enabled():
         neurons = neurons.detach()  # under no_grad: no gradient GEMM (a custom forward cannot see the grad mode)
     with autocast_off(neurons.device.type if isinstance(neurons, Tensor) else "cpu"):
-        spec = PairKernel(float(s), metric, float(eps), angle_unit, bool(half_space))
+        spec = _kernel(float(s), metric, float(eps), angle_unit, bool(half_space))
         x = _rows(neurons, zero_norm, "neurons", batched=True)
-        if _takes_raw_path(x, chunk_size):  # the rows are checked on the Gram diagonal, no norm pass
+        if not tried_raw and _takes_raw_path(x, chunk_size):  # the rows are checked on the Gram diagonal, no norm pass
             try:
                 return _GramEnergyFn.apply(x, None, spec, None, *_reduction(x.shape[-2], spec, reduction), min_norm)
             except _NeedsChecks:

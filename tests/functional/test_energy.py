@@ -568,3 +568,19 @@ def test_row_checks_on_both_paths(shape):
     assert got.dtype == torch.float32 and got.item() == pytest.approx(e.item(), rel=1e-6)
     got.backward()
     assert torch.isfinite(leaf.grad).all()
+
+
+def test_a_failing_row_check_costs_one_gram(monkeypatch):
+    """A wide layer whose rows fail the Gram-diagonal check (a zero row under zero_norm="exclude", as a dead neuron
+    gives every step) goes once to the diagnosis: one failed raw-Gram attempt, then the energy of the kept rows."""
+    from lightning_hyper.functional import energy
+
+    grams = []
+    original = energy._raw_gram
+    monkeypatch.setattr(energy, "_raw_gram", lambda x: grams.append(tuple(x.shape)) or original(x))
+    w = torch.randn(5, 12, dtype=torch.float64)
+    w[3] = 0.0
+    got = hyperspherical_energy(w, zero_norm="exclude")
+    assert grams == [(5, 12), (4, 12)]  # the failed check, then the kept rows
+    assert got.item() == pytest.approx(loop_energy(w[[0, 1, 2, 4]].numpy(), 2.0, "euclidean", False, "mean"),
+                                       rel=1e-10)
